@@ -1,0 +1,142 @@
+"""One benchmark job in its own process: fit, select a checkpoint on validation, test, record.
+
+    python -m benchmark.job SPEC.json RECORD.json
+
+The job is built through the same Lightning CLI (and the same YAML) a user
+runs by hand, so a leaderboard number can always be reproduced with
+``adbench fit/test --config ...``. The checkpoint that is tested is chosen on
+the validation split (held-out ``train/good`` with synthetic anomalies), never
+on the test set. Whatever happens, a record is written: ``ok`` with metrics, or
+``failed`` with the error, so a sweep never loses a result or hides a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning
+import timm
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from benchmark.cli import AnomalyCLI
+from benchmark.records import write_json_atomic
+from benchmark.sweep import JobSpec
+from callbacks.timing import TimingCallback
+from callbacks.visualization import AnomalyMapVisualizer
+
+SELECTION_METRIC = "val/selection_score"
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        "host": socket.gethostname(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "git_commit": git_commit(),
+    }
+
+
+def _logger(spec: JobSpec, job_dir: Path) -> Any:
+    settings = spec.wandb or {}
+    if not settings.get("enabled"):
+        return False
+    from lightning.pytorch.loggers import WandbLogger
+
+    return WandbLogger(
+        project=settings.get("project", "adbench"),
+        group=spec.sweep,
+        job_type=spec.method,
+        name=spec.job_id,
+        tags=[spec.category, spec.profile, f"seed{spec.seed}"],
+        offline=settings.get("mode", "offline") == "offline",
+        save_dir=str(settings.get("dir", job_dir)),
+    )
+
+
+def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
+    """Fit, select, test; return the record's measured part."""
+    timing = TimingCallback()
+    checkpoint = ModelCheckpoint(
+        dirpath=job_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max",
+        save_top_k=1, save_last=False, filename="best",
+    )
+    cli = AnomalyCLI(
+        args=spec.cli_args(),
+        run=False,
+        extra_callbacks=[timing, checkpoint, AnomalyMapVisualizer(job_dir / "maps", max_images=16)],
+        trainer_defaults={
+            "default_root_dir": str(job_dir),
+            "logger": _logger(spec, job_dir),
+            "enable_model_summary": False,
+        },
+    )
+    trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    trainer.fit(model, datamodule=data)
+    best = checkpoint.best_model_path
+    trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=False)
+    selection = {
+        "checkpoint": "best validation" if best else "last epoch (no validation metric)",
+        "best_val_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "val_metrics": cli.evaluator.val_metrics,
+    }
+    return {
+        "metrics": cli.evaluator.test_metrics,
+        "timing": timing.stats,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "selection": selection,
+        "config": json.loads(json.dumps(cli.config.as_dict(), default=str)),
+        "is_global_zero": trainer.is_global_zero,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    spec_path, record_path = (argv or sys.argv[1:])[:2]
+    spec = JobSpec(**json.loads(Path(spec_path).read_text()))
+    job_dir = Path(record_path).parent.parent / "jobs" / spec.job_id
+    record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}
+    record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record["launch_token"] = os.environ.get("ADBENCH_LAUNCH_TOKEN")
+    record["environment"] = environment()
+    try:
+        record.update(run_job(spec, job_dir), status="ok", error=None)
+    except BaseException as error:  # noqa: BLE001 - every failure must become a record
+        record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            record["error"] = f"out of memory: {error}"
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    # Under DDP only rank 0 writes (ranks > 0 of a failed job still exit non-zero).
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        record.pop("is_global_zero", None)
+        write_json_atomic(record_path, record)
+    print(f"[job] {spec.job_id}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""))
+    return 0 if record["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Job records: one JSON file per (method, profile, category, seed), written atomically.
+
+A record is written to a temporary file in the same folder, flushed to disk and
+renamed over its final name, so a sweep killed at any instant leaves either the
+previous record or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RUNS_FOLDER = "runs"
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """A record, or None when the file is absent or unreadable (never raises on a bad file)."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def iter_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    folder = Path(results_dir) / RUNS_FOLDER
+    if not folder.is_dir():
+        return []
+    records = (read_record(p) for p in sorted(folder.glob("*.json")))
+    return [r for r in records if r is not None]

@@ -1,0 +1,188 @@
+"""Run a sweep's jobs: one process per job, N at a time, resumable, failures recorded.
+
+Scheduling: each concurrent "slot" owns a group of devices. With N GPUs and one
+device per job there are N slots, each job pinned to its GPU through
+``CUDA_VISIBLE_DEVICES``; a DDP job (``devices_per_job`` > 1) gets a group of
+GPUs. On a CPU-only machine the same code runs ``parallel`` jobs at once (1 by
+default), splitting the cores between them.
+
+Every job runs in its own process (``python -m benchmark.job``): a crash, a NaN
+or an out-of-memory kill ends that job only. A job's record is written
+atomically; a job whose record is ``ok`` and whose fingerprint (method config,
+category, seed, overrides...) is unchanged is skipped on the next run, so a
+killed sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmark.records import RUNS_FOLDER, read_record, write_json_atomic
+from benchmark.sweep import JobSpec
+
+_PR_SET_PDEATHSIG = 1
+#: Set for each launch and copied into the record, so a stale record is never taken for a new one.
+LAUNCH_TOKEN_VARIABLE = "ADBENCH_LAUNCH_TOKEN"
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this child when the runner dies, so a killed sweep leaves no orphan jobs."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def record_path(results_dir: Path, spec: JobSpec) -> Path:
+    return results_dir / RUNS_FOLDER / f"{spec.job_id}.json"
+
+
+def is_finished(results_dir: Path, spec: JobSpec, retry_failed: bool = True) -> bool:
+    record = read_record(record_path(results_dir, spec))
+    if record is None or record.get("fingerprint") != spec.fingerprint():
+        return False
+    return record.get("status") == "ok" or (record.get("status") == "failed" and not retry_failed)
+
+
+def device_slots(devices_per_job: int, parallel: int | None, accelerator: str = "auto") -> list[dict[str, str]]:
+    """Environment of each concurrent slot: a GPU group each, or CPU threads each."""
+    gpus = torch.cuda.device_count() if accelerator in ("auto", "gpu", "cuda") else 0
+    if gpus:
+        groups = [list(range(i, i + devices_per_job)) for i in range(0, gpus - devices_per_job + 1, devices_per_job)]
+        if not groups:
+            raise ValueError(f"devices_per_job={devices_per_job} but only {gpus} GPU(s) are visible")
+        groups = groups[: parallel or len(groups)]
+        return [{"CUDA_VISIBLE_DEVICES": ",".join(map(str, g))} for g in groups]
+    slots = parallel or 1
+    threads = max(1, (os.cpu_count() or 1) // (slots * devices_per_job))
+    return [{"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""} for _ in range(slots)]
+
+
+@dataclass
+class _Running:
+    spec: JobSpec
+    process: subprocess.Popen
+    env: dict[str, str]
+    started: float
+    log_path: Path
+    tail: deque = field(default_factory=lambda: deque(maxlen=60))
+    log: IO[bytes] | None = None
+    token: str = ""
+
+
+def _pump(stream: IO[bytes], log: IO[bytes], tail: deque, echo: bool) -> None:
+    """Copy a job's output to its log (and the terminal when it runs alone), keeping the last lines."""
+    for line in iter(stream.readline, b""):
+        log.write(line)
+        log.flush()
+        tail.append(line.decode(errors="replace").rstrip())
+        if echo:
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name
+        hint = " (killed: likely out of memory)" if code == -signal.SIGKILL else ""
+        return f"process ended by {name}{hint}"
+    return f"process exited with code {code} without writing a record"
+
+
+def run_jobs(
+    jobs: list[JobSpec],
+    results_dir: str | Path,
+    slots: list[dict[str, str]],
+    retry_failed: bool = True,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run the unfinished jobs; return the records of the jobs run now."""
+    results_dir = Path(results_dir)
+    pending = deque(j for j in jobs if not is_finished(results_dir, j, retry_failed))
+    skipped = len(jobs) - len(pending)
+    if skipped:
+        print(f"[sweep] {skipped} of {len(jobs)} job(s) already finished: skipped")
+    free = list(slots)
+    running: list[_Running] = []
+    finished: list[dict[str, Any]] = []
+    echo = len(slots) == 1
+    spec_dir = results_dir / "jobs" / "_specs"
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(pending), desc="sweep", unit="job", position=0, dynamic_ncols=True, disable=not pending)
+    failures = 0
+    try:
+        while pending or running:
+            while pending and free:
+                spec, slot = pending.popleft(), free.pop(0)
+                spec_path = write_json_atomic(spec_dir / f"{spec.job_id}.json", asdict(spec))
+                log_path = results_dir / "logs" / f"{spec.job_id}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                token = uuid.uuid4().hex
+                env = {**os.environ, **slot, "PYTHONUNBUFFERED": "1", LAUNCH_TOKEN_VARIABLE: token}
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "benchmark.job", str(spec_path), str(record_path(results_dir, spec))],
+                    env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent, cwd=Path(__file__).resolve().parent.parent,
+                )
+                job = _Running(spec, process, slot, time.time(), log_path, token=token)
+                job.log = open(log_path, "wb")  # noqa: SIM115 - closed when the job ends
+                threading.Thread(target=_pump, args=(process.stdout, job.log, job.tail, echo), daemon=True).start()
+                running.append(job)
+                bar.set_postfix_str(f"running {', '.join(r.spec.job_id for r in running)}")
+            time.sleep(0.2)
+            for job in [r for r in running if r.process.poll() is not None]:
+                running.remove(job)
+                free.append(job.env)
+                job.process.wait()
+                time.sleep(0.05)  # let the pump thread drain the last lines
+                job.log.close()
+                record = _collect(results_dir, job)
+                finished.append(record)
+                failures += record["status"] != "ok"
+                if on_record:
+                    on_record(record)
+                bar.update(1)
+                bar.set_postfix_str(f"failed {failures}" if failures else "")
+                tqdm.write(_summary(record, time.time() - job.started))
+    finally:
+        for job in running:  # interrupted (Ctrl-C): stop the children, keep finished records
+            job.process.kill()
+        bar.close()
+    return finished
+
+
+def _collect(results_dir: Path, job: _Running) -> dict[str, Any]:
+    path = record_path(results_dir, job.spec)
+    record = read_record(path)
+    if record is not None and record.get("launch_token") == job.token:  # written by this launch
+        return record
+    # The process died without a record (segfault, OOM kill): record the failure ourselves.
+    record = {
+        **asdict(job.spec), "job_id": job.spec.job_id, "fingerprint": job.spec.fingerprint(),
+        "status": "failed", "error": _describe_exit(job.process.returncode),
+        "traceback": "\n".join(job.tail), "log": str(job.log_path),
+    }
+    write_json_atomic(path, record)
+    return record
+
+
+def _summary(record: dict[str, Any], seconds: float) -> str:
+    if record["status"] != "ok":
+        return f"[sweep] FAILED {record['job_id']} after {seconds:.0f}s: {record['error']}"
+    metrics = record.get("metrics", {})
+    shown = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
+    return f"[sweep] done {record['job_id']} in {seconds:.0f}s: {shown}"

@@ -1,0 +1,205 @@
+"""Sweep configuration (YAML) -> the list of jobs, one per (method, category, seed).
+
+A sweep names methods (by their registry names, or ``all``), a profile (which
+config of each method, ``configs/<method>/<profile>.yaml``), categories (``all``:
+every category folder present under the root), seeds, precision and devices.
+Methods are discovered from the registry and the config folder, so a new method
+joins ``all`` without any change here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import models
+from datamodules import EMBEDDED_CATEGORIES, MVTEC_CATEGORIES, ensure_embedded_dataset
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+
+
+class SweepConfigError(ValueError):
+    """A sweep setting that cannot be run; the message names the setting and value."""
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs. Every field can be set in the YAML and overridden on the command line."""
+
+    name: str = "default"
+    methods: list[str] | str = "all"
+    profile: str = "quick"
+    categories: list[str] | str = "all"
+    seeds: list[int] = field(default_factory=lambda: [0])
+    root: str | None = None  # None: the embedded procedural dataset
+    texture_root: str | None = None  # None: procedural textures
+    precision: str = "32-true"
+    accelerator: str = "auto"
+    devices_per_job: int = 1  # >1: one DDP job across that many devices
+    parallel: int | None = None  # concurrent jobs; None: one per GPU group, else 1
+    overrides: dict[str, Any] = field(default_factory=dict)  # dotted CLI keys for every job
+    method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retry_failed: bool = True
+    wandb: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> SweepConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"sweep config {str(path)!r} not found")
+        data = yaml.safe_load(path.read_text()) or {}
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise SweepConfigError(f"unknown key(s) {sorted(unknown)} in sweep config {str(path)!r}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise SweepConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.devices_per_job < 1:
+            raise SweepConfigError(f"devices_per_job must be >= 1, got {self.devices_per_job}")
+        if self.parallel is not None and self.parallel < 1:
+            raise SweepConfigError(f"parallel must be >= 1, got {self.parallel}")
+        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise SweepConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+
+    # ------------------------------------------------------------------ expansion
+
+    def resolve_methods(self) -> list[str]:
+        available = [m for m in models.list_models() if config_path(m, self.profile).is_file()]
+        if self.methods == "all":
+            if not available:
+                raise SweepConfigError(f"no registered method has a {self.profile!r} profile")
+            return available
+        requested = _as_list(self.methods)
+        for method in requested:
+            if method not in models.list_models():
+                raise SweepConfigError(
+                    f"unknown method {method!r}; registered: {', '.join(models.list_models())}"
+                )
+            if not config_path(method, self.profile).is_file():
+                raise SweepConfigError(
+                    f"method {method!r} has no {self.profile!r} profile ({config_path(method, self.profile)})"
+                )
+        return requested
+
+    def resolve_categories(self) -> list[str]:
+        root = Path(self.root).expanduser() if self.root else ensure_embedded_dataset()
+        if not root.is_dir():
+            raise SweepConfigError(f"dataset root {str(root)!r} does not exist")
+        present = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+        if self.categories == "all":
+            if not present:
+                raise SweepConfigError(f"no category folders in MVTec layout under {str(root)!r}")
+            # Official order first, then any extra folders in the same layout.
+            known = [c for c in (*MVTEC_CATEGORIES, *EMBEDDED_CATEGORIES) if c in present]
+            return known + [c for c in present if c not in known]
+        requested = _as_list(self.categories)
+        missing = [c for c in requested if c not in present]
+        if missing:
+            raise SweepConfigError(
+                f"category {missing[0]!r} not found under {str(root)!r}; present: {', '.join(present) or 'none'}"
+            )
+        return requested
+
+    def jobs(self) -> list[JobSpec]:
+        categories = self.resolve_categories()
+        return [
+            JobSpec(
+                sweep=self.name,
+                method=method,
+                profile=self.profile,
+                category=category,
+                seed=seed,
+                root=self.root,
+                texture_root=self.texture_root,
+                precision=self.precision,
+                accelerator=self.accelerator,
+                devices=self.devices_per_job,
+                overrides={**self.overrides, **self.method_overrides.get(method, {})},
+                wandb=self.wandb,
+            )
+            for method in self.resolve_methods()
+            for category in categories
+            for seed in self.seeds
+        ]
+
+
+@dataclass
+class JobSpec:
+    """Everything one job needs; its hash decides whether an old record is still valid."""
+
+    sweep: str
+    method: str
+    profile: str
+    category: str
+    seed: int
+    root: str | None
+    texture_root: str | None
+    precision: str
+    accelerator: str
+    devices: int
+    overrides: dict[str, Any]
+    wandb: dict[str, Any]
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.method}__{self.profile}__{self.category}__seed{self.seed}"
+
+    @property
+    def config_file(self) -> Path:
+        return config_path(self.method, self.profile)
+
+    def fingerprint(self) -> str:
+        """Hash of what determines the result (not the sweep name or W&B settings), incl. the method YAML."""
+        content = {k: v for k, v in asdict(self).items() if k not in ("sweep", "wandb")}
+        content["config_text"] = self.config_file.read_text() if self.config_file.is_file() else None
+        return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def cli_args(self) -> list[str]:
+        """The Lightning CLI arguments that realise this job."""
+        args = [
+            f"--config={self.config_file}",
+            f"--seed_everything={self.seed}",
+            f"--data.category={self.category}",
+            f"--trainer.precision={self.precision}",
+            f"--trainer.accelerator={self.accelerator}",
+            f"--trainer.devices={self.devices}",
+        ]
+        if self.devices > 1:
+            args.append("--trainer.strategy=ddp")
+        if self.root:
+            args.append(f"--data.root={self.root}")
+        if self.texture_root:
+            args.append(f"--data.texture_source={self.texture_root}")
+        args += [f"--{key}={_cli_value(value)}" for key, value in self.overrides.items()]
+        return args
+
+
+def config_path(method: str, profile: str) -> Path:
+    return CONFIG_DIR / method / f"{profile}.yaml"
+
+
+def _as_list(value: list[Any] | str) -> list[Any]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+def _cli_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "null"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)

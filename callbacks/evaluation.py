@@ -1,0 +1,273 @@
+"""Collect every method's validation/test outputs and score them with the exact metrics.
+
+Metrics are computed once per epoch on the whole split, not averaged over batches:
+AUROC, F1-max and PRO are ranking metrics over all images/pixels of a category, and a
+per-batch mean of them is a different (and batch-size dependent) number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from .metrics import compute_anomaly_metrics
+
+__all__ = ["AnomalyEvaluator"]
+
+_STAGES = ("val", "test")
+#: Validation metrics averaged into ``val/selection_score``, the checkpoint-selection monitor.
+SELECTION_METRICS = ("image_auroc", "pixel_auroc")
+
+
+@dataclass
+class _Collected:
+    """What one process saw in one epoch of one stage, on the CPU."""
+
+    scores: list[Tensor] = field(default_factory=list)  # (B,) float32
+    labels: list[Tensor] = field(default_factory=list)  # (B,) int64
+    maps: list[Tensor] = field(default_factory=list)  # (B, H, W) float32, if pixel metrics
+    masks: list[Tensor] = field(default_factory=list)  # (B, H, W) bool, if pixel metrics
+    paths: list[str] = field(default_factory=list)
+
+    def concatenate(self) -> dict[str, Any]:
+        """One tensor per field (empties the lists as it goes, to not hold two copies)."""
+
+        def cat(parts: list[Tensor]) -> Tensor | None:
+            if not parts:
+                return None
+            joined = torch.cat(parts)
+            parts.clear()
+            return joined
+
+        return {
+            "scores": cat(self.scores),
+            "labels": cat(self.labels),
+            "maps": cat(self.maps),
+            "masks": cat(self.masks),
+            "paths": self.paths,
+        }
+
+
+def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate what all processes collected and drop repeated images.
+
+    ``DistributedSampler`` pads the last batches with repeats of the first samples so
+    that every process gets as many; counting them twice would bias every metric.
+    """
+    paths = [p for part in per_rank for p in part["paths"]]
+    merged: dict[str, Any] = {"paths": paths}
+    for key in ("scores", "labels", "maps", "masks"):
+        parts = [part[key] for part in per_rank if part[key] is not None]
+        merged[key] = torch.cat(parts) if parts else None
+        for part in per_rank:
+            part[key] = None  # let the per-rank copies go as soon as they are merged
+
+    seen: set[str] = set()
+    keep = []
+    for i, path in enumerate(paths):
+        if path not in seen:
+            seen.add(path)
+            keep.append(i)
+    if len(keep) < len(paths):
+        index = torch.tensor(keep, dtype=torch.long)
+        for key in ("scores", "labels", "maps", "masks"):
+            if merged[key] is not None:
+                merged[key] = merged[key][index]
+        merged["paths"] = [paths[i] for i in keep]
+    return merged
+
+
+class AnomalyEvaluator(Callback):
+    """Image- and pixel-level anomaly metrics at the end of every validation and test epoch.
+
+    Logs ``val/<metric>`` and ``test/<metric>`` for ``image_auroc``, ``image_f1max``,
+    ``pixel_auroc``, ``pro`` and ``pixel_f1max`` (see :mod:`callbacks.metrics`); ``nan``
+    metrics (e.g. a validation split with no anomaly) are kept in :attr:`val_metrics` /
+    :attr:`test_metrics` but not logged, so they never poison a checkpoint monitor.
+
+    Under multi-process DDP the outputs of all processes are gathered on rank 0, which
+    computes the metrics and broadcasts them, so every process logs the same values
+    (``sync_dist`` with ``max`` keeps them exact) and ``*_metrics`` agree everywhere.
+
+    Args:
+        pixel_metrics: compute the pixel-level metrics: ``True`` for both stages,
+            ``False`` for none, or the stages that get them, e.g. ``("test",)`` to keep
+            validation cheap (no anomaly maps are then kept in memory for it either).
+        fpr_limit: upper FPR bound of the PRO integral (0.3 in MVTec AD's protocol).
+    """
+
+    def __init__(self, pixel_metrics: bool | Sequence[str] = True, fpr_limit: float = 0.3) -> None:
+        super().__init__()
+        if isinstance(pixel_metrics, bool):
+            self.pixel_stages = set(_STAGES) if pixel_metrics else set()
+        else:
+            self.pixel_stages = set(pixel_metrics)
+            unknown = self.pixel_stages - set(_STAGES)
+            if unknown:
+                raise ValueError(f"unknown stages {sorted(unknown)}; choose from {_STAGES}")
+        if not 0.0 < fpr_limit <= 1.0:
+            raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        self.fpr_limit = fpr_limit
+        self.val_metrics: dict[str, float] = {}
+        #: F1-optimal thresholds found on the validation split (for display/deployment).
+        self.val_image_threshold = math.nan
+        self.val_pixel_threshold = math.nan
+        self.test_metrics: dict[str, float] = {}
+        self._collected = {stage: _Collected() for stage in _STAGES}
+        self._warned_no_path = False
+
+    # ------------------------------------------------------------------ lightning hooks
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collected["val"] = _Collected()  # drop leftovers of an interrupted epoch
+
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if not trainer.sanity_checking:
+            self._collect("val", trainer, outputs, batch)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            self._collected["val"] = _Collected()
+            return
+        self.val_metrics = self._evaluate("val", trainer, pl_module)
+
+    def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._collected["test"] = _Collected()
+
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collect("test", trainer, outputs, batch)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.test_metrics = self._evaluate("test", trainer, pl_module)
+
+    # ------------------------------------------------------------------ internals
+
+    def _collect(
+        self, stage: str, trainer: Trainer, outputs: Any, batch: Mapping[str, Any]
+    ) -> None:
+        if isinstance(outputs, Mapping):
+            anomaly_map, image_score = outputs["anomaly_map"], outputs["image_score"]
+        elif outputs is not None and hasattr(outputs, "anomaly_map"):  # an AnomalyOutput
+            anomaly_map, image_score = outputs.anomaly_map, outputs.image_score
+        else:
+            raise TypeError(
+                f"{stage} step must return {{'anomaly_map', 'image_score'}} (got {type(outputs).__name__})"
+            )
+        collected = self._collected[stage]
+        scores = image_score.detach().to("cpu", torch.float32).reshape(-1)
+        collected.scores.append(scores)
+        collected.labels.append(
+            torch.as_tensor(batch["label"]).detach().to("cpu", torch.long).reshape(-1)
+        )
+
+        paths = batch.get("path")
+        if paths is None:
+            # Unique stand-ins; they cannot spot DistributedSampler's padding repeats.
+            if trainer.world_size > 1 and not self._warned_no_path:
+                rank_zero_warn(
+                    "batches have no 'path': repeated samples under DDP are counted twice"
+                )
+                self._warned_no_path = True
+            start = len(collected.paths)
+            paths = [f"rank{trainer.global_rank}/{start + i}" for i in range(scores.numel())]
+        collected.paths.extend(str(p) for p in paths)
+
+        if stage in self.pixel_stages:
+            # Binarise on the device: 1 byte per pixel crosses to the host instead of 4.
+            mask = (batch["mask"].detach() > 0.5).cpu()
+            anomaly_map = anomaly_map.detach().to("cpu", torch.float32)
+            if anomaly_map.ndim == 4:
+                anomaly_map = anomaly_map[:, 0]
+            if mask.ndim == 4:
+                mask = mask[:, 0]
+            if anomaly_map.shape != mask.shape:
+                raise ValueError(
+                    f"anomaly map {tuple(anomaly_map.shape)} and mask {tuple(mask.shape)} differ: "
+                    "methods must return maps at input resolution"
+                )
+            collected.maps.append(anomaly_map)
+            collected.masks.append(mask)
+
+    def _gather(self, data: dict[str, Any], trainer: Trainer) -> dict[str, Any] | None:
+        """All processes' data on rank 0 (``None`` elsewhere), without repeats."""
+        rank = trainer.global_rank
+        gathered: list[Any] | None = [None] * trainer.world_size if rank == 0 else None
+        dist.gather_object(data, gathered, dst=0)
+        data.clear()
+        return _merge_ranks(gathered) if gathered is not None else None
+
+    def _compute(self, stage: str, data: dict[str, Any] | None) -> dict[str, float]:
+        if data is None or data["scores"] is None:  # nothing was evaluated
+            keys = ["image_auroc", "image_f1max"]
+            if stage in self.pixel_stages:
+                keys += ["pixel_auroc", "pro", "pixel_f1max"]
+            return dict.fromkeys(keys, math.nan)
+        return compute_anomaly_metrics(
+            data["scores"], data["labels"], data["maps"], data["masks"],
+            fpr_limit=self.fpr_limit, with_thresholds=True,
+        )
+
+    def _evaluate(
+        self, stage: str, trainer: Trainer, pl_module: LightningModule
+    ) -> dict[str, float]:
+        data: dict[str, Any] | None = self._collected[stage].concatenate()
+        self._collected[stage] = _Collected()
+
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if distributed:
+            assert data is not None
+            data = self._gather(data, trainer)
+            # Rank 0 computes; an error there is broadcast too, or the others would hang.
+            outcome: tuple[str, Any] = ("ok", None)
+            if trainer.global_rank == 0:
+                try:
+                    outcome = ("ok", self._compute(stage, data))
+                except Exception as error:  # re-raised on every rank below
+                    outcome = ("error", f"{type(error).__name__}: {error}")
+            data = None
+            status, payload = trainer.strategy.broadcast(outcome, src=0)
+            if status == "error":
+                raise RuntimeError(f"{stage} metric computation failed on rank 0: {payload}")
+            metrics: dict[str, float] = payload
+        else:
+            metrics = self._compute(stage, data)
+            data = None  # free the collected maps before logging
+
+        thresholds = {k: metrics.pop(k, math.nan) for k in ("image_threshold", "pixel_threshold")}
+        if stage == "val":
+            self.val_image_threshold = thresholds["image_threshold"]
+            self.val_pixel_threshold = thresholds["pixel_threshold"]
+            # One number to rank checkpoints by, from the validation split only.
+            ranked = [metrics[k] for k in SELECTION_METRICS if not math.isnan(metrics.get(k, math.nan))]
+            if ranked:
+                metrics["selection_score"] = sum(ranked) / len(ranked)
+        for name, value in metrics.items():
+            if not math.isnan(value):
+                # Identical on every rank: "max" keeps the synced value exact (a mean could
+                # round), and sync_dist silences Lightning's epoch-level DDP warning.
+                pl_module.log(f"{stage}/{name}", value, sync_dist=True, reduce_fx="max")
+        return metrics

@@ -1,0 +1,790 @@
+"""A small procedurally generated dataset in MVTec AD layout, so nothing needs downloading.
+
+The benchmark and the test suite must run on a machine with no data and no network, yet
+the data should exercise the same code paths and the same difficulties as MVTec AD:
+textures whose normal variation a detector has to learn, an object whose pose changes a
+little, and defects that are small, varied and only a few percent of the image.
+:func:`ensure_embedded_dataset` renders it once (a few seconds) into a cache folder and
+then reuses it. Every image comes from its own generator, seeded with
+``[category index, split index, image index]``, so a run gives the same bytes every time,
+whatever the order or parallelism of generation. (Across CPUs or numpy versions,
+vectorised float32 ``sin``/``exp`` may differ in the last bit, which can move the odd
+pixel by one grey level; the bounds and the masks' meaning do not change.)
+
+Categories (see :data:`EMBEDDED_CATEGORIES` and :data:`EMBEDDED_DEFECTS`):
+
+``weave`` -- regular texture, like MVTec's carpet/grid.
+    Plain-weave canvas seen close up: warp and weft yarns crossing over and under, each
+    yarn with a rounded cross-section, a twist striation and its own slight shade, under
+    a soft lighting gradient. Between images the weave period, angle, phase, colour and
+    lighting jitter a little, so a detector must learn the pattern, not one picture.
+    Defects: ``hole`` (a frayed dark opening where yarns are torn away), ``thread`` (a
+    loose yarn lying across the weave, with its own shadow, in a light, dark or dyed
+    colour) and ``color`` (a dye stain that tints the yarns but leaves their texture).
+
+``marble`` -- stochastic texture, like MVTec's tile/wood.
+    Polished stone: light mottled ground with turbulent grey veins (fractal noise bending
+    sinusoidal bands), finer secondary veins, crystal grain and a broad soft sheen. Vein
+    direction, density and layout are random, so no two images share a layout and only
+    local statistics are "normal".
+    Defects: ``crack`` (a thin dark jagged line, sometimes branching), ``pit`` (a small
+    crater, shaded dark on the side away from the light and bright on the other) and
+    ``stain`` (a rust, oil or yellow blotch with a soft, irregular edge).
+
+``disc`` -- object, like MVTec's metal_nut/bottle.
+    A turned steel washer on a dark matte background: knurled outer bevel, concentric
+    turning marks on the face with the bow-tie highlight such marks produce, a step to a
+    matte inner boss, a chamfered centre hole and three bolt holes. It sits near the
+    centre with a small random shift and rotation (the bolt holes show the rotation) and
+    casts a soft shadow; the light is fixed, as in an inspection cell.
+    Defects: ``scratch`` (a thin bright or dark curved line on the metal), ``chip`` (a
+    jagged piece missing from the rim, the background showing through, with a dark
+    fracture edge) and ``rust`` (an orange-brown mottled spot).
+
+Every defect is first generated as a shape (a signed distance or a line coverage) and then
+rendered through it: the defective image is ``clean + w * (effect - clean)`` with a weight
+``w`` that is zero outside the shape, so soft edges never leak out and the ground-truth
+mask (``w > 0``) covers exactly the pixels the defect touched. Defect areas are kept
+between :data:`MIN_DEFECT_FRACTION` and :data:`MAX_DEFECT_FRACTION` of the image, which is
+the range of most MVTec AD defects. Sensor noise is added last, identically to the clean
+and the defective rendering, so pixels outside the mask are bit-identical.
+"""
+
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+__all__ = [
+    "DATASET_VERSION",
+    "EMBEDDED_CATEGORIES",
+    "EMBEDDED_DEFECTS",
+    "ENV_VAR",
+    "MAX_DEFECT_FRACTION",
+    "MIN_DEFECT_FRACTION",
+    "NUM_PER_DEFECT",
+    "NUM_TEST_GOOD",
+    "NUM_TRAIN_GOOD",
+    "default_root",
+    "ensure_embedded_dataset",
+    "render_sample",
+]
+
+#: Bump whenever the rendered bytes change, so cached copies of older versions are not used.
+DATASET_VERSION = 1
+#: Environment variable naming the dataset root (overrides the cache folder).
+ENV_VAR = "ADBENCH_EMBEDDED_ROOT"
+#: File written last into a finished dataset; a folder without it is never used.
+MARKER_NAME = ".complete"
+
+EMBEDDED_CATEGORIES: tuple[str, ...] = ("weave", "marble", "disc")
+EMBEDDED_DEFECTS: dict[str, tuple[str, ...]] = {
+    "weave": ("hole", "thread", "color"),
+    "marble": ("crack", "pit", "stain"),
+    "disc": ("scratch", "chip", "rust"),
+}
+
+NUM_TRAIN_GOOD = 60
+NUM_TEST_GOOD = 15
+NUM_PER_DEFECT = 8
+
+#: Bounds on a defect's mask area, as a fraction of the image area.
+MIN_DEFECT_FRACTION = 0.002
+MAX_DEFECT_FRACTION = 0.05
+
+_MIN_IMAGE_SIZE = 32
+#: Blend weights below this are dropped, so every masked pixel is really changed.
+_MIN_WEIGHT = 0.02
+_SENSOR_NOISE = 1.5 / 255.0
+
+#: Split indices used in the per-image seed ``[category, split, image]``.
+_SPLIT_TRAIN_GOOD = 0
+_SPLIT_TEST_GOOD = 1
+_SPLIT_FIRST_DEFECT = 2
+
+Rng = np.random.Generator
+#: Per-image facts a category's defects need (colours, geometry, layers of the render).
+Context = dict[str, object]
+
+
+# --------------------------------------------------------------------------------------
+# Shared building blocks
+# --------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates ``(yy, xx)``; cached because every renderer needs them."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    yy.setflags(write=False)
+    xx.setflags(write=False)
+    return yy, xx
+
+
+@lru_cache(maxsize=64)
+def _spline_taps(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cubic B-spline taps mapping a ``cells + 4`` lattice onto ``size`` pixels.
+
+    Returns the four lattice indices and weights of every pixel. Lattice noise smoothed
+    this way is C2-continuous and costs a few gathers, far cheaper than large Gaussian
+    filters (and, unlike a matrix product, it does not depend on BLAS threading).
+    """
+    t = (np.arange(size) + 0.5) / size * cells + 2.0
+    index = np.floor(t).astype(np.intp)[:, None] + np.arange(-1, 3)[None, :]
+    dist = np.abs(t[:, None] - index)
+    near = (2.0 / 3.0) - dist**2 + 0.5 * dist**3
+    far = (2.0 - dist) ** 3 / 6.0
+    weights = np.where(dist < 1.0, near, np.where(dist < 2.0, far, 0.0)).astype(np.float32)
+    index.setflags(write=False)
+    weights.setflags(write=False)
+    return index, weights
+
+
+def _smooth_noise(rng: Rng, size: int, cells: int) -> np.ndarray:
+    """Smooth random field with about ``cells`` bumps across the image."""
+    lattice = rng.standard_normal((cells + 4, cells + 4), dtype=np.float32)
+    index, weights = _spline_taps(size, cells)
+    rows = sum(lattice[:, index[:, k]] * weights[:, k] for k in range(4))
+    return sum(rows[index[:, k], :] * weights[:, k, None] for k in range(4))
+
+
+def _fractal_noise(
+    rng: Rng, size: int, cells: int, octaves: int, persistence: float = 0.5
+) -> np.ndarray:
+    """Sum of smooth noise octaves, normalised to zero mean and unit variance."""
+    total = np.zeros((size, size), np.float32)
+    for octave in range(octaves):
+        total += persistence**octave * _smooth_noise(rng, size, cells * 2**octave)
+    total -= total.mean()
+    return total / (total.std() + 1e-8)
+
+
+def _blob_distance(
+    rng: Rng, size: int, center: Sequence[float], radius: float, roughness: float
+) -> np.ndarray:
+    """Approximate signed distance in pixels (positive inside) to an irregular blob.
+
+    The boundary is a circle whose radius is modulated by a few random harmonics, which
+    gives the lumpy, star-shaped outlines of real holes, stains and chips.
+    """
+    harmonics = np.arange(2, 9)
+    amplitude = rng.uniform(0.0, roughness, harmonics.size) / harmonics**1.2
+    phase = rng.uniform(0.0, 2 * np.pi, harmonics.size)
+    # Only a window around the blob is evaluated; everything else is far outside.
+    distance = np.full((size, size), -float(size), np.float32)
+    reach = radius * (1.0 + amplitude.sum()) + 2.0
+    x0, y0 = (max(int(c - reach), 0) for c in center)
+    x1, y1 = (min(int(c + reach) + 2, size) for c in center)
+    if x1 <= x0 or y1 <= y0:
+        return distance
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dx, dy = xx - np.float32(center[0]), yy - np.float32(center[1])
+    theta = np.arctan2(dy, dx)
+    wobble = (amplitude * np.cos(theta[..., None] * harmonics + phase)).sum(-1)
+    distance[y0:y1, x0:x1] = radius * (1.0 + wobble) - np.hypot(dx, dy)
+    return distance
+
+
+def _random_walk(
+    rng: Rng,
+    start: Sequence[float],
+    heading: float,
+    steps: int,
+    step_length: float,
+    turn_sigma: float,
+    curvature: float = 0.0,
+    jitter: float = 0.0,
+) -> np.ndarray:
+    """Polyline of ``steps + 1`` points.
+
+    ``turn_sigma`` and ``curvature`` bend the path gradually (scratches, threads);
+    ``jitter`` adds independent per-step kinks around that path (cracks zig-zag but keep
+    their overall direction).
+    """
+    headings = heading + np.cumsum(curvature + rng.normal(0.0, turn_sigma, steps))
+    headings = headings + rng.normal(0.0, jitter, steps)
+    moves = step_length * np.stack([np.cos(headings), np.sin(headings)], axis=1)
+    return np.vstack([np.asarray(start, float)[None], np.asarray(start, float) + moves.cumsum(0)])
+
+
+def _polyline_coverage(points: np.ndarray, half_width: float, size: int) -> np.ndarray:
+    """Anti-aliased coverage in ``[0, 1]`` of a polyline stroked with ``half_width``.
+
+    Computed from the exact distance to the segments, so coverage is zero exactly where
+    the stroke does not reach: the stroke *is* the mask.
+    """
+    coverage = np.zeros((size, size), np.float32)
+    margin = half_width + 2.0
+    x0, y0 = np.maximum(np.floor(points.min(0) - margin), 0).astype(int)
+    x1, y1 = np.minimum(np.ceil(points.max(0) + margin) + 1, size).astype(int)
+    if x1 <= x0 or y1 <= y0:
+        return coverage
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    pixels = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    a, b = points[:-1].astype(np.float32), points[1:].astype(np.float32)
+    ab = b - a
+    length2 = np.maximum((ab**2).sum(1), 1e-6)
+    best = np.full(pixels.shape[0], np.inf, np.float32)
+    for start, seg, seg_len2 in zip(a, ab, length2, strict=True):
+        rel = pixels - start
+        t = np.clip(rel @ seg / seg_len2, 0.0, 1.0)
+        best = np.minimum(best, ((rel - t[:, None] * seg) ** 2).sum(1))
+    local = np.clip(half_width + 0.5 - np.sqrt(best), 0.0, 1.0)
+    coverage[y0:y1, x0:x1] = local.reshape(yy.shape)
+    return coverage
+
+
+def _lighting(rng: Rng, size: int, strength: float) -> np.ndarray:
+    """Linear illumination gradient in a random direction, mean one."""
+    yy, xx = _grid(size)
+    angle = rng.uniform(0.0, 2 * np.pi)
+    ramp = ((xx - size / 2) * float(np.cos(angle)) + (yy - size / 2) * float(np.sin(angle))) / size
+    return 1.0 + rng.uniform(0.0, strength) * ramp
+
+
+def _rgb(red: float, green: float, blue: float) -> np.ndarray:
+    return np.array([red, green, blue], np.float32)
+
+
+def _jitter(rng: Rng, sigma: float) -> np.ndarray:
+    """Small random per-channel colour offset."""
+    return (sigma * rng.standard_normal(3)).astype(np.float32)
+
+
+def _soft(distance: np.ndarray, feather: float) -> np.ndarray:
+    """Weight rising from 0 at a shape's edge to 1 at ``feather`` pixels inside it."""
+    return np.clip((distance + 0.5) / feather, 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Category: weave (regular texture)
+# --------------------------------------------------------------------------------------
+
+
+def _render_weave(rng: Rng, size: int) -> tuple[np.ndarray, Context]:
+    """Plain-weave canvas: each crossing shows the yarn that lies on top there."""
+    scale = size / 256
+    yy, xx = _grid(size)
+    period = 12.5 * scale * rng.uniform(0.97, 1.03)
+    angle = np.deg2rad(rng.uniform(-2.5, 2.5))
+    cos_a, sin_a = float(np.cos(angle)), float(np.sin(angle))
+    u = (xx * cos_a + yy * sin_a) / period + rng.uniform(0.0, 2.0)
+    v = (yy * cos_a - xx * sin_a) / period + rng.uniform(0.0, 2.0)
+    iu, iv = np.floor(u).astype(np.int64), np.floor(v).astype(np.int64)
+    # At each crossing only the yarn on top is visible: the warp (running along v) where
+    # iu + iv is even, the weft (running along u) elsewhere. Express everything in the
+    # visible yarn's own coordinates so each term is evaluated once.
+    warp_on_top = (iu + iv) % 2 == 0
+    across = np.where(warp_on_top, u - iu, v - iv)
+    along = np.where(warp_on_top, v - iv, u - iu)
+    along_total = np.where(warp_on_top, v, u)
+    yarn = np.where(warp_on_top, iu, iv + 17) % 64
+
+    yarn_shade = 1.0 + rng.normal(0.0, 0.035, 64).astype(np.float32)
+    crossing_shade = 1.0 + rng.normal(0.0, 0.02, (64, 64)).astype(np.float32)
+    # Rounded yarn cross-section, clipped so a thin dark gap separates neighbours.
+    section = np.sqrt(np.clip(np.sin(np.float32(np.pi) * across) * 1.3, 0.0, 1.0))
+    arch = (
+        0.74 + 0.26 * np.sin(np.float32(np.pi) * along) + 0.07 * np.cos(np.float32(np.pi) * along)
+    )
+    twist = 0.92 + 0.08 * np.sin(np.float32(2 * np.pi) * (3.0 * across + 1.3 * along_total))
+    fuzz = 1.0 + 0.035 * _fractal_noise(rng, size, max(4, size // 16), 2)
+    shade = section * arch * twist * yarn_shade[yarn] * crossing_shade[iu % 64, iv % 64] * fuzz
+
+    base = _rgb(0.70, 0.61, 0.47) * rng.uniform(0.93, 1.07) + _jitter(rng, 0.008)
+    warp_color = base * np.float32(rng.uniform(0.98, 1.04))
+    weft_color = base * np.float32(rng.uniform(0.86, 0.93))
+    gap = _rgb(0.10, 0.08, 0.06)
+    light = _lighting(rng, size, 0.15) * rng.uniform(0.95, 1.05)
+    color = (weft_color - gap) + warp_on_top[..., None] * (warp_color - weft_color)
+    image = (gap + color * shade[..., None]) * light[..., None]
+    return image.astype(np.float32), {"weft_color": weft_color, "warp_color": warp_color}
+
+
+def _weave_hole(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """Torn-out yarns: a dark opening whose edge is frayed by noise (inside the shape)."""
+    size = clean.shape[0]
+    center = rng.uniform(0.12, 0.88, 2) * size
+    radius = rng.uniform(0.028, 0.055) * size
+    distance = _blob_distance(rng, size, center, radius, 0.35)
+    fray = _smooth_noise(rng, size, max(8, size // 6))
+    inside = distance > -0.5
+    weight = np.clip((distance + 0.5 + 1.5 * fray) / (2.5 * size / 256), 0.15, 1.0) * inside
+    # Torn yarn ends stay dimly visible near the rim; the opening is darkest in the middle.
+    depth = np.clip(distance / (0.6 * radius), 0.0, 1.0)
+    effect = clean * (0.4 - 0.3 * depth)[..., None] + np.float32(0.02)
+    return effect, weight
+
+
+def _weave_thread(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A loose yarn lying on the fabric, casting a shadow down-right of itself."""
+    size = clean.shape[0]
+    scale = size / 256
+    start = rng.uniform(0.15, 0.85, 2) * size
+    points = _random_walk(
+        rng,
+        start,
+        rng.uniform(0, 2 * np.pi),
+        24,
+        rng.uniform(3.0, 5.0) * scale,
+        turn_sigma=0.12,
+        curvature=rng.normal(0.0, 0.05),
+    )
+    half_width = max(0.8, rng.uniform(1.1, 1.6) * scale)
+    yarn = _polyline_coverage(points, half_width, size)
+    shadow = _polyline_coverage(points + 1.5 * scale, half_width + 0.5, size)
+    choice = rng.integers(3)
+    if choice == 0:  # same yarn, pulled out and catching the light
+        color = np.asarray(ctx["warp_color"]) * np.float32(1.3)
+    elif choice == 1:  # dark foreign fibre
+        color = _rgb(0.18, 0.16, 0.15)
+    else:  # dyed fibre
+        color = _rgb(0.25, 0.32, 0.62)
+    yy, xx = _grid(size)
+    twist = 0.88 + 0.12 * np.sin(2 * np.pi * (xx + yy) / (3.5 * scale))
+    shadowed = clean * (1.0 - 0.45 * shadow)[..., None]
+    thread = (color * twist[..., None]).astype(np.float32)
+    effect = shadowed + yarn[..., None] * (thread - shadowed)
+    weight = ((yarn > 0) | (shadow > 0)).astype(np.float32)
+    return effect, weight
+
+
+def _weave_color(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A dye stain: tints the yarns but leaves their structure visible."""
+    size = clean.shape[0]
+    center = rng.uniform(0.12, 0.88, 2) * size
+    distance = _blob_distance(rng, size, center, rng.uniform(0.045, 0.08) * size, 0.5)
+    tints = [_rgb(1.25, 0.55, 0.45), _rgb(0.55, 0.65, 1.25), _rgb(0.6, 0.95, 0.5)]
+    tint = tints[rng.integers(len(tints))]
+    effect = clean * tint
+    weight = _soft(distance, 4.0 * size / 256) * 0.9
+    return effect, weight
+
+
+# --------------------------------------------------------------------------------------
+# Category: marble (stochastic texture)
+# --------------------------------------------------------------------------------------
+
+
+def _render_marble(rng: Rng, size: int) -> tuple[np.ndarray, Context]:
+    """Polished stone: turbulence-bent sine bands make veins, noise makes the ground."""
+    yy, xx = _grid(size)
+    turbulence = _fractal_noise(rng, size, 3, 5, 0.55)
+    detail = _fractal_noise(rng, size, 5, 4, 0.55)
+    angle = rng.uniform(0.0, np.pi)
+    cos_a, sin_a = float(np.cos(angle)), float(np.sin(angle))
+    along = (xx * cos_a + yy * sin_a) / size
+    across = (yy * cos_a - xx * sin_a) / size
+    phase = rng.uniform(0.0, 2 * np.pi)
+    bands = np.sin(2 * np.pi * rng.uniform(1.0, 1.8) * along + 1.6 * turbulence + phase)
+    width = np.clip(0.12 + 0.08 * _fractal_noise(rng, size, 3, 3), 0.03, 0.3)
+    fade = np.clip(0.65 + 0.45 * _fractal_noise(rng, size, 2, 3), 0.0, 1.0)
+    veins = (np.exp(-((bands / width) ** 2)) + 0.25 * np.exp(-((bands / 0.45) ** 2))) * fade
+    fine_bands = np.sin(2 * np.pi * rng.uniform(2.5, 4.0) * (along + 0.7 * across) + 2.5 * detail)
+    fine = np.exp(-((fine_bands / 0.06) ** 2)) * np.clip(turbulence, 0.0, 1.0)
+    vein_strength = np.clip(0.8 * veins + 0.2 * fine, 0.0, 1.0)
+
+    ground = _rgb(0.87, 0.86, 0.83) + _jitter(rng, 0.006)
+    vein_color = _rgb(0.40, 0.42, 0.45) + _jitter(rng, 0.012)
+    mottle = 1.0 + 0.04 * _fractal_noise(rng, size, 4, 4)
+    grain = ndimage.gaussian_filter(rng.standard_normal((size, size), dtype=np.float32), 0.7)
+    image = ground * mottle[..., None]
+    image = image + vein_strength[..., None] * (vein_color - image)
+    image = image + 0.035 * grain[..., None]
+    sx, sy = (float(c) for c in rng.uniform(0.0, 1.0, 2) * size)
+    sheen = np.exp(-((xx - sx) ** 2 + (yy - sy) ** 2) / (0.3 * size**2))
+    image = image * (_lighting(rng, size, 0.08) + 0.05 * sheen)[..., None]
+    return image.astype(np.float32), {}
+
+
+def _marble_crack(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A thin, jagged dark fracture line, branching in half the cases."""
+    size = clean.shape[0]
+    scale = size / 256
+    start = rng.uniform(0.15, 0.85, 2) * size
+    heading = rng.uniform(0, 2 * np.pi)
+    points = _random_walk(rng, start, heading, 32, 2.5 * scale, turn_sigma=0.08, jitter=0.45)
+    half_width = max(0.5, rng.uniform(0.6, 1.0) * scale)
+    coverage = _polyline_coverage(points, half_width, size)
+    if rng.random() < 0.5:
+        fork = points[rng.integers(8, 24)]
+        branch = _random_walk(
+            rng,
+            fork,
+            heading + rng.choice([-1, 1]) * 0.8,
+            12,
+            2.5 * scale,
+            turn_sigma=0.08,
+            jitter=0.45,
+        )
+        coverage = np.maximum(coverage, _polyline_coverage(branch, 0.8 * half_width, size))
+    effect = clean * 0.25
+    return effect, coverage
+
+
+def _marble_pit(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A small crater lit from the top left: dark upper-left wall, bright lower-right."""
+    size = clean.shape[0]
+    center = rng.uniform(0.1, 0.9, 2) * size
+    radius = rng.uniform(0.028, 0.05) * size
+    distance = _blob_distance(rng, size, center, radius, 0.25)
+    yy, xx = _grid(size)
+    facing = ((xx - float(center[0])) + (yy - float(center[1]))) / float(np.sqrt(2) * radius)
+    depth = np.clip(distance / radius, 0.0, 1.0)
+    shade = np.clip(0.5 + 0.45 * facing * (1.0 - 0.5 * depth) - 0.15 * depth, 0.15, 1.1)
+    effect = clean * shade[..., None]
+    return effect, _soft(distance, 1.5 * size / 256)
+
+
+def _marble_stain(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """Rust, oil or yellowing soaked into the stone: soft, blotchy, irregular."""
+    size = clean.shape[0]
+    center = rng.uniform(0.12, 0.88, 2) * size
+    distance = _blob_distance(rng, size, center, rng.uniform(0.045, 0.085) * size, 0.6)
+    tints = [_rgb(0.85, 0.52, 0.30), _rgb(0.55, 0.52, 0.48), _rgb(0.95, 0.80, 0.45)]
+    tint = tints[rng.integers(len(tints))]
+    blotch = np.clip(0.75 + 0.35 * _smooth_noise(rng, size, max(8, size // 12)), 0.3, 1.0)
+    effect = clean * tint
+    weight = _soft(distance, 5.0 * size / 256) * blotch * 0.9
+    return effect, weight
+
+
+# --------------------------------------------------------------------------------------
+# Category: disc (object)
+# --------------------------------------------------------------------------------------
+
+
+def _edge(signed: np.ndarray) -> np.ndarray:
+    """Anti-aliased inside-indicator from a signed distance in pixels."""
+    return np.clip(signed + 0.5, 0.0, 1.0)
+
+
+def _render_disc(rng: Rng, size: int) -> tuple[np.ndarray, Context]:
+    """A turned steel washer under a fixed top-left light, slightly shifted and rotated."""
+    scale = size / 256
+    yy, xx = _grid(size)
+    cx, cy = (float(c) for c in size / 2 + rng.uniform(-0.02, 0.02, 2) * size)
+    rotation = float(np.deg2rad(rng.uniform(-15.0, 15.0)))
+    outer = 0.40 * size * rng.uniform(0.99, 1.01)
+    dx, dy = xx - cx, yy - cy
+    r = np.hypot(dx, dy)
+    rho = r / outer
+    light_x = light_y = -float(np.sqrt(0.5))  # image y points down: light from the top left
+    # cos(angle between the outward radial direction and the light), without trigonometry.
+    facing = (dx * light_x + dy * light_y) / np.maximum(r, 1e-3)
+
+    # Background: dark matte plate with a soft shadow down-right of the part.
+    background = _rgb(0.19, 0.20, 0.22) * rng.uniform(0.95, 1.05) + _jitter(rng, 0.003)
+    plate = 1.0 + 0.05 * _fractal_noise(rng, size, 4, 3)
+    shadow_r = np.hypot(xx - cx - 4 * scale, yy - cy - 5 * scale)
+    shadow = 0.45 * np.clip((outer + 6 * scale - shadow_r) / (12 * scale), 0.0, 1.0)
+    bg = background * (plate * (1.0 - shadow) * _lighting(rng, size, 0.1))[..., None]
+
+    # Metal coverage: outer edge minus centre hole minus three bolt holes.
+    hole_r, bolt_r, bolt_at = 0.16 * outer, 0.075 * outer, 0.68 * outer
+    alpha = _edge(outer - r) * _edge(r - hole_r)
+    bolt_ring = np.zeros_like(r, dtype=bool)
+    bolt_facing = np.zeros_like(r)
+    ring_r = bolt_r + 2.5 * scale
+    for k in range(3):
+        phi = rotation + k * 2 * np.pi / 3 + np.pi / 2
+        bx, by = cx + bolt_at * float(np.cos(phi)), cy + bolt_at * float(np.sin(phi))
+        win = np.s_[
+            max(int(by - ring_r - 2), 0) : int(by + ring_r + 3),
+            max(int(bx - ring_r - 2), 0) : int(bx + ring_r + 3),
+        ]
+        hx, hy = xx[win] - bx, yy[win] - by
+        d = np.hypot(hx, hy)
+        alpha[win] *= _edge(d - bolt_r)
+        ring = d < ring_r
+        bolt_ring[win] |= ring
+        bolt_facing[win] += ring * (hx * light_x + hy * light_y) / np.maximum(d, 1e-3)
+
+    # Shading by zone: turned face with a bow-tie highlight, matte boss, knurled bevel.
+    radii = np.arange(0, size, 1.5, dtype=np.float32)
+    turning = np.interp(r, radii, rng.standard_normal(radii.size)).astype(np.float32)
+    face = (
+        0.60
+        - 0.13 * (2 * facing**2 - 1)
+        + 0.025 * np.sin(r * np.float32(2 * np.pi / (2.2 * scale)))
+        + 0.02 * turning
+    )
+    boss = 0.70 + 0.03 * _fractal_noise(rng, size, max(8, size // 4), 2) - 0.05 * facing
+    shade = np.where(rho < 0.5, boss, face)
+    step = np.abs(rho - 0.5) * outer < 1.2 * scale
+    shade = np.where(step, 0.35 - 0.2 * facing, shade)
+    bevel = rho > 0.91
+    knurl = 0.08 * np.cos(96 * (np.arctan2(dy, dx) - rotation))
+    shade = np.where(bevel, 0.55 + 0.28 * facing + knurl, shade)
+    chamfer = rho < 0.24
+    shade = np.where(chamfer, 0.55 - 0.25 * facing, shade)
+    shade = np.where(bolt_ring, 0.5 - 0.25 * bolt_facing, shade)
+
+    steel = _rgb(0.78, 0.79, 0.81) * rng.uniform(0.95, 1.05) + _jitter(rng, 0.01)
+    metal = steel * shade[..., None]
+    image = bg + alpha[..., None] * (metal - bg)
+    ctx: Context = {
+        "center": (cx, cy),
+        "outer": outer,
+        "alpha": alpha,
+        "bg": bg.astype(np.float32),
+        "metal": metal.astype(np.float32),
+    }
+    return image.astype(np.float32), ctx
+
+
+def _point_on_face(rng: Rng, ctx: Context, low: float, high: float) -> np.ndarray:
+    """A random point on the metal face, between ``low`` and ``high`` times the radius."""
+    cx, cy = ctx["center"]  # type: ignore[misc]
+    outer = float(ctx["outer"])  # type: ignore[arg-type]
+    angle = rng.uniform(0, 2 * np.pi)
+    radius = outer * np.sqrt(rng.uniform(low**2, high**2))
+    return np.array([cx + radius * np.cos(angle), cy + radius * np.sin(angle)])
+
+
+def _disc_scratch(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A thin curved scratch on the metal, bright (catching light) or dark (deep)."""
+    size = clean.shape[0]
+    scale = size / 256
+    start = _point_on_face(rng, ctx, 0.3, 0.85)
+    points = _random_walk(
+        rng,
+        start,
+        rng.uniform(0, 2 * np.pi),
+        24,
+        rng.uniform(2.5, 4.0) * scale,
+        turn_sigma=0.04,
+        curvature=rng.normal(0.0, 0.06),
+    )
+    half_width = max(0.5, rng.uniform(0.7, 1.1) * scale)
+    alpha = np.asarray(ctx["alpha"])
+    coverage = _polyline_coverage(points, half_width, size) * (alpha > 0.99)
+    level = 0.97 if rng.random() < 0.5 else 0.22
+    effect = np.full_like(clean, level)
+    return effect, coverage * 0.9
+
+
+def _disc_chip(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A piece broken off the rim: background shows through, the fracture edge is dark."""
+    size = clean.shape[0]
+    scale = size / 256
+    cx, cy = ctx["center"]  # type: ignore[misc]
+    outer = float(ctx["outer"])  # type: ignore[arg-type]
+    angle = rng.uniform(0, 2 * np.pi)
+    at = outer * rng.uniform(0.99, 1.04)
+    center = (cx + at * np.cos(angle), cy + at * np.sin(angle))
+    distance = _blob_distance(rng, size, center, rng.uniform(0.045, 0.075) * size, 0.7)
+    band = 2.5 * scale
+    removed = _edge(distance)
+    fracture = np.clip((distance + band + 0.5) / band, 0.0, 1.0) * (1.0 - removed)
+    alpha = np.asarray(ctx["alpha"])
+    bg, metal = np.asarray(ctx["bg"]), np.asarray(ctx["metal"])
+    new_alpha = alpha * (1.0 - removed)
+    broken = metal * (1.0 - 0.55 * fracture)[..., None]
+    effect = bg + new_alpha[..., None] * (broken - bg)
+    weight = ((distance > -band - 0.5) & (alpha > 0)).astype(np.float32)
+    return effect, weight
+
+
+def _disc_rust(rng: Rng, clean: np.ndarray, ctx: Context) -> tuple[np.ndarray, np.ndarray]:
+    """A corrosion spot: orange-brown, mottled, with a soft, ragged edge."""
+    size = clean.shape[0]
+    center = _point_on_face(rng, ctx, 0.3, 0.85)
+    distance = _blob_distance(rng, size, center, rng.uniform(0.025, 0.05) * size, 0.6)
+    mottle = _smooth_noise(rng, size, max(8, size // 8))
+    rust = _rgb(0.55, 0.30, 0.14) * (0.8 + 0.35 * np.clip(mottle, -1, 1))[..., None]
+    alpha = np.asarray(ctx["alpha"])
+    weight = _soft(distance, 3.0 * size / 256) * np.clip(0.75 + 0.3 * mottle, 0.4, 1.0) * alpha
+    return rust, weight
+
+
+# --------------------------------------------------------------------------------------
+# Rendering and writing
+# --------------------------------------------------------------------------------------
+
+Renderer = Callable[[Rng, int], tuple[np.ndarray, Context]]
+DefectRenderer = Callable[[Rng, np.ndarray, Context], tuple[np.ndarray, np.ndarray]]
+
+_RENDERERS: dict[str, Renderer] = {
+    "weave": _render_weave,
+    "marble": _render_marble,
+    "disc": _render_disc,
+}
+_DEFECT_RENDERERS: dict[str, dict[str, DefectRenderer]] = {
+    "weave": {"hole": _weave_hole, "thread": _weave_thread, "color": _weave_color},
+    "marble": {"crack": _marble_crack, "pit": _marble_pit, "stain": _marble_stain},
+    "disc": {"scratch": _disc_scratch, "chip": _disc_chip, "rust": _disc_rust},
+}
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    return np.clip(image * 255.0 + 0.5, 0.0, 255.0).astype(np.uint8)
+
+
+def render_sample(
+    category: str, defect: str | None, seed: int | Sequence[int], image_size: int = 256
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one sample as ``(clean, defective, mask)``.
+
+    ``clean`` and ``defective`` are ``(H, W, 3)`` uint8 images that differ only inside
+    ``mask`` (``(H, W)`` bool); for ``defect=None`` they are equal and the mask is empty.
+    Exposed so tests and tools can compare a defect with its clean twin, which the files
+    on disk cannot show. Shapes are redrawn (from the same generator, so still
+    deterministic) until the mask area lies within the documented bounds.
+    """
+    if category not in _RENDERERS:
+        raise ValueError(
+            f"unknown embedded category {category!r}; choose from {EMBEDDED_CATEGORIES}"
+        )
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+    rng = np.random.default_rng(seed)
+    clean, ctx = _RENDERERS[category](rng, image_size)
+    defective = clean
+    mask = np.zeros((image_size, image_size), bool)
+    if defect is not None:
+        try:
+            render_defect = _DEFECT_RENDERERS[category][defect]
+        except KeyError:
+            raise ValueError(
+                f"unknown defect {defect!r} for {category!r}; choose from {EMBEDDED_DEFECTS[category]}"
+            ) from None
+        for _ in range(100):
+            effect, weight = render_defect(rng, clean, ctx)
+            weight = np.where(weight >= _MIN_WEIGHT, weight, 0.0).astype(np.float32)
+            mask = weight > 0
+            if MIN_DEFECT_FRACTION <= mask.mean() <= MAX_DEFECT_FRACTION:
+                break
+        else:  # pragma: no cover - the shape parameters make this practically impossible
+            raise RuntimeError(f"could not draw a {category}/{defect} defect of valid size")
+        defective = clean + weight[..., None] * (effect - clean)
+    noise = _SENSOR_NOISE * rng.standard_normal(clean.shape, dtype=np.float32)
+    return _to_uint8(clean + noise), _to_uint8(defective + noise), mask
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    # PIL writes no timestamp into PNGs, so equal arrays give equal bytes. Level 1 is
+    # several times faster than the default and the noisy images barely compress anyway.
+    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+
+
+def _dataset_plan() -> list[tuple[int, str, int, str, int]]:
+    """Every image to write, as ``(category index, category, split index, folder, index)``."""
+    plan = []
+    for c, category in enumerate(EMBEDDED_CATEGORIES):
+        folders = [
+            (_SPLIT_TRAIN_GOOD, "good", NUM_TRAIN_GOOD),
+            (_SPLIT_TEST_GOOD, "good", NUM_TEST_GOOD),
+        ]
+        folders += [
+            (_SPLIT_FIRST_DEFECT + k, defect, NUM_PER_DEFECT)
+            for k, defect in enumerate(EMBEDDED_DEFECTS[category])
+        ]
+        for split, name, count in folders:
+            plan += [(c, category, split, name, i) for i in range(count)]
+    return plan
+
+
+def _write_one(root: Path, image_size: int, item: tuple[int, str, int, str, int]) -> None:
+    c, category, split, name, i = item
+    defect = None if name == "good" else name
+    _, image, mask = render_sample(category, defect, [c, split, i], image_size)
+    stage = "train" if split == _SPLIT_TRAIN_GOOD else "test"
+    _save_png(image, root / category / stage / name / f"{i:03d}.png")
+    if defect is not None:
+        _save_png(
+            mask.astype(np.uint8) * 255,
+            root / category / "ground_truth" / name / f"{i:03d}_mask.png",
+        )
+
+
+def _write_dataset(root: Path, image_size: int) -> None:
+    """Write every category into ``root`` (which must exist) in MVTec AD layout.
+
+    Images are independent (each has its own seed), so a few threads render them in
+    parallel: numpy and zlib release the GIL for the heavy work, and the result does not
+    depend on scheduling.
+    """
+    plan = _dataset_plan()
+    for _, category, split, name, _ in plan:
+        stage = "train" if split == _SPLIT_TRAIN_GOOD else "test"
+        (root / category / stage / name).mkdir(parents=True, exist_ok=True)
+        if name != "good":
+            (root / category / "ground_truth" / name).mkdir(parents=True, exist_ok=True)
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # list() re-raises the first exception from any worker.
+        list(pool.map(lambda item: _write_one(root, image_size, item), plan))
+
+
+def _marker_text(image_size: int) -> str:
+    return f"adbench embedded dataset v{DATASET_VERSION} image_size={image_size}\n"
+
+
+def _is_complete(root: Path, image_size: int) -> bool:
+    try:
+        return (root / MARKER_NAME).read_text() == _marker_text(image_size)
+    except OSError:
+        return False
+
+
+def default_root(image_size: int = 256) -> Path:
+    """``$ADBENCH_EMBEDDED_ROOT`` if set, else a versioned folder in ``~/.cache/adbench``."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "adbench" / f"embedded-v{DATASET_VERSION}-{image_size}"
+
+
+def ensure_embedded_dataset(root: str | Path | None = None, image_size: int = 256) -> Path:
+    """Return the embedded dataset's root folder, generating it there first if needed.
+
+    Safe to call from many processes at once (e.g. one per DDP rank or sweep worker):
+    each writes into its own temporary folder beside ``root`` and renames it into place
+    only when complete; a process that loses the race discards its copy. A folder counts
+    as a dataset only when it holds the marker file for this version and image size, so
+    a half-written or outdated folder is never used.
+
+    Args:
+        root: where the dataset lives; ``None`` means :func:`default_root`.
+        image_size: side length of the square images.
+
+    Raises:
+        FileExistsError: ``root`` is a non-empty folder that is not this dataset (we never
+            delete data we did not write).
+    """
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+    root = default_root(image_size) if root is None else Path(root).expanduser()
+    if _is_complete(root, image_size):
+        return root
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(
+            f"{str(root)!r} exists but holds no embedded dataset v{DATASET_VERSION} of size "
+            f"{image_size} (no matching {MARKER_NAME}); remove it or choose another root"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        print(f"adbench: generating embedded dataset in {root}", file=sys.stderr)
+        _write_dataset(tmp, image_size)
+        (tmp / MARKER_NAME).write_text(_marker_text(image_size))
+        try:
+            os.rename(tmp, root)  # atomic; replaces an empty folder, fails on a full one
+        except OSError:
+            if not _is_complete(root, image_size):
+                raise
+            # Another process finished first; its copy is identical, ours is discarded.
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return root

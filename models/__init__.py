@@ -1,0 +1,16 @@
+"""Methods (one file each) and the parts they share; importing registers every method."""
+
+from .base import AnomalyModule, AnomalyOutput
+from .registry import create_model, get_model_class, list_models, register_model
+
+# Importing a method's module registers it (one file per method).
+from . import stpm  # noqa: E402, F401  isort: skip
+
+__all__ = [
+    "AnomalyModule",
+    "AnomalyOutput",
+    "create_model",
+    "get_model_class",
+    "list_models",
+    "register_model",
+]

@@ -1,0 +1,54 @@
+"""The one contract every method honours.
+
+A method is a ``LightningModule`` that owns its training step and optimiser and
+implements :meth:`AnomalyModule.forward`: a batch of images in ``[0, 1]`` goes in,
+an :class:`AnomalyOutput` (a per-pixel anomaly map at input resolution and one
+score per image) comes out. Validation, test and predict steps are shared here,
+so the evaluation callback, the visualiser and the benchmark runner treat every
+method alike and never need to know what is inside one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+
+class AnomalyOutput(NamedTuple):
+    """What every method returns for a batch of ``B`` images of size ``H x W``."""
+
+    anomaly_map: Tensor  # (B, 1, H, W), larger = more anomalous
+    image_score: Tensor  # (B,)
+
+
+class AnomalyModule(LightningModule):
+    """Base class of all methods: shared evaluation steps, one output contract."""
+
+    #: Whether the DataModule must supply DRAEM-style pseudo-anomalies in training
+    #: batches (``batch["image"]`` then holds the anomalous image, ``batch["clean_image"]``
+    #: the original and ``batch["mask"]`` / ``batch["label"]`` describe the anomaly).
+    needs_pseudo_anomalies: ClassVar[bool] = False
+
+    #: MVTec AD means (15 categories, 0..1) reported in the method's paper, shown
+    #: beside ours in the leaderboard; keys as in the metrics (image_auroc, ...).
+    paper_results: ClassVar[dict[str, float]] = {}
+
+    def forward(self, images: Tensor) -> AnomalyOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def _anomaly_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        anomaly_map, image_score = self(batch["image"])
+        return {"anomaly_map": anomaly_map.float(), "image_score": image_score.float()}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._anomaly_step(batch)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        return self._anomaly_step(batch)
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return {**self._anomaly_step(batch), "path": batch["path"]}

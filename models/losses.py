@@ -1,0 +1,64 @@
+"""Losses and feature distances shared by the methods (one implementation each)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchvision.ops import sigmoid_focal_loss
+
+
+def ssim_loss(prediction: Tensor, target: Tensor, kernel_size: int = 11) -> Tensor:
+    """1 - SSIM (Gaussian window, sigma 1.5, images in [0, 1]), as in DRAEM's reconstruction loss."""
+    ssim = structural_similarity_index_measure(
+        prediction.float(), target.float(), data_range=1.0, kernel_size=kernel_size
+    )
+    return 1.0 - ssim
+
+
+def reconstruction_loss(prediction: Tensor, target: Tensor) -> Tensor:
+    """DRAEM's reconstruction loss: L2 + SSIM."""
+    return F.mse_loss(prediction.float(), target.float()) + ssim_loss(prediction, target)
+
+
+def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0) -> Tensor:
+    """Per-pixel focal loss on one-channel logits (mean over pixels).
+
+    DRAEM writes its segmentation head as a 2-class softmax; a softmax over two
+    logits is a sigmoid of their difference, so one logit per pixel is the same
+    model with half the output channels. No class weighting (DRAEM's alpha=None).
+    """
+    return sigmoid_focal_loss(logits.float(), mask.float(), alpha=-1, gamma=gamma, reduction="mean")
+
+
+def normalized_l2_distance(teacher: Tensor, student: Tensor) -> Tensor:
+    """STPM's per-position discrepancy: 0.5 * ||t/|t| - s/|s| ||^2 over channels -> (B, 1, h, w)."""
+    t = F.normalize(teacher.float(), dim=1)
+    s = F.normalize(student.float(), dim=1)
+    return 0.5 * (t - s).pow(2).sum(dim=1, keepdim=True)
+
+
+def cosine_distance(teacher: Tensor, student: Tensor) -> Tensor:
+    """1 - cosine similarity over channels -> (B, 1, h, w) (reverse distillation's discrepancy)."""
+    return 1.0 - F.cosine_similarity(teacher.float(), student.float(), dim=1).unsqueeze(1)
+
+
+def feature_matching_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]) -> Tensor:
+    """Sum over pyramid levels of the mean normalised L2 discrepancy (the STPM loss)."""
+    return sum(normalized_l2_distance(t, s).mean() for t, s in zip(teachers, students, strict=True))
+
+
+def fuse_maps(maps: Sequence[Tensor], size: tuple[int, int], mode: str = "product") -> Tensor:
+    """Upsample per-level maps (B, 1, h, w) to ``size`` and fuse them by product, sum or mean."""
+    upsampled = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
+    stacked = torch.stack(upsampled)
+    if mode == "product":
+        return stacked.prod(dim=0)
+    if mode == "sum":
+        return stacked.sum(dim=0)
+    if mode == "mean":
+        return stacked.mean(dim=0)
+    raise ValueError(f"unknown fusion mode {mode!r}; use 'product', 'sum' or 'mean'")
