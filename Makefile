@@ -17,6 +17,8 @@ CATEGORIES ?=
 SEEDS ?=
 PROFILE ?=
 DEVICES ?=
+PARALLEL ?=
+WANDB ?=
 PRECISION ?=
 MVTEC_ROOT ?=
 DTD_ROOT ?=
@@ -28,6 +30,8 @@ SWEEP_ARGS := --sweep $(SWEEP) --results-dir $(RESULTS_DIR) \
 	$(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(PROFILE),--profile $(PROFILE)) \
 	$(if $(DEVICES),--devices $(DEVICES)) \
+	$(if $(PARALLEL),--parallel $(PARALLEL)) \
+	$(if $(WANDB),--wandb $(WANDB)) \
 	$(if $(PRECISION),--precision $(PRECISION)) \
 	$(if $(MVTEC_ROOT),--root $(MVTEC_ROOT)) \
 	$(if $(DTD_ROOT),--texture-root $(DTD_ROOT))

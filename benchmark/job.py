@@ -65,17 +65,19 @@ def _logger(spec: JobSpec, job_dir: Path) -> Any:
     settings = spec.wandb or {}
     if not settings.get("enabled"):
         return False
-    from lightning.pytorch.loggers import WandbLogger
-
-    return WandbLogger(
-        project=settings.get("project", "adbench"),
-        group=spec.sweep,
-        job_type=spec.method,
-        name=spec.job_id,
-        tags=[spec.category, spec.profile, f"seed{spec.seed}"],
-        offline=settings.get("mode", "offline") == "offline",
-        save_dir=str(settings.get("dir", job_dir)),
-    )
+    # LightningCLI takes subclass defaults as class_path/init_args, not as instances.
+    return {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {
+            "project": settings.get("project", "adbench"),
+            "group": spec.sweep,
+            "job_type": spec.method,
+            "name": spec.job_id,
+            "tags": [spec.category, spec.profile, f"seed{spec.seed}"],
+            "offline": settings.get("mode", "offline") == "offline",
+            "save_dir": str(settings.get("dir", job_dir)),
+        },
+    }
 
 
 def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     job_dir = Path(record_path).parent.parent / "jobs" / spec.job_id
     record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record["started_unix"] = time.time()
     record["launch_token"] = os.environ.get("ADBENCH_LAUNCH_TOKEN")
     record["environment"] = environment()
     try:
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(error, torch.cuda.OutOfMemoryError):
             record["error"] = f"out of memory: {error}"
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    record["finished_unix"] = time.time()
     # Under DDP only rank 0 writes (ranks > 0 of a failed job still exit non-zero).
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
         record.pop("is_global_zero", None)

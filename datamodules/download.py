@@ -90,10 +90,14 @@ def extract_category(archive: str | Path, root: str | Path, category: str | None
 def download_mvtec(
     root: str | Path,
     category: str | None = None,
-    url: str = MVTEC_URL,
-    sha256: str = MVTEC_SHA256,
+    url: str | None = None,
+    sha256: str | None = None,
 ) -> Path:
-    """Fetch the official archive into ``root`` (verified), then extract ``category``."""
+    """Fetch the official archive into ``root`` (verified), then extract ``category``.
+
+    ``url``/``sha256`` default to the module's :data:`MVTEC_URL`/:data:`MVTEC_SHA256`,
+    read at call time so a mirror can be configured by setting them.
+    """
     root = Path(root)
-    archive = download_file(url, root / "mvtec_anomaly_detection.tar.xz", sha256)
+    archive = download_file(url or MVTEC_URL, root / "mvtec_anomaly_detection.tar.xz", sha256 or MVTEC_SHA256)
     return extract_category(archive, root, category)

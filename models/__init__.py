@@ -5,6 +5,9 @@ from .registry import create_model, get_model_class, list_models, register_model
 
 # Importing a method's module registers it (one file per method).
 from . import stpm  # noqa: E402, F401  isort: skip
+from . import draem  # noqa: E402, F401  isort: skip
+from . import patchcore  # noqa: E402, F401  isort: skip
+from . import rd4ad  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AnomalyModule",

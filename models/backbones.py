@@ -494,6 +494,21 @@ def list_offline_backbones() -> list[str]:
 # --------------------------------------------------------------------------- the module
 
 
+def _drop_unused_stages(body: nn.Module) -> None:
+    """Remove the stages after the deepest requested one.
+
+    timm's EfficientNet/MobileNet feature networks keep, and run, every stage even
+    when only early ones are requested (ResNet's are truncated by timm already):
+    a fifth of the teacher's compute wasted, and unused student parameters that
+    DDP refuses to train.
+    """
+    blocks = getattr(body, "blocks", None)
+    names = [n for n in body.feature_info.module_name() if n.startswith("blocks.")]
+    if isinstance(blocks, nn.Sequential) and names:
+        deepest = max(int(n.split(".")[1]) for n in names)
+        body.blocks = blocks[: deepest + 1]
+
+
 class FeatureExtractor(nn.Module):
     """A timm ``features_only`` CNN that takes images in [0, 1] and returns multi-scale features.
 
@@ -528,6 +543,7 @@ class FeatureExtractor(nn.Module):
         self.body = timm.create_model(
             _timm_name(name), features_only=True, out_indices=self.layers, pretrained=False
         )
+        _drop_unused_stages(self.body)
         self.channels: list[int] = list(self.body.feature_info.channels())
         self.reductions: list[int] = list(self.body.feature_info.reduction())
 

@@ -62,3 +62,27 @@ def fuse_maps(maps: Sequence[Tensor], size: tuple[int, int], mode: str = "produc
     if mode == "mean":
         return stacked.mean(dim=0)
     raise ValueError(f"unknown fusion mode {mode!r}; use 'product', 'sum' or 'mean'")
+
+
+def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
+    """Gaussian smoothing of anomaly maps (B, C, H, W), in float32, kernel radius ``4 sigma``.
+
+    PatchCore and RD4AD smooth their maps with sigma 4. The kernel is applied
+    separably (two 1-D convolutions: ~16x fewer operations than one 33 x 33 kernel)
+    with reflect padding (replicate when a map is smaller than the radius), so the
+    border is not pulled towards zero. Autocast is disabled: a bf16 convolution
+    would quantise the scores that the metrics rank.
+    """
+    if sigma <= 0:
+        return maps.float()
+    radius = int(4.0 * sigma + 0.5)
+    with torch.autocast(device_type=maps.device.type, enabled=False):
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32, device=maps.device)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        b, c, h, w = maps.shape
+        out = maps.float().reshape(b * c, 1, h, w)
+        mode = "reflect" if radius < min(h, w) else "replicate"
+        out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode=mode), kernel.view(1, 1, 1, -1))
+        out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode=mode), kernel.view(1, 1, -1, 1))
+    return out.reshape(b, c, h, w)

@@ -83,9 +83,10 @@ def test_layout_and_counts(dataset: Path) -> None:
 
 
 def test_images_are_rgb_256(dataset: Path) -> None:
-    for path in sorted(dataset.glob("*/*/*/*.png")):
-        if path.parts[-3] == "ground_truth":
-            continue
+    images = [p for p in sorted(dataset.glob("*/*/*/*.png")) if p.parts[-3] != "ground_truth"]
+    defects = sum(len(d) for d in EMBEDDED_DEFECTS.values())
+    assert len(images) == 3 * (NUM_TRAIN_GOOD + NUM_TEST_GOOD) + defects * NUM_PER_DEFECT
+    for path in images:
         with Image.open(path) as image:
             assert image.format == "PNG"
             assert image.mode == "RGB"

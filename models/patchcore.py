@@ -1,0 +1,358 @@
+"""PatchCore: a memory bank of locally aware patch features, subsampled by a greedy coreset.
+
+Roth, Pemula, Zepeda, Schoelkopf, Brox, Gehler. "Towards Total Recall in Industrial
+Anomaly Detection", CVPR 2022 (arXiv 2106.08265).
+
+No network is trained. One pass over the normal training images fills a memory
+bank with patch features of a frozen ImageNet backbone; a test patch is as
+anomalous as it is far from its nearest neighbour in that bank.
+
+* Locally aware patch features: the feature maps of mid-level layers (paper:
+  WideResNet-50 layers 2 and 3, strides 8 and 16; deeper ones are biased towards
+  ImageNet classification, shallower ones see too little context) are each
+  average-pooled over a 3 x 3 neighbourhood (stride 1), the coarser map is upsampled
+  (bilinear) to the finer one's resolution, and the per-position vectors are reduced
+  by adaptive average pooling over channels: each layer to
+  ``pretrain_embed_dimension``, then their concatenation to
+  ``target_embed_dimension`` (paper: 1024 and 1024).
+* Memory bank: every patch of every training image, subsampled by greedy coreset
+  selection (k-center, a 2-approximation of the minimax-covering subset) to
+  ``coreset_ratio`` of its size (paper: 1 %, 10 %, 25 %). Distances for the
+  selection are computed after a Johnson-Lindenstrauss random projection to
+  ``projection_dim`` (paper: 128): start from a random patch, keep for every patch
+  its squared distance to the selected set, and at each step add the farthest patch
+  and update all distances with one matrix-vector product.
+* Patch score: L2 distance of the test patch to its nearest neighbour in the
+  coreset (exact, float32). Anomaly map: patch scores upsampled (bilinear) to the
+  input size and Gaussian-smoothed (sigma 4).
+* Image score: the largest patch score ``s* = ||m_test* - m*||``, reweighted
+  (``reweight=True``) by ``1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||)``,
+  where ``m*`` is the nearest coreset feature of the most anomalous test patch
+  ``m_test*`` and ``N_b(m*)`` its ``b = num_neighbors`` nearest coreset features
+  (paper: b = 9). The weight grows when ``m*`` lies apart from its neighbours, i.e.
+  when the test patch is close to a rare nominal feature only.
+
+Training is one epoch of feature collection (``training_step`` returns ``None``; its
+optimiser is a no-op over an empty parameter, present only because DDP and Lightning's
+step counting need one). The coreset is built once the epoch's features are complete: before the
+epoch's validation (so that the validation metrics and the checkpoint the benchmark
+selects see it), or at the epoch's end when there is no validation. Under DDP the
+features of all processes are gathered first, so every process holds the same bank.
+The coreset is a buffer of the module: it is saved with the checkpoint, and
+:meth:`PatchCore._load_from_state_dict` resizes it, so a fresh module loads any
+checkpoint's bank.
+
+Choices the paper leaves open (constructor arguments, with why):
+
+* ``backbone``/``layers``: the paper's WideResNet-50 needs hub weights; offline, the
+  quick profile uses ``tf_efficientnet_lite0`` layers (2, 3), which have strides 8
+  and 16 like WRN-50's layers 2 and 3 (mid-level features, as the paper argues).
+* Neighbourhood aggregation: ``avg_pool2d(3, stride 1, padding 1)`` with
+  ``count_include_pad=False``, so border patches average their real neighbours
+  instead of being shrunk towards zero by the padding.
+* Channel reduction: ``adaptive_avg_pool1d`` as in the paper. For a backbone with
+  fewer channels than ``pretrain_embed_dimension`` it repeats channels, which gives
+  every layer the same share of the final vector whatever its channel count.
+* Coreset start: a random patch drawn with ``seed`` (so every DDP process, and every
+  rerun, selects the same coreset); the selected indices are broadcast from rank 0.
+* Projection: a dense Gaussian matrix scaled by ``1/sqrt(projection_dim)`` (the
+  paper names JL projections without fixing the kind); none when the features
+  already have at most ``projection_dim`` dimensions. The selection runs in float32:
+  on CPU the step is memory-bound and bfloat16 storage saves little, and half
+  precision would perturb near-ties of the farthest-point choice.
+* ``N_b(m*)`` contains ``m*`` itself (its own nearest neighbour), so the weight is a
+  softmax over ``b`` distances whose first is ``s*``; ``b`` must be at least 2.
+* Inputs: the suite's resize to ``image_size`` (no 224 centre crop as in the paper's
+  experiments: the crop would cut defects near the border out of the ground truth).
+* Before the coreset exists (Lightning's sanity-check validation) the maps are zero;
+  calling the model outside that without a memory bank is an error.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from .backbones import FeatureExtractor
+from .base import AnomalyModule, AnomalyOutput
+from .losses import gaussian_blur
+from .registry import register_model
+
+#: Distance-matrix entries computed at once in the nearest-neighbour search (~64 MiB).
+_NN_CHUNK_ELEMENTS = 1 << 24
+
+
+def random_projection(dim_in: int, dim_out: int, seed: int, device: torch.device) -> Tensor:
+    """A (dim_in, dim_out) Johnson-Lindenstrauss projection: Gaussian entries / sqrt(dim_out)."""
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(dim_in, dim_out, generator=generator) / math.sqrt(dim_out)
+    return matrix.to(device)
+
+
+@torch.no_grad()
+def greedy_coreset(features: Tensor, size: int, seed: int = 0, cpu_threads: int | None = 1) -> Tensor:
+    """Indices (``size``,) of a greedy k-center coreset of ``features`` (N, D), in selection order.
+
+    Exact greedy farthest-point selection: every step adds the point farthest from the
+    selected set and lowers every point's squared distance to the set. A step is one
+    vector-matrix product over all points (``||x||^2 - 2 x.c + ||c||^2`` folded into
+    augmented coordinates), one in-place minimum and one argmax. The points are stored
+    transposed, (D + 2, N): the product then streams the matrix once in memory order,
+    which is what bounds a step on a CPU. The chosen index stays on the device (no
+    host synchronisation per step on a GPU).
+
+    On a CPU the loop runs on ``cpu_threads`` threads (``None``: torch's setting). A
+    step is memory-bound and short (~5 ms for 190k x 130 floats): on the shared 2-core
+    machine two threads made no product faster and made every step ~3x slower, as
+    each small parallel region waited for a core busy with other work.
+    """
+    n = features.shape[0]
+    if not 0 < size <= n:
+        raise ValueError(f"coreset size must be in [1, {n}], got {size}")
+    with torch.autocast(device_type=features.device.type, enabled=False):
+        points = features.float()
+        sq_norms = points.pow(2).sum(dim=1, keepdim=True)
+        ones = torch.ones_like(sq_norms)
+        # Augmented coordinates: x' = [x, |x|^2, 1] and c' = [-2c, 1, |c|^2] give
+        # x'.c' = ||x - c||^2, so a step's distances are a single product.
+        points_t = torch.cat([points, sq_norms, ones], dim=1).t().contiguous()  # (D + 2, N)
+        centers_t = torch.cat([-2.0 * points, ones, sq_norms], dim=1).t().contiguous()
+        generator = torch.Generator().manual_seed(seed)
+        index = torch.randint(n, (1,), generator=generator).to(features.device)
+        selected = torch.empty(size, dtype=torch.long, device=features.device)
+        min_sq_dist = torch.full((1, n), math.inf, device=features.device)
+        threads = torch.get_num_threads()
+        if features.device.type == "cpu" and cpu_threads:
+            torch.set_num_threads(cpu_threads)
+        try:
+            for step in range(size):
+                selected[step : step + 1] = index
+                sq_dist = centers_t.index_select(1, index).t() @ points_t  # (1, N)
+                torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)
+                index = min_sq_dist.argmax(dim=1)
+        finally:
+            torch.set_num_threads(threads)
+    return selected
+
+
+@torch.no_grad()
+def nearest_neighbors(queries: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor, Tensor]:
+    """Exact L2 distances (Q, k) and indices (Q, k) of the ``k`` nearest ``bank`` rows of each query.
+
+    Chunked matrix products (``||q||^2 - 2 q.m + ||m||^2``) in float32 with autocast
+    off, so the memory stays bounded and bf16-mixed runs score exactly.
+    """
+    with torch.autocast(device_type=queries.device.type, enabled=False):
+        queries, bank = queries.float(), bank.float()
+        bank_sq = bank.pow(2).sum(dim=1)
+        rows = max(1, _NN_CHUNK_ELEMENTS // max(1, bank.shape[0]))
+        distances, indices = [], []
+        for chunk in queries.split(rows):
+            sq = torch.addmm(
+                chunk.pow(2).sum(dim=1, keepdim=True) + bank_sq.unsqueeze(0), chunk, bank.t(),
+                alpha=-2.0,
+            )
+            values, index = sq.topk(k, dim=1, largest=False)
+            distances.append(values.clamp_(min=0.0).sqrt_())
+            indices.append(index)
+    return torch.cat(distances), torch.cat(indices)
+
+
+@register_model("patchcore")
+class PatchCore(AnomalyModule):
+    paper_results = {"image_auroc": 0.992, "pixel_auroc": 0.981, "pro": 0.944}
+
+    def __init__(
+        self,
+        backbone: str = "wide_resnet50_2",
+        layers: Sequence[int] = (2, 3),
+        weights: str = "auto",
+        pretrain_embed_dimension: int = 1024,
+        target_embed_dimension: int = 1024,
+        coreset_ratio: float = 0.1,
+        projection_dim: int | None = 128,
+        num_neighbors: int = 9,
+        reweight: bool = True,
+        sigma: float = 4.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if reweight and num_neighbors < 2:
+            raise ValueError(f"reweighting needs num_neighbors >= 2, got {num_neighbors}")
+        if min(pretrain_embed_dimension, target_embed_dimension) < 1:
+            raise ValueError("embedding dimensions must be positive")
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # nothing is trained
+        self.backbone = FeatureExtractor(backbone, layers, weights, frozen=True)
+        # A buffer, so that the bank travels with the checkpoint and with .to(device).
+        self.register_buffer("memory_bank", torch.empty(0, target_embed_dimension))
+        # A parameter with no elements that takes part in no computation. DDP refuses to
+        # wrap a module without a trainable parameter, and Lightning counts training steps
+        # (ModelCheckpoint saves nothing at step 0, max_steps bounds a run) by optimiser
+        # steps: a no-op optimiser over this parameter steps once per batch.
+        self._step_anchor = nn.Parameter(torch.empty(0))
+        self._collected: list[Tensor] = []
+        self._bank_is_current = True  # no features collected since the bank was built
+        self.coreset_seconds = math.nan
+
+    # ------------------------------------------------------------------ features
+
+    def embed(self, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Locally aware patch features (B, h * w, target_dim) at the first layer's grid (h, w)."""
+        hp = self.hparams
+        with torch.no_grad():
+            backbone_maps = self.backbone(images)  # under autocast when training mixed-precision
+        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            maps = [m.float() for m in backbone_maps]
+            size = maps[0].shape[-2:]
+            per_layer = []
+            for feature_map in maps:
+                pooled = F.avg_pool2d(feature_map, 3, stride=1, padding=1, count_include_pad=False)
+                if pooled.shape[-2:] != size:
+                    pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
+                vectors = pooled.flatten(2).transpose(1, 2)  # (B, h*w, C)
+                per_layer.append(_pool_channels(vectors, hp.pretrain_embed_dimension))
+            features = _pool_channels(torch.cat(per_layer, dim=-1), hp.target_embed_dimension)
+        return features, (int(size[0]), int(size[1]))
+
+    # ------------------------------------------------------------------ memory bank
+
+    def build_memory_bank(self, features: Tensor) -> None:
+        """Greedy-coreset subsample of ``features`` (N, target_dim) becomes the memory bank."""
+        hp = self.hparams
+        size = max(1, int(round(hp.coreset_ratio * features.shape[0])))
+        start = time.perf_counter()
+        if size < features.shape[0]:
+            projected = features
+            if hp.projection_dim and features.shape[1] > hp.projection_dim:
+                matrix = random_projection(features.shape[1], hp.projection_dim, hp.seed, features.device)
+                projected = features @ matrix
+            selected = greedy_coreset(projected, size, hp.seed)
+            if dist.is_available() and dist.is_initialized():
+                dist.broadcast(selected, src=0)  # identical banks on every process, by construction
+            bank = features[selected]
+        else:
+            bank = features
+        self.coreset_seconds = time.perf_counter() - start
+        self.memory_bank = bank.contiguous()
+        rank_zero_info(
+            f"PatchCore: memory bank of {features.shape[0]} patches -> coreset of {size} "
+            f"({hp.coreset_ratio:.1%}) in {self.coreset_seconds:.1f} s"
+        )
+
+    def _finish_memory_bank(self) -> None:
+        """Build the bank from this epoch's features if any arrived since the last build."""
+        if self._bank_is_current or not self._collected:
+            return
+        self.build_memory_bank(_gather_rows(torch.cat(self._collected)))
+        self._bank_is_current = True
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The bank's shape depends on the data: take the checkpoint's before the copy.
+        saved = state_dict.get(prefix + "memory_bank")
+        if saved is not None:
+            self.memory_bank = torch.empty_like(saved, device=self.memory_bank.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    # ------------------------------------------------------------------ scoring
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        if self.memory_bank.shape[0] == 0:
+            if self._trainer is not None and self.trainer.sanity_checking:
+                zeros = images.new_zeros(images.shape[0], 1, *images.shape[-2:], dtype=torch.float32)
+                return AnomalyOutput(zeros, zeros.new_zeros(images.shape[0]))
+            raise RuntimeError("PatchCore has no memory bank: fit it (one epoch) or load a checkpoint")
+        features, (h, w) = self.embed(images)
+        batch = features.shape[0]
+        distances, indices = nearest_neighbors(features.flatten(0, 1), self.memory_bank)
+        patch_scores = distances.view(batch, h * w)
+        nn_index = indices.view(batch, h * w)
+
+        anomaly_map = F.interpolate(
+            patch_scores.view(batch, 1, h, w), size=images.shape[-2:], mode="bilinear", align_corners=False
+        )
+        anomaly_map = gaussian_blur(anomaly_map, self.hparams.sigma)
+
+        worst = patch_scores.argmax(dim=1)  # (B,)
+        image_score = patch_scores.gather(1, worst[:, None]).squeeze(1)
+        if self.hparams.reweight:
+            worst_features = features[torch.arange(batch, device=features.device), worst]
+            image_score = image_score * self._reweighting(worst_features, nn_index.gather(1, worst[:, None]).squeeze(1), image_score)
+        return AnomalyOutput(anomaly_map, image_score)
+
+    def _reweighting(self, test_features: Tensor, nearest: Tensor, scores: Tensor) -> Tensor:
+        """The paper's weight ``1 - softmax(distances to N_b(m*))[m*]`` for each image (B,)."""
+        bank = self.memory_bank.float()
+        m_star = bank[nearest]  # (B, D)
+        b = min(self.hparams.num_neighbors, bank.shape[0])
+        # N_b(m*): m* and its b - 1 nearest other coreset features.
+        _, neighbours = nearest_neighbors(m_star, bank, k=b)  # (B, b), m* first (distance 0)
+        others = neighbours[:, 1:]
+        with torch.autocast(device_type=bank.device.type, enabled=False):
+            to_others = (test_features.float()[:, None, :] - bank[others]).norm(dim=-1)  # (B, b-1)
+            logits = torch.cat([scores.float()[:, None], to_others], dim=1)
+            return 1.0 - torch.softmax(logits, dim=1)[:, 0]
+
+    # ------------------------------------------------------------------ training = collection
+
+    def on_train_epoch_start(self) -> None:
+        self._collected = []  # the bank is built from one pass (the latest epoch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        features, _ = self.embed(batch["image"])
+        self._collected.append(features.flatten(0, 1))
+        self._bank_is_current = False
+        self.optimizers().step()  # no-op (see _step_anchor): counts the step
+        return None
+
+    def on_train_epoch_end(self) -> None:
+        self._finish_memory_bank()
+        self._collected = []  # free the full bank; the coreset is what is kept
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._finish_memory_bank()
+
+    def on_test_epoch_start(self) -> None:
+        self._finish_memory_bank()
+
+    def on_predict_epoch_start(self) -> None:
+        self._finish_memory_bank()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # Nothing learns: lr 0 over an empty parameter; it exists to count steps.
+        return torch.optim.SGD([self._step_anchor], lr=0.0)
+
+
+def _pool_channels(vectors: Tensor, dim: int) -> Tensor:
+    """Adaptive average pooling of the last axis of (B, P, C) to ``dim`` (identity if C == dim)."""
+    if vectors.shape[-1] == dim:
+        return vectors
+    b, p, c = vectors.shape
+    return F.adaptive_avg_pool1d(vectors.reshape(b * p, 1, c), dim).view(b, p, dim)
+
+
+def _gather_rows(rows: Tensor) -> Tensor:
+    """Concatenate (N_r, D) from every DDP process (N_r may differ), in rank order; identity alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    world = dist.get_world_size()
+    count = torch.tensor([rows.shape[0]], device=rows.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    largest = int(max(c.item() for c in counts))
+    padded = rows.new_zeros(largest, rows.shape[1])
+    padded[: rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])

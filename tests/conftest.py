@@ -1,0 +1,42 @@
+"""Shared fixtures: the embedded dataset (generated once), and real data when it is available.
+
+Real MVTec AD / DTD are found through ``MVTEC_ROOT`` / ``DTD_ROOT`` (falling back to
+``../shared/data`` beside the checkout); tests that need them skip cleanly otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from datamodules.embedded import ensure_embedded_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+_SHARED = REPO.parent / "shared" / "data"
+
+
+def _existing(variable: str, fallback: Path) -> str | None:
+    value = os.environ.get(variable) or (str(fallback) if fallback.is_dir() else None)
+    return value if value and Path(value).is_dir() else None
+
+
+MVTEC_ROOT = _existing("MVTEC_ROOT", _SHARED / "mvtec_ad")
+DTD_ROOT = _existing("DTD_ROOT", _SHARED / "dtd")
+
+requires_mvtec = pytest.mark.skipif(
+    MVTEC_ROOT is None or not (Path(MVTEC_ROOT) / "bottle").is_dir(),
+    reason="MVTec AD bottle not available (set MVTEC_ROOT)",
+)
+
+
+@pytest.fixture(scope="session")
+def embedded_root() -> Path:
+    """The embedded procedural dataset at 256 px (generated on first use, then cached)."""
+    return ensure_embedded_dataset()
+
+
+@pytest.fixture(scope="session")
+def dtd_root() -> Path | None:
+    return Path(DTD_ROOT) if DTD_ROOT else None

@@ -1,0 +1,228 @@
+"""The benchmark runner: sweep expansion, resume, SIGKILL safety, failures, parallel and DDP jobs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.leaderboard import build_leaderboard
+from benchmark.records import iter_records, read_record, write_json_atomic
+from benchmark.runner import device_slots, run_jobs
+from benchmark.sweep import SweepConfig, SweepConfigError
+
+from .conftest import REPO
+
+#: Tiny jobs: a couple of training steps at 64 px, so a job is a few seconds of work.
+TINY = {
+    "data.image_size": 64,
+    "data.batch_size": 4,
+    "trainer.max_epochs": 1,
+    "trainer.limit_train_batches": 2,
+    "trainer.enable_progress_bar": False,
+}
+
+
+def _sweep_file(tmp_path: Path, embedded_root: Path, **fields: object) -> Path:
+    config = {
+        "name": "test",
+        "methods": ["stpm"],
+        "profile": "quick",
+        "categories": ["weave"],
+        "seeds": [0],
+        "root": str(embedded_root),
+        "overrides": TINY,
+        **fields,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML
+    return path
+
+
+def _run(tmp_path: Path, embedded_root: Path, results: Path, **fields: object) -> list[dict]:
+    sweep = SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, **fields))
+    slots = device_slots(sweep.devices_per_job, sweep.parallel, sweep.accelerator)
+    return run_jobs(sweep.jobs(), results, slots, retry_failed=sweep.retry_failed)
+
+
+# --------------------------------------------------------------------------- sweep config
+
+
+def test_sweep_expansion_and_overrides(tmp_path: Path, embedded_root: Path) -> None:
+    path = _sweep_file(tmp_path, embedded_root, categories="all", seeds=[0, 1])
+    sweep = SweepConfig.from_yaml(path, methods="stpm", seeds=[3])
+    jobs = sweep.jobs()
+    assert [(j.method, j.category, j.seed) for j in jobs] == [
+        ("stpm", c, 3) for c in ("weave", "marble", "disc")
+    ]
+    args = jobs[0].cli_args()
+    assert "--data.image_size=64" in args and "--seed_everything=3" in args
+    assert f"--data.root={embedded_root}" in args
+    assert jobs[0].fingerprint() != jobs[1].fingerprint()
+
+
+def test_sweep_all_methods_come_from_the_registry(tmp_path: Path, embedded_root: Path) -> None:
+    import models
+
+    sweep = SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, methods="all"))
+    assert set(sweep.resolve_methods()) <= set(models.list_models())
+    assert "stpm" in sweep.resolve_methods()
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"methods": ["nosuch"]}, "unknown method 'nosuch'"),
+        ({"categories": ["bottle"]}, "category 'bottle' not found"),
+        ({"precision": "8-bit"}, "precision '8-bit'"),
+        ({"profile": "nosuch"}, "no 'nosuch' profile"),
+        ({"seeds": []}, "seeds"),
+    ],
+)
+def test_sweep_errors_name_the_value(tmp_path: Path, embedded_root: Path, fields: dict, message: str) -> None:
+    with pytest.raises(SweepConfigError, match=message):
+        SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, **fields)).jobs()
+
+
+def test_unknown_sweep_key(tmp_path: Path) -> None:
+    path = tmp_path / "sweep.yaml"
+    path.write_text("methods: all\nmethodz: [stpm]\n")
+    with pytest.raises(SweepConfigError, match="methodz"):
+        SweepConfig.from_yaml(path)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def test_atomic_record_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    path = write_json_atomic(tmp_path / "runs" / "a.json", {"status": "ok"})
+    assert read_record(path) == {"status": "ok"}
+    (tmp_path / "runs" / "b.json").write_text('{"status": "o')  # a torn file from elsewhere
+    assert read_record(tmp_path / "runs" / "b.json") is None
+    assert [r["status"] for r in iter_records(tmp_path)] == ["ok"]
+    assert not list((tmp_path / "runs").glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, embedded_root: Path) -> None:
+    results = tmp_path / "results"
+    records = _run(tmp_path, embedded_root, results, categories=["weave", "disc"])
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    record = records[0]
+    assert 0.0 <= record["metrics"]["image_auroc"] <= 1.0
+    assert record["timing"]["test_images_per_second"] > 0 and record["timing"]["fit_seconds"] > 0
+    assert record["parameters"] > 0 and record["environment"]["torch"]
+    assert record["selection"]["checkpoint"] == "best validation"
+    assert record["config"]["data"]["category"] in ("weave", "disc")
+
+    tables = build_leaderboard(results)
+    runs = pd.read_csv(results / "runs.csv")
+    assert len(runs) == 2 and set(runs.status) == {"ok"}
+    assert {"method", "category", "seed", "image_auroc", "pixel_auroc", "pro", "image_f1max", "pixel_f1max",
+            "test_images_per_second", "fit_seconds", "parameters"} <= set(runs.columns)  # fmt: skip
+    assert tables["image_auroc"].loc["stpm (quick)", "weave"] == pytest.approx(
+        runs.loc[runs.category == "weave", "image_auroc"].item()
+    )
+    assert tables["image_auroc"].loc["stpm (quick)", "paper"] == pytest.approx(0.955)
+    for name in ("leaderboard.md", "leaderboard.html", "leaderboard_heatmap.png", "leaderboard_pro.csv"):
+        assert (results / name).stat().st_size > 0, name
+    assert "stpm (quick)" in (results / "leaderboard.md").read_text()
+
+    # Rerun: every job finished -> nothing runs.
+    before = {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}
+    started = time.time()
+    assert _run(tmp_path, embedded_root, results, categories=["weave", "disc"]) == []
+    assert time.time() - started < 5
+    assert before == {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}
+
+    # A changed job definition invalidates its record.
+    rerun = _run(tmp_path, embedded_root, results, categories=["weave"], overrides={**TINY, "data.batch_size": 2})
+    assert [r["job_id"] for r in rerun] == ["stpm__quick__weave__seed0"]
+
+
+def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, embedded_root: Path) -> None:
+    results = tmp_path / "results"
+    records = _run(
+        tmp_path, embedded_root, results,
+        categories=["weave", "disc"], method_overrides={"stpm": {}},
+        seeds=[0],
+    )  # fmt: skip
+    assert all(r["status"] == "ok" for r in records)
+    # Inject a failure for one category only: a config value the DataModule rejects.
+    sweep = SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, categories=["marble"]))
+    job = sweep.jobs()[0]
+    job.overrides["data.val_fraction"] = 2.0
+    failed = run_jobs([job], results, device_slots(1, None))
+    assert failed[0]["status"] == "failed" and "val_fraction" in failed[0]["error"]
+    assert "Traceback" in failed[0]["traceback"]
+
+    build_leaderboard(results)
+    runs = pd.read_csv(results / "runs.csv")
+    assert runs.set_index("category").loc["marble", "status"] == "failed"
+    markdown = (results / "leaderboard.md").read_text()
+    assert "## Failed jobs" in markdown and "val_fraction" in markdown
+    assert "failed" in (results / "leaderboard.html").read_text()
+
+
+def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path: Path, embedded_root: Path) -> None:
+    results = tmp_path / "results"
+    categories = ["weave", "marble", "disc"]
+    sweep_path = _sweep_file(tmp_path, embedded_root, categories=categories)
+    command = [sys.executable, "-m", "benchmark.run", "--sweep", str(sweep_path), "--results-dir", str(results)]
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while not list((results / "runs").glob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the sweep finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)  # the runner and its running job, at once
+    process.wait()
+
+    first = {p.name: read_record(p) for p in (results / "runs").glob("*.json")}
+    assert 1 <= len(first) < len(categories)
+    assert all(r is not None and r["status"] == "ok" for r in first.values()), "no corrupt record"
+
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True)
+    final = {p.name: read_record(p) for p in (results / "runs").glob("*.json")}
+    assert sorted(final) == sorted(f"stpm__quick__{c}__seed0.json" for c in categories)
+    assert all(r["status"] == "ok" for r in final.values())
+    for name, record in first.items():  # finished before the kill: kept, not rerun
+        assert final[name]["launch_token"] == record["launch_token"]
+    assert len(pd.read_csv(results / "runs.csv")) == len(categories)
+
+
+def test_two_jobs_in_parallel_on_cpu(tmp_path: Path, embedded_root: Path) -> None:
+    records = _run(tmp_path, embedded_root, tmp_path / "results", categories=["weave", "disc"], parallel=2)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    (a_start, a_end), (b_start, b_end) = ((r["started_unix"], r["finished_unix"]) for r in records)
+    assert a_start < b_end and b_start < a_end, "the two jobs should overlap in time"
+    assert all(r["environment"]["cuda_visible_devices"] == "" for r in records)
+
+
+def test_ddp_job_with_two_cpu_processes(tmp_path: Path, embedded_root: Path) -> None:
+    records = _run(tmp_path, embedded_root, tmp_path / "results", devices_per_job=2, accelerator="cpu")
+    assert records[0]["status"] == "ok", records[0].get("traceback")
+    assert records[0]["config"]["trainer"]["strategy"] == "ddp"
+    assert int(records[0]["config"]["trainer"]["devices"]) == 2
+    assert 0.0 <= records[0]["metrics"]["pixel_auroc"] <= 1.0
+
+
+def test_wandb_offline_sweep(tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results = tmp_path / "results"
+    command = [sys.executable, "-m", "benchmark.run", "--sweep", str(_sweep_file(tmp_path, embedded_root)),
+               "--results-dir", str(results), "--wandb", "offline"]  # fmt: skip
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, env={**os.environ, "WANDB_MODE": "offline"})
+    assert [r["status"] for r in iter_records(results)] == ["ok"]
+    job_runs = list((results / "jobs").rglob("offline-run-*"))
+    leaderboard_runs = list((results / "wandb").glob("offline-run-*"))
+    assert job_runs and leaderboard_runs

@@ -1,0 +1,81 @@
+"""The ``adbench`` Lightning CLI: fit / validate / test / predict from YAML, W&B offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmark.cli import AnomalyCLI
+
+from .conftest import REPO
+
+TINY = [
+    "--config", str(REPO / "configs" / "stpm" / "quick.yaml"),
+    "--data.image_size=64", "--data.batch_size=4", "--data.category=weave",
+    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+]  # fmt: skip
+
+
+def _cli(subcommand: str, tmp_path: Path, embedded_root: Path, *extra: str) -> AnomalyCLI:
+    return AnomalyCLI(
+        args=[subcommand, *TINY, f"--data.root={embedded_root}", f"--trainer.default_root_dir={tmp_path}", *extra]
+    )
+
+
+def test_fit_then_test_from_checkpoint(tmp_path: Path, embedded_root: Path) -> None:
+    fit = _cli("fit", tmp_path, embedded_root)
+    assert "val/image_auroc" in fit.trainer.callback_metrics
+    checkpoint = fit.trainer.checkpoint_callback.best_model_path
+    assert checkpoint and Path(checkpoint).is_file()
+
+    test = _cli("test", tmp_path, embedded_root, f"--ckpt_path={checkpoint}")
+    metrics = test.evaluator.test_metrics
+    assert set(metrics) == {"image_auroc", "pixel_auroc", "pro", "image_f1max", "pixel_f1max"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert test.trainer.callback_metrics["test/pixel_auroc"].item() == pytest.approx(metrics["pixel_auroc"], abs=1e-6)
+
+
+def test_validate_and_predict(tmp_path: Path, embedded_root: Path) -> None:
+    validate = _cli("validate", tmp_path, embedded_root)
+    assert 0.0 <= validate.evaluator.val_metrics["image_auroc"] <= 1.0
+
+    _cli("predict", tmp_path, embedded_root)  # the subcommand runs end to end
+    predict = AnomalyCLI(  # and, built without running, returns maps and paths
+        args=[*TINY, f"--data.root={embedded_root}", f"--trainer.default_root_dir={tmp_path}"], run=False
+    )
+    outputs = predict.trainer.predict(predict.model, datamodule=predict.datamodule)
+    first = outputs[0]
+    assert first["anomaly_map"].shape[1:] == (1, 64, 64)
+    assert len(first["path"]) == len(first["image_score"])
+
+
+def test_bad_config_value_is_reported(tmp_path: Path, embedded_root: Path) -> None:
+    with pytest.raises(ValueError, match="val_fraction"):
+        _cli("fit", tmp_path, embedded_root, "--data.val_fraction=2")
+
+
+def test_console_script_lists_models() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "models"], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert "stpm" in result.stdout.split()
+
+
+def test_wandb_offline_logger(tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    _cli(
+        "fit", tmp_path, embedded_root,
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.offline=true", "--trainer.logger.project=adbench-test",
+        f"--trainer.logger.save_dir={tmp_path}",
+    )  # fmt: skip
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs, f"no offline W&B run under {tmp_path / 'wandb'}: {os.listdir(tmp_path)}"
+    assert any(runs[0].rglob("*.wandb")), "the offline run holds no logged data"
