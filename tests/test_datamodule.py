@@ -62,7 +62,7 @@ def test_embedded_default_items_and_protocol(embedded_root: Path) -> None:
 
     item = data.test_set[len(data.test_set) - 1]
     assert item["image"].shape == (3, 64, 64) and item["image"].dtype == torch.float32
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["image"].min() >= 0.0 and item["image"].max() <= 1.0
     assert item["mask"].shape == (1, 64, 64) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
     assert item["label"].item() == 1 and item["mask"].sum() > 0 and item["defect_type"] != "good"
     good = data.test_set[data.test_set.defect_types.index("good")]
