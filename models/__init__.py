@@ -8,6 +8,9 @@ from . import stpm  # noqa: E402, F401  isort: skip
 from . import draem  # noqa: E402, F401  isort: skip
 from . import patchcore  # noqa: E402, F401  isort: skip
 from . import rd4ad  # noqa: E402, F401  isort: skip
+from . import tsdn  # noqa: E402, F401  isort: skip
+from . import rstpm  # noqa: E402, F401  isort: skip
+from . import pouta  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AnomalyModule",

@@ -24,14 +24,17 @@ def reconstruction_loss(prediction: Tensor, target: Tensor) -> Tensor:
     return F.mse_loss(prediction.float(), target.float()) + ssim_loss(prediction, target)
 
 
-def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0) -> Tensor:
+def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, alpha: float | None = None) -> Tensor:
     """Per-pixel focal loss on one-channel logits (mean over pixels).
 
     DRAEM writes its segmentation head as a 2-class softmax; a softmax over two
     logits is a sigmoid of their difference, so one logit per pixel is the same
-    model with half the output channels. No class weighting (DRAEM's alpha=None).
+    model with half the output channels. ``alpha=None``: no class weighting
+    (DRAEM's); otherwise anomalous pixels weigh ``alpha`` and normal ones
+    ``1 - alpha`` (the ``alpha_t`` of Lin et al.'s focal loss).
     """
-    return sigmoid_focal_loss(logits.float(), mask.float(), alpha=-1, gamma=gamma, reduction="mean")
+    weight = -1 if alpha is None else alpha  # torchvision: a negative alpha disables the weighting
+    return sigmoid_focal_loss(logits.float(), mask.float(), alpha=weight, gamma=gamma, reduction="mean")
 
 
 def normalized_l2_distance(teacher: Tensor, student: Tensor) -> Tensor:

@@ -292,15 +292,16 @@ class PatchCore(AnomalyModule):
 
     def _reweighting(self, test_features: Tensor, nearest: Tensor, scores: Tensor) -> Tensor:
         """The paper's weight ``1 - softmax(distances to N_b(m*))[m*]`` for each image (B,)."""
-        bank = self.memory_bank.float()
-        m_star = bank[nearest]  # (B, D)
-        b = min(self.hparams.num_neighbors, bank.shape[0])
-        # N_b(m*): m* and its b - 1 nearest other coreset features.
-        _, neighbours = nearest_neighbors(m_star, bank, k=b)  # (B, b), m* first (distance 0)
-        others = neighbours[:, 1:]
-        with torch.autocast(device_type=bank.device.type, enabled=False):
-            to_others = (test_features.float()[:, None, :] - bank[others]).norm(dim=-1)  # (B, b-1)
-            logits = torch.cat([scores.float()[:, None], to_others], dim=1)
+        with torch.autocast(device_type=test_features.device.type, enabled=False):
+            bank = self.memory_bank.float()
+            m_star = bank[nearest]  # (B, D)
+            # N_b(m*) = m* and its b - 1 nearest other coreset features (m* itself excluded
+            # by index, not by a distance of 0 that rounding may not give exactly).
+            sq = torch.addmm(m_star.pow(2).sum(1, keepdim=True) + bank.pow(2).sum(1), m_star, bank.t(), alpha=-2.0)
+            sq.scatter_(1, nearest[:, None], math.inf)
+            others = sq.topk(min(self.hparams.num_neighbors, bank.shape[0]) - 1, dim=1, largest=False).indices
+            to_others = (test_features.float()[:, None, :] - bank[others]).norm(dim=-1)  # (B, b - 1)
+            logits = torch.cat([scores.float()[:, None], to_others], dim=1)  # s* = ||m_test* - m*|| first
             return 1.0 - torch.softmax(logits, dim=1)[:, 0]
 
     # ------------------------------------------------------------------ training = collection

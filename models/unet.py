@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .backbones import FeatureExtractor
+
 
 def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(
@@ -46,6 +48,45 @@ class Encoder(nn.Module):
             x = stage(self.pool(x) if index else x)
             features.append(x)
         return features
+
+
+class BackboneEncoder(nn.Module):
+    """The :class:`Encoder` interface over a pretrained CNN (an option for short training budgets).
+
+    Stage 0 (full resolution, ``widths[0]`` channels) is a trainable two-conv block
+    on the image, because ImageNet backbones start at stride 2; stage ``i >= 1`` is
+    the backbone's stride-``2^i`` feature map projected to ``widths[i]`` channels
+    by a trainable 1x1 conv-BN-ReLU. The output therefore has exactly the shapes of
+    ``Encoder(3, widths)``, so :class:`Decoder` (and anything that taps encoder
+    stages) works unchanged. The backbone is a :class:`FeatureExtractor` (it
+    normalises its own input), frozen by default.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int],
+        backbone: str = "tf_efficientnet_lite0",
+        weights: str = "auto",
+        frozen: bool = True,
+    ) -> None:
+        super().__init__()
+        self.widths = list(widths)
+        self.stem = double_conv(3, widths[0])
+        self.backbone = FeatureExtractor(backbone, tuple(range(len(widths) - 1)), weights, frozen=frozen)
+        expected = [2 ** (i + 1) for i in range(len(widths) - 1)]
+        if self.backbone.reductions != expected:
+            raise ValueError(
+                f"backbone {backbone!r} has strides {self.backbone.reductions} at layers "
+                f"0..{len(widths) - 2}; a U-Net encoder of depth {len(widths)} needs {expected}"
+            )
+        self.projections = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+            for c, w in zip(self.backbone.channels, widths[1:], strict=True)
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        deep = self.backbone(x)
+        return [self.stem(x), *(project(f) for project, f in zip(self.projections, deep, strict=True))]
 
 
 class Decoder(nn.Module):

@@ -1,0 +1,105 @@
+"""POUTA vs DRAEM at the same widths: parameters and CPU inference time per image.
+
+    python -m benchmark.bench_pouta_vs_draem [--recon-width 128] [--disc-width 64] [--size 256]
+        [--batch-sizes 1,8] [--runs 7] [--warmup 2] [--threads N]
+
+POUTA's claim (Wang et al., TCSVT 2024) is that reusing the reconstructive
+network's features removes the discriminative encoder, so the model is smaller
+and faster than DRAEM. Both models are built with the same reconstructive
+network (``recon_base_width``) and the same discriminative base width, in eval
+mode, and timed on random images under ``torch.inference_mode`` through their
+``forward`` (the full method: networks, sigmoid, image score). Each batch size
+gets ``--warmup`` untimed calls, then the median over ``--runs`` timed calls,
+divided by the batch size. The POUTA ablation with image-level input (its own
+discriminative encoder) is timed too, to show where the difference comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from models.draem import DRAEM
+from models.pouta import POUTA
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def median_seconds_per_image(model: nn.Module, batch_size: int, size: int, runs: int, warmup: int) -> float:
+    """Median wall time of ``model(images)`` over ``runs`` calls, per image (after ``warmup`` calls)."""
+    images = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for index in range(warmup + runs):
+            start = time.perf_counter()
+            model(images)
+            if index >= warmup:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) / batch_size
+
+
+def build_models(recon_width: int, disc_width: int) -> dict[str, nn.Module]:
+    builders: dict[str, Callable[[], nn.Module]] = {
+        "DRAEM": lambda: DRAEM(recon_base_width=recon_width, disc_base_width=disc_width),
+        "POUTA": lambda: POUTA(recon_base_width=recon_width, disc_base_width=disc_width),
+        "POUTA (image-level input)": lambda: POUTA(
+            recon_base_width=recon_width, disc_base_width=disc_width, disc_input="image"
+        ),
+    }
+    return {name: build().eval() for name, build in builders.items()}
+
+
+def discriminative_parameters(model: nn.Module) -> int:
+    """Everything outside the reconstructive network (shared by construction between the two methods)."""
+    return count_parameters(model) - count_parameters(model.reconstructive)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recon-width", type=int, default=128, help="reconstructive base width (paper: 128)")
+    parser.add_argument("--disc-width", type=int, default=64, help="discriminative base width (DRAEM paper: 64)")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch-sizes", default="1,8")
+    parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    torch.manual_seed(0)
+    models = build_models(args.recon_width, args.disc_width)
+
+    print(f"widths: reconstructive {args.recon_width}, discriminative {args.disc_width}; "
+          f"{args.size} px, CPU, {torch.get_num_threads()} thread(s), median of {args.runs} runs "
+          f"after {args.warmup} warm-up")  # fmt: skip
+    header = f"{'model':<28}{'params (M)':>12}{'disc. (M)':>12}" + "".join(
+        f"{f'ms/img b={b}':>14}" for b in batch_sizes
+    )
+    print(header)
+    print("-" * len(header))
+    results: dict[str, dict[str, float]] = {}
+    for name, model in models.items():
+        row = {"params": count_parameters(model), "disc": discriminative_parameters(model)}
+        for b in batch_sizes:
+            row[f"b{b}"] = 1e3 * median_seconds_per_image(model, b, args.size, args.runs, args.warmup)
+        results[name] = row
+        print(f"{name:<28}{row['params'] / 1e6:>12.2f}{row['disc'] / 1e6:>12.2f}"
+              + "".join(f"{row[f'b{b}']:>14.1f}" for b in batch_sizes))  # fmt: skip
+
+    pouta, draem = results["POUTA"], results["DRAEM"]
+    print("-" * len(header))
+    print(f"{'POUTA / DRAEM':<28}{pouta['params'] / draem['params']:>12.2f}{pouta['disc'] / draem['disc']:>12.2f}"
+          + "".join(f"{pouta[f'b{b}'] / draem[f'b{b}']:>14.2f}" for b in batch_sizes))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""POUTA: output contract, feature reuse (no discriminative encoder), per-level supervision,
+coarse-to-fine calibration, ablation switches, learning, bf16."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning import Trainer, seed_everything
+
+from benchmark.cli import AnomalyCLI
+from callbacks.evaluation import AnomalyEvaluator
+from datamodules import MVTecDataModule
+from models import create_model
+from models.draem import DRAEM, pooled_max_score
+from models.losses import focal_loss, reconstruction_loss
+from models.pouta import POUTA
+
+from .conftest import REPO
+
+SIZE = 64
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on the shared 2-core machine two contended threads are slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny(**kwargs: Any) -> POUTA:
+    # 64 px, 4 reconstructive stages (3 discriminative levels), width 8: the paper's code path.
+    defaults = dict(recon_base_width=8, disc_base_width=8, recon_depth=4, level_weights=(0.5, 0.3, 0.2),
+                    lr=1e-3, pool_size=11)  # fmt: skip
+    return POUTA(**{**defaults, **kwargs})
+
+
+def _data(root: Path, category: str = "weave", **kwargs: Any) -> MVTecDataModule:
+    return MVTecDataModule(
+        root=str(root), category=category, image_size=SIZE, batch_size=8, val_fraction=0.0, **kwargs
+    )
+
+
+def _trainer(steps: int, **kwargs: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
+    )  # fmt: skip
+
+
+def _batch(root: Path) -> dict[str, torch.Tensor]:
+    data = _data(root, pseudo_anomalies=True)
+    data.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
+def _parameters(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_registered_with_paper_defaults() -> None:
+    model = create_model("pouta")
+    assert isinstance(model, POUTA) and POUTA.needs_pseudo_anomalies
+    hp = model.hparams
+    assert (hp.recon_base_width, hp.disc_base_width, hp.lr, hp.pool_size) == (128, 64, 1e-4, 21)
+    assert hp.disc_input == "features" and hp.calibration
+    # DRAEM's reconstructive net (5 stages b..8b, no skips): 4 symmetric encoder/decoder levels.
+    assert model.reconstructive.encoder.widths == [128, 256, 512, 1024, 1024]
+    assert not model.reconstructive.decoder.skip
+    assert len(model.fcm) == len(model.level_heads) == len(hp.level_weights) == 4
+    assert model.disc_encoder is None
+
+
+def test_map_shape_and_range() -> None:
+    model = _tiny().eval()
+    images = torch.rand(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        anomaly_map, score = model(images)
+    assert anomaly_map.shape == (3, 1, SIZE, SIZE) and score.shape == (3,)
+    assert torch.isfinite(anomaly_map).all() and torch.isfinite(score).all()
+    assert anomaly_map.min() >= 0.0 and anomaly_map.max() <= 1.0
+    assert anomaly_map.std() > 0  # not a constant map
+    torch.testing.assert_close(score, pooled_max_score(anomaly_map, 11))
+
+
+def test_discriminative_network_reuses_reconstructive_features() -> None:
+    """The FCM of level i sees [E_i, D_i, |E_i - D_i|]: the encoder stage and its symmetric decoder stage."""
+    model = _tiny().eval()
+    seen: dict[int, torch.Tensor] = {}
+    for i, fcm in enumerate(model.fcm):
+        fcm.register_forward_pre_hook(lambda module, args, i=i: seen.__setitem__(i, args[0]))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        model(images)
+        encoded = model.reconstructive.encoder(images)
+        decoded = model.reconstructive.decoder(encoded)
+    levels = len(model.fcm)
+    for i in range(levels):
+        enc, dec = encoded[i], decoded[levels - 1 - i]
+        assert enc.shape == dec.shape and enc.shape[-1] == SIZE // 2**i
+        torch.testing.assert_close(seen[i], torch.cat([enc, dec, (enc - dec).abs()], dim=1))
+    # No module of the discriminative part ever receives an image (3 or 6 channels at full size).
+    disc_parts = [model.fcm, model.hsg, model.level_heads, model.fusion]
+    first_convs = [m for part in disc_parts for m in part.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(conv.in_channels not in (3, 6) for conv in first_convs)
+
+
+def test_discriminative_network_has_no_encoder() -> None:
+    """At equal widths POUTA's discriminative part is far smaller than DRAEM's discriminative U-Net."""
+    for width in (16, 64):
+        pouta = POUTA(recon_base_width=width, disc_base_width=width)
+        draem = DRAEM(recon_base_width=width, disc_base_width=width)
+        assert _parameters(pouta.reconstructive) == _parameters(draem.reconstructive)
+        pouta_disc = _parameters(pouta) - _parameters(pouta.reconstructive)
+        assert pouta_disc < 0.25 * _parameters(draem.discriminative)
+        assert _parameters(pouta) < _parameters(draem)
+
+
+def test_loss_is_reconstruction_plus_final_plus_weighted_level_losses(embedded_root: Path) -> None:
+    seed_everything(0, verbose=False)
+    batch = _batch(embedded_root)
+    assert batch["label"].sum() > 0
+    model = _tiny(level_weights=(0.5, 0.3, 0.2), final_weight=1.0)
+    terms = model.losses(batch)
+    assert {"reconstruction", "final", "level0", "level1", "level2", "loss"} <= set(terms)
+    expected = terms["reconstruction"] + terms["final"] + 0.5 * terms["level0"] + 0.3 * terms["level1"] + 0.2 * terms["level2"]
+    torch.testing.assert_close(terms["loss"], expected)
+
+    # The terms are what they claim: recomputed from the network's outputs.
+    reconstruction, level_logits, final = model._predict(batch["image"])
+    assert [m.shape[-1] for m in level_logits] == [SIZE, SIZE // 2, SIZE // 4]  # each at its own scale
+    torch.testing.assert_close(terms["reconstruction"], reconstruction_loss(reconstruction, batch["clean_image"]))
+    torch.testing.assert_close(terms["final"], focal_loss(final, batch["mask"]))
+    coarse = F.interpolate(level_logits[2], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(terms["level2"], focal_loss(coarse, batch["mask"]))
+
+
+def test_per_level_maps_are_supervised() -> None:
+    """Each level head gets gradient only through its own supervision loss (the final map ignores it
+    only if that loss is switched off), so the level weights really train the level maps."""
+    images = torch.rand(2, 3, SIZE, SIZE)
+    mask = torch.zeros(2, 1, SIZE, SIZE)
+    mask[:, :, 20:40, 20:40] = 1
+    batch = {"image": images, "clean_image": images, "mask": mask}
+
+    model = _tiny(level_weights=(0.5, 0.3, 0.2))
+    model.losses(batch)["level1"].backward()
+    assert model.level_heads[1].weight.grad.abs().sum() > 0
+    assert model.level_heads[0].weight.grad is None  # a level's loss trains its own head only
+    model.zero_grad(set_to_none=True)
+    model.losses(batch)["loss"].backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in model.level_heads)
+
+    # With all level weights 0 the level maps are still used by the fusion, but the loss changes.
+    seed_everything(0, verbose=False)
+    weighted = _tiny(level_weights=(0.5, 0.3, 0.2))
+    seed_everything(0, verbose=False)
+    unweighted = _tiny(level_weights=(0.0, 0.0, 0.0))
+    a, b = weighted.losses(batch), unweighted.losses(batch)
+    torch.testing.assert_close(a["final"], b["final"])
+    assert a["loss"] > b["loss"] + 1e-4
+
+
+def test_coarse_to_fine_calibration_and_its_switch() -> None:
+    """With HSG, the finest level's map depends on the coarsest level's features; without, it does not."""
+    images = torch.rand(2, 3, SIZE, SIZE)
+    for calibration in (True, False):
+        model = _tiny(calibration=calibration).eval()
+        assert (model.hsg is not None) == calibration
+        outputs: list[torch.Tensor] = []
+
+        def perturb(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            return output + 1.0 if perturb.active else output
+
+        perturb.active = False
+        model.fcm[-1].register_forward_hook(perturb)  # the coarsest level's discrepancy features
+        with torch.no_grad():
+            for active in (False, True):
+                perturb.active = active
+                outputs.append(model._predict(images)[1][0])  # finest level's map
+        changed = not torch.allclose(outputs[0], outputs[1])
+        assert changed == calibration
+
+
+def test_image_level_ablation_has_its_own_encoder_on_input_and_reconstruction() -> None:
+    model = _tiny(disc_input="image").eval()
+    assert model.disc_encoder is not None
+    assert model.disc_encoder.stages[0][0][0].in_channels == 6
+    seen: list[torch.Tensor] = []
+    model.disc_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        anomaly_map, score = model(images)
+        reconstruction = model.reconstructive(images)
+    torch.testing.assert_close(seen[0], torch.cat([reconstruction, images], dim=1))
+    assert anomaly_map.shape == (2, 1, SIZE, SIZE) and torch.isfinite(score).all()
+    features = _tiny()
+    assert _parameters(model) > _parameters(features)  # the extra encoder is what POUTA saves
+
+
+def test_yaml_profiles_and_ablation_switch_from_the_command_line() -> None:
+    for profile in ("quick", "paper"):
+        cli = AnomalyCLI(args=["--config", str(REPO / "configs" / "pouta" / f"{profile}.yaml")], run=False)
+        assert isinstance(cli.model, POUTA) and cli.model.disc_encoder is None
+    ablation = AnomalyCLI(
+        args=["--config", str(REPO / "configs" / "pouta" / "quick.yaml"),
+              "--model.init_args.disc_input=image", "--model.init_args.calibration=false"],
+        run=False,
+    )  # fmt: skip
+    assert ablation.model.disc_encoder is not None and ablation.model.hsg is None
+
+
+def test_invalid_arguments_are_rejected() -> None:
+    with pytest.raises(ValueError, match="disc_input"):
+        _tiny(disc_input="pixels")
+    with pytest.raises(ValueError, match="level_weights"):
+        _tiny(level_weights=(1.0, 1.0))
+    with pytest.raises(ValueError, match="pool_size"):
+        _tiny(pool_size=4)
+
+
+def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
+    # 100 steps at 64 px on weave: pixel AUROC MEASURED_PIXEL, image AUROC MEASURED_IMAGE
+    # over seeds 0-3 of this setting; chance is 0.5.
+    seed_everything(0, verbose=False)
+    evaluator = AnomalyEvaluator()
+    trainer = _trainer(100, callbacks=[evaluator])
+    data = _data(embedded_root, "weave")
+    model = _tiny()
+    trainer.fit(model, datamodule=data)
+    trainer.test(model, datamodule=data, verbose=False)
+    assert evaluator.test_metrics["pixel_auroc"] > 0.75
+    assert evaluator.test_metrics["image_auroc"] > 0.6
+
+
+def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
+    seed_everything(0, verbose=False)
+    model = _tiny()
+    trainer = _trainer(3, precision="bf16-mixed")
+    trainer.fit(model, datamodule=_data(embedded_root))
+    assert trainer.global_step == 3
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        anomaly_map, score = model.eval()(torch.rand(2, 3, SIZE, SIZE))
+    assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all()
+    assert torch.isfinite(score).all()
