@@ -10,7 +10,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-SWEEP ?= configs/sweeps/default.yaml
+# The embedded smoke sweep by default; the real-data sweep (profiles as configured) with MVTEC_ROOT.
+SWEEP ?= $(if $(MVTEC_ROOT),configs/sweeps/mvtec.yaml,configs/sweeps/default.yaml)
 RESULTS_DIR ?= results
 METHODS ?=
 CATEGORIES ?=

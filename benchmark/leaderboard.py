@@ -44,7 +44,7 @@ EFFICIENCY = {
     "parameters_m": "params M",
 }
 RUN_COLUMNS = [
-    "method", "profile", "category", "seed", "status", *METRICS,
+    "name", "method", "profile", "category", "seed", "status", *METRICS,
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
     "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices",
     "error", "job_id", "git_commit", "device", "finished",
@@ -57,6 +57,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     for r in records:
         timing, env = r.get("timing") or {}, r.get("environment") or {}
         rows.append({
+            "name": r.get("name") or r.get("method"),
             **{k: r.get(k) for k in ("method", "profile", "category", "seed", "status", "precision",
                                      "devices", "error", "job_id", "finished", "parameters")},
             **{m: (r.get("metrics") or {}).get(m) for m in METRICS},
@@ -67,7 +68,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "device": env.get("device"),
         })  # fmt: skip
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
-    return frame.sort_values(["method", "profile", "category", "seed"], ignore_index=True)
+    return frame.sort_values(["name", "profile", "category", "seed"], ignore_index=True)
 
 
 def _row_name(method: str, profile: str) -> str:
@@ -77,8 +78,8 @@ def _row_name(method: str, profile: str) -> str:
 def metric_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rows = method (profile); columns: per category mean and std over seeds, mean, paper, efficiency."""
     ok = runs[runs.status == "ok"].copy()
-    ok["row"] = [_row_name(m, p) for m, p in zip(ok.method, ok.profile, strict=True)]
-    all_rows = sorted({_row_name(m, p) for m, p in zip(runs.method, runs.profile, strict=True)})
+    ok["row"] = [_row_name(m, p) for m, p in zip(ok.name, ok.profile, strict=True)]
+    all_rows = sorted({_row_name(m, p) for m, p in zip(runs.name, runs.profile, strict=True)})
     categories = list(dict.fromkeys(runs.category))
     table = pd.DataFrame(index=pd.Index(all_rows, name="method"))
     grouped = ok.groupby(["row", "category"])[metric]
@@ -99,6 +100,7 @@ def metric_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def _paper_value(row: str, metric: str) -> float:
+    """The paper's figure, for rows that are a registered method (not for variants/ablations)."""
     method = row.split(" (")[0]
     try:
         return models.get_model_class(method).paper_results.get(metric, np.nan)
@@ -115,7 +117,7 @@ def _cell(mean: float, std: float) -> str:
 def display_table(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
     """Human-readable version: % with 1 decimal, mean ± std, 'failed' where every seed failed."""
     failed = runs[runs.status != "ok"]
-    failed_cells = {(_row_name(m, p), c) for m, p, c in zip(failed.method, failed.profile, failed.category, strict=True)}
+    failed_cells = {(_row_name(m, p), c) for m, p, c in zip(failed.name, failed.profile, failed.category, strict=True)}
     categories = [c for c in table.columns if f"{c}_std" in table.columns and c != "mean"]
     shown = pd.DataFrame(index=table.index)
     for category in categories:

@@ -45,6 +45,9 @@ class SweepConfig:
     parallel: int | None = None  # concurrent jobs; None: one per GPU group, else 1
     overrides: dict[str, Any] = field(default_factory=dict)  # dotted CLI keys for every job
     method_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Named variants (e.g. ablations): name -> {method: <registry name>, overrides: {...}}.
+    #: A variant name can be listed in ``methods`` like a method and gets its own leaderboard row.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     retry_failed: bool = True
     wandb: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
 
@@ -71,6 +74,11 @@ class SweepConfig:
             raise SweepConfigError(f"parallel must be >= 1, got {self.parallel}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise SweepConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for name, variant in self.variants.items():
+            if not isinstance(variant, dict) or "method" not in variant or set(variant) - {"method", "overrides"}:
+                raise SweepConfigError(
+                    f"variant {name!r} must be {{method: <registered name>, overrides: {{...}}}}, got {variant!r}"
+                )
 
     # ------------------------------------------------------------------ expansion
 
@@ -81,10 +89,12 @@ class SweepConfig:
                 raise SweepConfigError(f"no registered method has a {self.profile!r} profile")
             return available
         requested = _as_list(self.methods)
-        for method in requested:
+        for name in requested:
+            method = self.variants.get(name, {}).get("method", name)
             if method not in models.list_models():
                 raise SweepConfigError(
-                    f"unknown method {method!r}; registered: {', '.join(models.list_models())}"
+                    f"unknown method {name!r}; registered: {', '.join(models.list_models())}"
+                    + (f"; variants: {', '.join(self.variants)}" if self.variants else "")
                 )
             if not config_path(method, self.profile).is_file():
                 raise SweepConfigError(
@@ -116,7 +126,8 @@ class SweepConfig:
         return [
             JobSpec(
                 sweep=self.name,
-                method=method,
+                name=name,
+                method=self.variants.get(name, {}).get("method", name),
                 profile=self.profile,
                 category=category,
                 seed=seed,
@@ -125,10 +136,14 @@ class SweepConfig:
                 precision=self.precision,
                 accelerator=self.accelerator,
                 devices=self.devices_per_job,
-                overrides={**self.overrides, **self.method_overrides.get(method, {})},
+                overrides={
+                    **self.overrides,
+                    **self.method_overrides.get(name, {}),
+                    **self.variants.get(name, {}).get("overrides", {}),
+                },
                 wandb=self.wandb,
             )
-            for method in self.resolve_methods()
+            for name in self.resolve_methods()
             for category in categories
             for seed in self.seeds
         ]
@@ -139,6 +154,7 @@ class JobSpec:
     """Everything one job needs; its hash decides whether an old record is still valid."""
 
     sweep: str
+    name: str  # leaderboard row: the method's registry name, or a variant's name
     method: str
     profile: str
     category: str
@@ -153,7 +169,7 @@ class JobSpec:
 
     @property
     def job_id(self) -> str:
-        return f"{self.method}__{self.profile}__{self.category}__seed{self.seed}"
+        return f"{self.name}__{self.profile}__{self.category}__seed{self.seed}"
 
     @property
     def config_file(self) -> Path:

@@ -326,11 +326,15 @@ class MVTecDataModule(LightningDataModule):
         elif self.download and not (Path(self.root) / self.category).is_dir():
             download_mvtec(self.root, self.category)
 
+    def _model_asks(self, attribute: str, default: bool) -> bool:
+        """What the model being trained declares it needs (see models.base.AnomalyModule)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, attribute, default))
+
     def _wants_pseudo_anomalies(self) -> bool:
         if self.pseudo_anomalies is not None:
             return self.pseudo_anomalies
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        return bool(getattr(module, "needs_pseudo_anomalies", False))
+        return self._model_asks("needs_pseudo_anomalies", False)
 
     def _synthesizer(self, train_images: np.ndarray) -> PseudoAnomalySynthesizer:
         return PseudoAnomalySynthesizer(make_texture_source(self.texture_source, images=train_images))
@@ -357,8 +361,8 @@ class MVTecDataModule(LightningDataModule):
             dataset,
             batch_size=batch_size,
             shuffle=train,
-            # BatchNorm needs >1 sample per batch; never drop the only batch.
-            drop_last=train and len(dataset) > batch_size,
+            # Never drop the only batch; otherwise as the model asks.
+            drop_last=train and len(dataset) > batch_size and self._model_asks("drop_incomplete_batches", True),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

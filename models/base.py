@@ -32,6 +32,12 @@ class AnomalyModule(LightningModule):
     #: the original and ``batch["mask"]`` / ``batch["label"]`` describe the anomaly).
     needs_pseudo_anomalies: ClassVar[bool] = False
 
+    #: Whether the training loader drops an incomplete last batch. Gradient-trained
+    #: networks want it (BatchNorm statistics of a 1-sample batch are meaningless and
+    #: raise in training mode); methods that only collect features (PatchCore) must
+    #: see every training image.
+    drop_incomplete_batches: ClassVar[bool] = True
+
     #: MVTec AD means (15 categories, 0..1) reported in the method's paper, shown
     #: beside ours in the leaderboard; keys as in the metrics (image_auroc, ...).
     paper_results: ClassVar[dict[str, float]] = {}

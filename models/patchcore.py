@@ -57,9 +57,11 @@ Choices the paper leaves open (constructor arguments, with why):
   rerun, selects the same coreset); the selected indices are broadcast from rank 0.
 * Projection: a dense Gaussian matrix scaled by ``1/sqrt(projection_dim)`` (the
   paper names JL projections without fixing the kind); none when the features
-  already have at most ``projection_dim`` dimensions. The selection runs in float32:
-  on CPU the step is memory-bound and bfloat16 storage saves little, and half
-  precision would perturb near-ties of the farthest-point choice.
+  already have at most ``projection_dim`` dimensions. The selection runs in float32.
+  Checked on real bottle (45k patches, 10 %): rounding the projected features to
+  float16 kept 99.5 % of the picks (bfloat16: 91 %) with the same covering radius, so
+  half storage would be acceptable, but on this CPU a half-precision product is not
+  faster (bfloat16) or ~10x slower (float16), and on a GPU the loop is already short.
 * ``N_b(m*)`` contains ``m*`` itself (its own nearest neighbour), so the weight is a
   softmax over ``b`` distances whose first is ``s*``; ``b`` must be at least 2.
 * Inputs: the suite's resize to ``image_size`` (no 224 centre crop as in the paper's
@@ -169,6 +171,7 @@ def nearest_neighbors(queries: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor
 @register_model("patchcore")
 class PatchCore(AnomalyModule):
     paper_results = {"image_auroc": 0.992, "pixel_auroc": 0.981, "pro": 0.944}
+    drop_incomplete_batches = False  # every training image belongs in the memory bank
 
     def __init__(
         self,
@@ -283,11 +286,12 @@ class PatchCore(AnomalyModule):
         )
         anomaly_map = gaussian_blur(anomaly_map, self.hparams.sigma)
 
-        worst = patch_scores.argmax(dim=1)  # (B,)
-        image_score = patch_scores.gather(1, worst[:, None]).squeeze(1)
+        worst = patch_scores.argmax(dim=1, keepdim=True)  # (B, 1): the most anomalous patch
+        image_score = patch_scores.gather(1, worst).squeeze(1)  # s*
         if self.hparams.reweight:
-            worst_features = features[torch.arange(batch, device=features.device), worst]
-            image_score = image_score * self._reweighting(worst_features, nn_index.gather(1, worst[:, None]).squeeze(1), image_score)
+            m_test = features.gather(1, worst[..., None].expand(-1, -1, features.shape[-1])).squeeze(1)
+            m_star = nn_index.gather(1, worst).squeeze(1)
+            image_score = image_score * self._reweighting(m_test, m_star, image_score)
         return AnomalyOutput(anomaly_map, image_score)
 
     def _reweighting(self, test_features: Tensor, nearest: Tensor, scores: Tensor) -> Tensor:

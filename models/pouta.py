@@ -70,6 +70,21 @@ levels), four level weights ``lambda_1..4`` and focal ``gamma``/``alpha_t``:
 * ``weight_init`` ``"normal"``: DRAEM's reference initialisation (conv
   N(0, 0.02), BatchNorm scale N(1, 0.02)); ``"default"`` keeps PyTorch's.
 * ``pool_size`` 21 at 256 px (DRAEM's image score); scale it with the resolution.
+* ``head_prior`` (default ``None``, as DRAEM's reference: the maps start near
+  0.5): a probability ``pi`` sets the bias of every map head to ``logit(pi)``,
+  the prior initialisation that Lin et al. prescribe with the focal loss. With
+  ``pi = 0.01`` the heads do not spend the first hundreds of steps pulling every
+  (mostly normal) pixel from 0.5 down, which matters for short CPU budgets.
+* ``encoder`` (default ``"unet"``: DRAEM's reconstructive encoder trained from
+  scratch, which is what POUTA builds on). A timm backbone name with offline
+  ImageNet weights (``"tf_efficientnet_lite0"``) replaces the encoder by
+  :class:`models.unet.BackboneEncoder` (a trainable full-resolution stem, the
+  backbone's stride-2..16 features projected to the stage widths; the backbone
+  frozen unless ``encoder_frozen=False``). The decoder and the discriminative
+  part are unchanged and still reuse the encoder and decoder stages, so this is
+  POUTA with a pretrained encoder: an option for CPU budgets of minutes, where a
+  reconstructive network trained from scratch has not yet learnt features that
+  transfer from synthetic to real defects.
 
 Ablation switches (the paper's comparison of feature-level with image-level
 input, and of the coarse-to-fine process):
@@ -96,7 +111,7 @@ from .base import AnomalyModule, AnomalyOutput
 from .draem import _draem_init, pooled_max_score
 from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
-from .unet import UNet, conv_bn_relu, widths_from_base
+from .unet import BackboneEncoder, Encoder, UNet, conv_bn_relu, widths_from_base
 
 
 class FeatureComparison(nn.Module):
@@ -175,6 +190,9 @@ class POUTA(AnomalyModule):
         pool_size: int = 21,
         weight_init: str = "normal",
         head_prior: float | None = None,
+        encoder: str = "unet",
+        encoder_weights: str = "auto",
+        encoder_frozen: bool = True,
     ) -> None:
         super().__init__()
         if disc_input not in ("features", "image"):
@@ -188,11 +206,16 @@ class POUTA(AnomalyModule):
             raise ValueError(f"pool_size must be a positive odd number (same-size pooling), got {pool_size}")
         if weight_init not in ("normal", "default"):
             raise ValueError(f"weight_init must be 'normal' or 'default', got {weight_init!r}")
+        if head_prior is not None and not 0.0 < head_prior < 1.0:
+            raise ValueError(f"head_prior must be in (0, 1), got {head_prior}")
         self.save_hyperparameters()
         self.levels = levels
         recon_widths = widths_from_base(recon_base_width, recon_depth)
         disc_widths = widths_from_base(disc_base_width, levels)
         self.reconstructive = UNet(3, 3, recon_widths, skip=False)
+        if encoder != "unet":
+            # Short-budget option: ImageNet features (projected to the stage widths) as the encoder.
+            self.reconstructive.encoder = BackboneEncoder(recon_widths, encoder, encoder_weights, encoder_frozen)
 
         if disc_input == "features":
             self.disc_encoder = None
@@ -200,7 +223,7 @@ class POUTA(AnomalyModule):
             in_channels = [factor * recon_widths[i] for i in range(levels)]
         else:
             # Ablation: an encoder of its own on [reconstruction, input], as DRAEM's discriminator.
-            self.disc_encoder = UNet(6, 1, disc_widths, skip=True).encoder
+            self.disc_encoder = Encoder(6, disc_widths)
             in_channels = list(disc_widths)
         self.fcm = nn.ModuleList(FeatureComparison(in_channels[i], disc_widths[i]) for i in range(levels))
         # hsg[i] calibrates level i by level i + 1 (the last level is the coarsest, uncalibrated).
@@ -210,10 +233,10 @@ class POUTA(AnomalyModule):
         self.level_heads = nn.ModuleList(nn.Conv2d(disc_widths[i], 1, 1) for i in range(levels))
         self.fusion = MultiScaleFusion(disc_widths[0], levels)
         if weight_init == "normal":
-            self.apply(_draem_init)
+            for name, module in self.named_modules():
+                if ".backbone." not in f".{name}.":  # keep the pretrained weights
+                    _draem_init(module)
         if head_prior is not None:
-            if not 0.0 < head_prior < 1.0:
-                raise ValueError(f"head_prior must be in (0, 1), got {head_prior}")
             # Focal-loss prior (Lin et al.): every map starts at P(anomaly) = head_prior, not 0.5.
             bias = math.log(head_prior / (1.0 - head_prior))
             for head in [*self.level_heads, self.fusion.fuse[-1]]:

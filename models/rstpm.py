@@ -76,9 +76,11 @@ arguments):
 * Optimiser: one Adam over all networks with per-network learning rates
   (students ``student_lr``, discriminator ``disc_lr`` = DRAEM's 1e-4), lr x0.2
   at 80 % and 90 % of the optimiser steps (DRAEM's schedule). STPM trains its
-  student with SGD lr 0.4, but Lightning's automatic optimisation takes one
-  optimiser, and SGD at that rate diverges for depthwise-separable students
-  (see ``models/stpm.py``); Adam at 1e-3 is the STPM quick profile's setting.
+  student with SGD lr 0.4 and DRAEM uses Adam; two optimisers would need manual
+  optimisation, where Lightning counts every optimiser's step in ``global_step``
+  (``max_steps`` and the milestones would change meaning), and SGD at lr 0.4
+  diverges for depthwise-separable students (see ``models/stpm.py``). Adam at
+  1e-3 for the students is the STPM quick profile's setting.
 * Backbone: the paper's ResNet-18 (STPM's) needs hub weights; offline machines
   use ``tf_efficientnet_lite0`` (strides 4, 8, 16 like ResNet's levels 1-3).
 """
@@ -141,7 +143,8 @@ class RSTPM(AnomalyModule):
             n_pairs = 2 if reconstruction_pair else 1
             per_pair = len(self.teacher.layers) if disc_map_form == "levels" else 1
             in_channels = 3 + n_pairs * per_pair  # [image, maps of pair 1, maps of pair 2]
-            self.discriminative = UNet(in_channels, 1, widths_from_base(disc_base_width, disc_depth), skip=True)
+            widths = widths_from_base(disc_base_width, disc_depth)
+            self.discriminative = UNet(in_channels, 1, widths, skip=True)
 
     # ------------------------------------------------------------------ maps
 
@@ -208,7 +211,8 @@ class RSTPM(AnomalyModule):
                 disc_input = self._disc_input(image, self._level_maps(image))
             for s, mode in zip(students, modes, strict=True):
                 s.train(mode)
-            loss_focal = focal_loss(self.discriminative(disc_input), batch["mask"], gamma=self.hparams.focal_gamma)
+            logits = self.discriminative(disc_input)
+            loss_focal = focal_loss(logits, batch["mask"], gamma=self.hparams.focal_gamma)
             loss = loss + loss_focal
             self.log("train/focal", loss_focal, batch_size=batch_size)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -217,9 +221,12 @@ class RSTPM(AnomalyModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         students = [p for s in self._students() for p in s.parameters()]
-        groups: list[dict[str, Any]] = [{"params": students, "lr": hp.student_lr, "weight_decay": hp.weight_decay}]
+        groups: list[dict[str, Any]] = [
+            {"params": students, "lr": hp.student_lr, "weight_decay": hp.weight_decay}
+        ]
         if self.discriminative is not None:
-            groups.append({"params": list(self.discriminative.parameters()), "lr": hp.disc_lr, "weight_decay": 0.0})
+            disc = list(self.discriminative.parameters())
+            groups.append({"params": disc, "lr": hp.disc_lr, "weight_decay": 0.0})
         optimizer = torch.optim.Adam(groups)
         total = self.trainer.estimated_stepping_batches
         if not 0 < total < float("inf") or not hp.lr_milestones:

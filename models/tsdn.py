@@ -3,11 +3,12 @@
 Park, Lee, Cho, Kim, Lee. "Two-stream Decoder Feature Normality Estimating
 Network for Industrial Anomaly Detection", ICASSP 2023 (arXiv 2302.09794).
 
-What the paper states (abstract and introduction) and this module implements:
+What the paper states (abstract, introduction, Fig. 1) and this module implements:
 
-* A U-Net-like autoencoder: "autoencoders with skip connections" reconstruct
-  abnormal regions too well, because the skips convey encoder features
-  "indiscriminately"; an autoencoder without skips reconstructs poorly.
+* A U-Net-like autoencoder. The paper's diagnosis: an autoencoder "similar to
+  U-net" whose skips "supplement the encoder features" generalises to abnormal
+  test data too ("indiscriminate conveyance of features"), while a general
+  autoencoder without skips is "weak in anomaly detection".
 * A two-stream decoder "designed to learn both normal and abnormal features",
   trained on DRAEM-style synthetic anomalies so that the network is "explicitly
   optimized for distinguishable anomalies". Here both streams share one encoder:
@@ -19,8 +20,8 @@ What the paper states (abstract and introduction) and this module implements:
     it predicts the synthetic anomaly's ``mask`` (one logit per pixel); loss:
     focal loss, gamma 2 (``models.losses.focal_loss``).
 
-* A feature normality estimator (FNE) that "eliminates abnormal features and
-  prevents high-quality reconstruction of abnormal regions": at every skip level
+* A feature normality estimator (FNE) "to eliminate abnormal features and
+  prevent high-quality reconstruction of abnormal regions": at every skip level
   ``l`` a small conv head on the encoder feature ``f_l`` estimates a per-position
   normality ``g_l = sigmoid(n_l)`` in [0, 1], and the normal stream receives
   ``g_l * f_l`` instead of ``f_l``. The FNE is supervised by the anomaly mask
@@ -37,9 +38,9 @@ What the paper states (abstract and introduction) and this module implements:
   DRAEM-style training inherits).
 
 Choices the paper leaves open, or that could not be checked against its method
-section (the available text of the paper ends after the introduction, so the
-layer-level details below are this implementation's reading; each is a
-constructor argument):
+section (only the abstract and the opening of the introduction could be
+retrieved here, so the layer-level details below are this implementation's
+reading of them; each is a constructor argument):
 
 * Encoder (``encoder``): ``"unet"``, the suite's U-Net encoder trained from
   scratch (stage widths ``widths_from_base(base_width, depth)``) - the default,

@@ -226,3 +226,31 @@ def test_wandb_offline_sweep(tmp_path: Path, embedded_root: Path, monkeypatch: p
     job_runs = list((results / "jobs").rglob("offline-run-*"))
     leaderboard_runs = list((results / "wandb").glob("offline-run-*"))
     assert job_runs and leaderboard_runs
+
+
+def test_named_variants_become_their_own_jobs_and_rows(tmp_path: Path, embedded_root: Path) -> None:
+    sweep = SweepConfig.from_yaml(
+        _sweep_file(
+            tmp_path, embedded_root,
+            methods=["stpm", "stpm-sum"],
+            variants={"stpm-sum": {"method": "stpm", "overrides": {"model.init_args.map_fusion": "sum"}}},
+        )
+    )  # fmt: skip
+    plain, variant = sweep.jobs()
+    assert (plain.name, plain.method, variant.name, variant.method) == ("stpm", "stpm", "stpm-sum", "stpm")
+    assert "--model.init_args.map_fusion=sum" in variant.cli_args()
+    assert "--model.init_args.map_fusion=sum" not in plain.cli_args()
+    assert plain.job_id != variant.job_id
+
+    results = tmp_path / "results"
+    records = run_jobs([variant], results, device_slots(1, None))
+    assert records[0]["status"] == "ok" and records[0]["config"]["model"]["init_args"]["map_fusion"] == "sum"
+    tables = build_leaderboard(results)
+    assert list(tables["image_auroc"].index) == ["stpm-sum (quick)"]
+    assert pd.isna(tables["image_auroc"].loc["stpm-sum (quick)", "paper"]), "no paper figure for a variant"
+
+
+def test_shipped_sweeps_are_valid(embedded_root: Path) -> None:
+    for path in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
+        sweep = SweepConfig.from_yaml(path, root=str(embedded_root))
+        assert sweep.jobs(), path

@@ -319,3 +319,18 @@ def test_datamodule_download_flag(
 def test_download_reports_unreachable_server(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError, match="could not download http://127.0.0.1:9/"):
         download_mvtec(tmp_path, "bottle", url="http://127.0.0.1:9/x.tar.xz", sha256="0" * 64)
+
+
+def test_incomplete_last_batch_is_kept_when_the_model_asks(embedded_root: Path) -> None:
+    class _Trainer:
+        class lightning_module:  # noqa: N801 - a stand-in for a model class attribute
+            drop_incomplete_batches = False
+
+    def train_batches(model_trainer: object | None) -> list[int]:
+        data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=32, batch_size=8)
+        data.trainer = model_trainer
+        data.setup("fit")
+        return [len(b["image"]) for b in data.train_dataloader()]
+
+    assert train_batches(None) == [8] * 6  # 54 training images: the incomplete 7th batch is dropped
+    assert train_batches(_Trainer()) == [8] * 6 + [6]  # PatchCore-like: every image is seen

@@ -201,7 +201,7 @@ def test_separates_embedded_defects(fitted: tuple[PatchCore, Trainer, MVTecDataM
     model, trainer, data = fitted
     trainer.test(model, datamodule=data, verbose=False)
     metrics = next(c for c in trainer.callbacks if isinstance(c, AnomalyEvaluator)).test_metrics
-    # Measured on weave at 64 px: image AUROC 0.99, pixel AUROC 0.91.
+    # Measured on weave at 64 px (deterministic: fixed coreset seed): image AUROC 0.956, pixel 0.907.
     assert metrics["image_auroc"] > 0.85 and metrics["pixel_auroc"] > 0.8, metrics
 
 

@@ -216,6 +216,42 @@ def test_yaml_profiles_and_ablation_switch_from_the_command_line() -> None:
     assert ablation.model.disc_encoder is not None and ablation.model.hsg is None
 
 
+def test_head_prior_sets_the_initial_anomaly_probability() -> None:
+    model = _tiny(head_prior=0.01).eval()
+    with torch.no_grad():
+        _, level_logits, final = model._predict(torch.rand(2, 3, SIZE, SIZE))
+    for logits in (*level_logits, final):  # every map starts near the prior, not at 0.5
+        assert torch.sigmoid(logits).mean().item() == pytest.approx(0.01, abs=0.01)
+    with torch.no_grad():
+        anomaly_map, _ = _tiny().eval()(torch.rand(2, 3, SIZE, SIZE))
+    assert anomaly_map.mean().item() == pytest.approx(0.5, abs=0.1)  # default: DRAEM's (no prior)
+
+
+def test_pretrained_encoder_option_keeps_feature_reuse() -> None:
+    from models.backbones import FeatureExtractor
+    from models.unet import BackboneEncoder
+
+    model = _tiny(encoder="tf_efficientnet_lite0").eval()
+    encoder = model.reconstructive.encoder
+    assert isinstance(encoder, BackboneEncoder) and model.disc_encoder is None
+    backbone = encoder.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    # The DRAEM initialisation did not overwrite the ImageNet weights.
+    reference = FeatureExtractor("tf_efficientnet_lite0", backbone.layers)
+    for ours, theirs in zip(backbone.state_dict().values(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(ours, theirs)
+    seen: list[torch.Tensor] = []
+    model.fcm[1].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        anomaly_map, _ = model(images)
+        encoded = encoder(images)
+        decoded = model.reconstructive.decoder(encoded)
+    enc, dec = encoded[1], decoded[len(model.fcm) - 2]
+    torch.testing.assert_close(seen[0], torch.cat([enc, dec, (enc - dec).abs()], dim=1))
+    assert anomaly_map.shape == (2, 1, SIZE, SIZE)
+
+
 def test_invalid_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="disc_input"):
         _tiny(disc_input="pixels")
@@ -223,19 +259,22 @@ def test_invalid_arguments_are_rejected() -> None:
         _tiny(level_weights=(1.0, 1.0))
     with pytest.raises(ValueError, match="pool_size"):
         _tiny(pool_size=4)
+    with pytest.raises(ValueError, match="head_prior"):
+        _tiny(head_prior=1.0)
 
 
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
-    # 100 steps at 64 px on weave: pixel AUROC MEASURED_PIXEL, image AUROC MEASURED_IMAGE
-    # over seeds 0-3 of this setting; chance is 0.5.
+    # 100 steps at 64 px on weave (heads at the 0.01 prior, as the quick profile): pixel AUROC
+    # 0.95 / 0.74 / 0.91 / 0.84 and image AUROC 0.91 / 0.63 / 0.94 / 0.86 over seeds 0-3 of this
+    # setting; chance is 0.5. (Without the prior, 100 steps are too few: pixel 0.55-0.83.)
     seed_everything(0, verbose=False)
     evaluator = AnomalyEvaluator()
     trainer = _trainer(100, callbacks=[evaluator])
     data = _data(embedded_root, "weave")
-    model = _tiny()
+    model = _tiny(head_prior=0.01)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
-    assert evaluator.test_metrics["pixel_auroc"] > 0.75
+    assert evaluator.test_metrics["pixel_auroc"] > 0.7
     assert evaluator.test_metrics["image_auroc"] > 0.6
 
 
