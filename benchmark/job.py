@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     record["started_unix"] = time.time()
     record["launch_token"] = os.environ.get("ADBENCH_LAUNCH_TOKEN")
+    # When the runner spawned this process: jobs of one sweep overlap in [launched, finished] when parallel.
+    launched = os.environ.get("ADBENCH_LAUNCHED_UNIX")
+    record["launched_unix"] = float(launched) if launched else record["started_unix"]
     record["environment"] = environment()
     try:
         record.update(run_job(spec, job_dir), status="ok", error=None)

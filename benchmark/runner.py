@@ -39,6 +39,7 @@ from benchmark.sweep import JobSpec
 _PR_SET_PDEATHSIG = 1
 #: Set for each launch and copied into the record, so a stale record is never taken for a new one.
 LAUNCH_TOKEN_VARIABLE = "ADBENCH_LAUNCH_TOKEN"
+LAUNCHED_AT_VARIABLE = "ADBENCH_LAUNCHED_UNIX"  # when the runner spawned the job (read by benchmark.job)
 
 
 def _die_with_parent() -> None:
@@ -132,7 +133,8 @@ def run_jobs(
                 log_path = results_dir / "logs" / f"{spec.job_id}.log"
                 log_path.parent.mkdir(parents=True, exist_ok=True)
                 token = uuid.uuid4().hex
-                env = {**os.environ, **slot, "PYTHONUNBUFFERED": "1", LAUNCH_TOKEN_VARIABLE: token}
+                env = {**os.environ, **slot, "PYTHONUNBUFFERED": "1", LAUNCH_TOKEN_VARIABLE: token,
+                       LAUNCHED_AT_VARIABLE: repr(time.time())}  # fmt: skip
                 process = subprocess.Popen(
                     [sys.executable, "-m", "benchmark.job", str(spec_path), str(record_path(results_dir, spec))],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
