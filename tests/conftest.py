@@ -7,9 +7,11 @@ Real MVTec AD / DTD are found through ``MVTEC_ROOT`` / ``DTD_ROOT`` (falling bac
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from datamodules.embedded import ensure_embedded_dataset
 
@@ -40,3 +42,13 @@ def embedded_root() -> Path:
 @pytest.fixture(scope="session")
 def dtd_root() -> Path | None:
     return Path(DTD_ROOT) if DTD_ROOT else None
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread, for tests of tiny networks: on the shared 2-core machine two contended
+    threads run small convolutions several times slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -2,57 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer, seed_everything
+from lightning import seed_everything
 
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
 from models import create_model
 from models.draem import DRAEM, pooled_max_score
 from models.losses import focal_loss
 
-SIZE = 64
+from .helpers import (
+    SIZE,
+    assert_bf16_training_is_finite,
+    first_train_batch,
+    fit_and_test,
+    small_datamodule,
+    step_trainer,
+)
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core machine, two contended threads run these tiny
-    convolutions several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kwargs: Any) -> DRAEM:
     # 64 px: 4 stages each (bottleneck at 8 x 8), width 8: the same code path as the paper's nets.
     defaults = dict(recon_base_width=8, disc_base_width=8, recon_depth=4, disc_depth=4, lr=1e-3)
     return DRAEM(**{**defaults, **kwargs})
-
-
-def _data(root: Path, category: str = "weave", **kwargs: Any) -> MVTecDataModule:
-    return MVTecDataModule(
-        root=str(root), category=category, image_size=SIZE, batch_size=8, val_fraction=0.0, **kwargs
-    )
-
-
-def _trainer(steps: int, **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
-
-
-def _batch(root: Path, category: str = "weave") -> dict[str, torch.Tensor]:
-    data = _data(root, category, pseudo_anomalies=True)
-    data.setup("fit")
-    return next(iter(data.train_dataloader()))
 
 
 def test_registered_with_paper_defaults() -> None:
@@ -119,7 +96,7 @@ def test_image_score_is_max_of_21x21_average_pooled_map() -> None:
 
 def test_focal_loss_decreases_and_gradients_reach_both_networks(embedded_root: Path) -> None:
     seed_everything(0, verbose=False)
-    batch = _batch(embedded_root)
+    batch = first_train_batch(embedded_root)
     assert batch["label"].sum() > 0  # some samples carry a synthetic anomaly
     model = _tiny()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -153,8 +130,8 @@ def test_detached_reconstruction_gets_no_focal_gradient() -> None:
 
 def test_lr_milestones_at_80_and_90_percent(embedded_root: Path) -> None:
     model = _tiny()
-    trainer = _trainer(10, max_epochs=100, limit_train_batches=1)  # 10 steps bound the run
-    trainer.fit(model, datamodule=_data(embedded_root))
+    trainer = step_trainer(10, max_epochs=100, limit_train_batches=1)  # 10 steps bound the run
+    trainer.fit(model, datamodule=small_datamodule(embedded_root))
     scheduler = trainer.lr_scheduler_configs[0]
     assert scheduler.interval == "step"
     assert sorted(scheduler.scheduler.milestones) == [8, 9]
@@ -164,27 +141,10 @@ def test_lr_milestones_at_80_and_90_percent(embedded_root: Path) -> None:
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
     # 100 steps at 64 px: pixel AUROC on weave was 0.86-0.98 over seeds 0-3 of this
     # setting (and on marble); chance is 0.5.
-    seed_everything(0, verbose=False)
-    evaluator = AnomalyEvaluator()
-    trainer = _trainer(100, callbacks=[evaluator])
-    data = _data(embedded_root, "weave")
-    model = _tiny()
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    assert evaluator.test_metrics["pixel_auroc"] > 0.75
-    assert evaluator.test_metrics["image_auroc"] > 0.55
+    _, metrics = fit_and_test(_tiny, embedded_root, steps=100)
+    assert metrics["pixel_auroc"] > 0.75
+    assert metrics["image_auroc"] > 0.55
 
 
 def test_bf16_mixed_training_step_is_finite(embedded_root: Path) -> None:
-    seed_everything(0, verbose=False)
-    model = _tiny()
-    trainer = _trainer(3, precision="bf16-mixed")
-    trainer.fit(model, datamodule=_data(embedded_root))
-    assert trainer.global_step == 3
-    loss = trainer.callback_metrics["train/loss"]
-    assert torch.isfinite(loss)
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        anomaly_map, score = model.eval()(torch.rand(2, 3, SIZE, SIZE))
-    assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all()
-    assert torch.isfinite(score).all()
+    assert_bf16_training_is_finite(_tiny, embedded_root)

@@ -3,35 +3,29 @@ coarse-to-fine calibration, ablation switches, learning, bf16."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer, seed_everything
+from lightning import seed_everything
 
 from benchmark.cli import AnomalyCLI
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
 from models import create_model
 from models.draem import DRAEM, pooled_max_score
 from models.losses import focal_loss, reconstruction_loss
 from models.pouta import POUTA
 
 from .conftest import REPO
+from .helpers import (
+    SIZE,
+    assert_bf16_training_is_finite,
+    first_train_batch,
+    fit_and_test,
+)
 
-SIZE = 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core machine two contended threads are slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kwargs: Any) -> POUTA:
@@ -39,25 +33,6 @@ def _tiny(**kwargs: Any) -> POUTA:
     defaults = dict(recon_base_width=8, disc_base_width=8, recon_depth=4, level_weights=(0.5, 0.3, 0.2),
                     lr=1e-3, pool_size=11)  # fmt: skip
     return POUTA(**{**defaults, **kwargs})
-
-
-def _data(root: Path, category: str = "weave", **kwargs: Any) -> MVTecDataModule:
-    return MVTecDataModule(
-        root=str(root), category=category, image_size=SIZE, batch_size=8, val_fraction=0.0, **kwargs
-    )
-
-
-def _trainer(steps: int, **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
-
-
-def _batch(root: Path) -> dict[str, torch.Tensor]:
-    data = _data(root, pseudo_anomalies=True)
-    data.setup("fit")
-    return next(iter(data.train_dataloader()))
 
 
 def _parameters(module: torch.nn.Module) -> int:
@@ -124,7 +99,7 @@ def test_discriminative_network_has_no_encoder() -> None:
 
 def test_loss_is_reconstruction_plus_final_plus_weighted_level_losses(embedded_root: Path) -> None:
     seed_everything(0, verbose=False)
-    batch = _batch(embedded_root)
+    batch = first_train_batch(embedded_root)
     assert batch["label"].sum() > 0
     model = _tiny(level_weights=(0.5, 0.3, 0.2), final_weight=1.0)
     terms = model.losses(batch)
@@ -267,26 +242,10 @@ def test_separates_embedded_defects_after_brief_training(embedded_root: Path) ->
     # 100 steps at 64 px on weave (heads at the 0.01 prior, as the quick profile): pixel AUROC
     # 0.95 / 0.74 / 0.91 / 0.84 and image AUROC 0.91 / 0.63 / 0.94 / 0.86 over seeds 0-3 of this
     # setting; chance is 0.5. (Without the prior, 100 steps are too few: pixel 0.55-0.83.)
-    seed_everything(0, verbose=False)
-    evaluator = AnomalyEvaluator()
-    trainer = _trainer(100, callbacks=[evaluator])
-    data = _data(embedded_root, "weave")
-    model = _tiny(head_prior=0.01)
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    assert evaluator.test_metrics["pixel_auroc"] > 0.7
-    assert evaluator.test_metrics["image_auroc"] > 0.6
+    _, metrics = fit_and_test(lambda: _tiny(head_prior=0.01), embedded_root, steps=100)
+    assert metrics["pixel_auroc"] > 0.7
+    assert metrics["image_auroc"] > 0.6
 
 
 def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
-    seed_everything(0, verbose=False)
-    model = _tiny()
-    trainer = _trainer(3, precision="bf16-mixed")
-    trainer.fit(model, datamodule=_data(embedded_root))
-    assert trainer.global_step == 3
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        anomaly_map, score = model.eval()(torch.rand(2, 3, SIZE, SIZE))
-    assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all()
-    assert torch.isfinite(score).all()
+    assert_bf16_training_is_finite(_tiny, embedded_root)

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning import Trainer, seed_everything
+from lightning import seed_everything
 
 import models.rstpm as rstpm_module
 from benchmark.cli import AnomalyCLI
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
 from models import create_model
 from models.losses import fuse_maps, normalized_l2_distance
 from models.rstpm import RSTPM
 from models.stpm import STPM
 
 from .conftest import REPO
+from .helpers import (
+    SIZE,
+    assert_bf16_training_is_finite,
+    first_train_batch,
+    fit_and_test,
+    small_datamodule,
+    step_trainer,
+)
 
-SIZE = 64
+pytestmark = pytest.mark.usefixtures("one_thread")
 BACKBONE = "tf_efficientnet_lite0"  # offline ImageNet weights
 VARIANTS = {
     "full": {},
@@ -31,15 +36,6 @@ VARIANTS = {
     "no_discriminator": {"discriminator": False},
     "neither": {"reconstruction_pair": False, "discriminator": False},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core machine two contended threads are slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -55,25 +51,6 @@ def _tiny(state: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> RSTPM:
     if state is not None:  # same teacher weights, without re-reading the weight file
         model.teacher.load_state_dict({k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
     return model
-
-
-def _data(root: Path, category: str = "weave", **kwargs: Any) -> MVTecDataModule:
-    return MVTecDataModule(
-        root=str(root), category=category, image_size=SIZE, batch_size=8, val_fraction=0.0, **kwargs
-    )
-
-
-def _trainer(steps: int, **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
-
-
-def _batch(root: Path) -> dict[str, torch.Tensor]:
-    data = _data(root, pseudo_anomalies=True)
-    data.setup("fit")
-    return next(iter(data.train_dataloader()))
 
 
 def test_registered_with_paper_defaults() -> None:
@@ -174,7 +151,7 @@ def test_focal_loss_trains_only_the_discriminator(
     embedded_root: Path, pretrained_state: dict[str, torch.Tensor]
 ) -> None:
     seed_everything(0, verbose=False)
-    batch = _batch(embedded_root)
+    batch = first_train_batch(embedded_root)
     assert batch["label"].sum() > 0 and not torch.equal(batch["image"], batch["clean_image"])
     model = _tiny(pretrained_state)
     model.log = lambda *args, **kwargs: None
@@ -243,8 +220,8 @@ def test_every_ablation_trains_and_produces_maps(
         pairs = 2 if model.recon_student is not None else 1
         assert model.discriminative.encoder.stages[0][0][0].in_channels == 3 + pairs
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = _trainer(2)
-    trainer.fit(model, datamodule=_data(embedded_root))
+    trainer = step_trainer(2)
+    trainer.fit(model, datamodule=small_datamodule(embedded_root))
     assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["train/loss"])
     changed = {k.split(".")[0] for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     expected = {"student"} | ({"recon_student"} if model.recon_student is not None else set())
@@ -276,27 +253,11 @@ def test_separates_embedded_defects_after_brief_training(
 ) -> None:
     # 100 steps at 64 px on weave, seeds 0-2 of this setting: image AUROC 0.83-0.88, pixel AUROC
     # 0.88-0.91 (at 60 steps the discriminator is not there yet: 0.72-0.77 / 0.77-0.88). Chance is 0.5.
-    seed_everything(0, verbose=False)
-    evaluator = AnomalyEvaluator()
-    trainer = _trainer(100, callbacks=[evaluator])
-    data = _data(embedded_root, "weave")
-    model = _tiny(pretrained_state)
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    assert evaluator.test_metrics["pixel_auroc"] > 0.8
-    assert evaluator.test_metrics["image_auroc"] > 0.75
+    _, metrics = fit_and_test(lambda: _tiny(pretrained_state), embedded_root, steps=100)
+    assert metrics["pixel_auroc"] > 0.8
+    assert metrics["image_auroc"] > 0.75
 
 
 def test_bf16_mixed_training_is_finite(embedded_root: Path, pretrained_state: dict[str, torch.Tensor]) -> None:
-    seed_everything(0, verbose=False)
-    model = _tiny(pretrained_state)
-    trainer = _trainer(3, precision="bf16-mixed")
-    trainer.fit(model, datamodule=_data(embedded_root))
-    assert trainer.global_step == 3
-    for key in ("train/loss", "train/stpm", "train/reconstruction", "train/focal"):
-        assert torch.isfinite(trainer.callback_metrics[key]), key
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        anomaly_map, score = model.eval()(torch.rand(2, 3, SIZE, SIZE))
-    assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all()
-    assert torch.isfinite(score).all()
+    logged = ("train/loss", "train/stpm", "train/reconstruction", "train/focal")
+    assert_bf16_training_is_finite(lambda: _tiny(pretrained_state), embedded_root, logged=logged)

@@ -2,52 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from lightning import Trainer, seed_everything
 
 from benchmark.cli import AnomalyCLI
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
 from models import create_model
 from models.tsdn import TSDN, reconstruction_error_map
 from models.unet import BackboneEncoder, Encoder
 
 from .conftest import REPO
+from .helpers import (
+    SIZE,
+    assert_bf16_training_is_finite,
+    fit_and_test,
+    small_datamodule,
+)
 
-SIZE = 64
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on the shared 2-core machine two contended threads are slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kwargs: Any) -> TSDN:
     # 64 px, 4 stages (bottleneck at 8 x 8), width 8: the paper's code path at toy size.
     defaults = dict(base_width=8, depth=4, lr=1e-3, pool_size=11)
     return TSDN(**{**defaults, **kwargs})
-
-
-def _data(root: Path, category: str = "weave", **kwargs: Any) -> MVTecDataModule:
-    return MVTecDataModule(
-        root=str(root), category=category, image_size=SIZE, batch_size=8, val_fraction=0.0, **kwargs
-    )
-
-
-def _trainer(steps: int, **kwargs: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs,
-    )  # fmt: skip
 
 
 def test_registered_with_paper_defaults() -> None:
@@ -204,17 +184,13 @@ def test_training_separates_embedded_defects_and_fne_learns_the_mask(embedded_ro
     # 100 steps at 64 px on weave, seeds 0-3: image AUROC 0.85-0.90, pixel AUROC 0.96-0.98
     # (chance 0.5); mean gate at level 1 on anomalous cells 0.50-0.66 vs 0.85-0.88 on normal
     # ones. (60 steps was not enough: image AUROC 0.40-0.81.)
-    seed_everything(0, verbose=False)
-    evaluator = AnomalyEvaluator()
-    trainer = _trainer(100, callbacks=[evaluator])
-    data = _data(embedded_root, "weave")
-    model = _tiny()
-    trainer.fit(model, datamodule=data)
-    trainer.test(model, datamodule=data, verbose=False)
-    assert evaluator.test_metrics["pixel_auroc"] > 0.85
-    assert evaluator.test_metrics["image_auroc"] > 0.7
+    model, metrics = fit_and_test(_tiny, embedded_root, steps=100)
+    assert metrics["pixel_auroc"] > 0.85
+    assert metrics["image_auroc"] > 0.7
 
     # The FNE has learnt to close its gate on anomalous positions of the test defects.
+    data = small_datamodule(embedded_root)
+    data.setup("test")
     batch = next(iter(data.test_dataloader()))
     model.eval()
     with torch.no_grad():
@@ -226,14 +202,4 @@ def test_training_separates_embedded_defects_and_fne_learns_the_mask(embedded_ro
 
 
 def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
-    seed_everything(0, verbose=False)
-    model = _tiny()
-    trainer = _trainer(3, precision="bf16-mixed")
-    trainer.fit(model, datamodule=_data(embedded_root))
-    assert trainer.global_step == 3
-    assert torch.isfinite(trainer.callback_metrics["train/loss"])
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        anomaly_map, score = model.eval()(torch.rand(2, 3, SIZE, SIZE))
-    assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all()
-    assert torch.isfinite(score).all()
+    assert_bf16_training_is_finite(_tiny, embedded_root)

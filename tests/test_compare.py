@@ -1,0 +1,264 @@
+"""benchmark/compare.py without anomalib: the offline timm weights, the weight check, metrics on
+raw predictions, the table, the arguments and the error when anomalib is missing.
+
+anomalib itself lives in ``.venv-compare`` (``make compare``); none of these tests needs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from benchmark import compare
+from benchmark.compare import (
+    AnomalibMissingError,
+    CompareError,
+    WeightsMismatchError,
+    build_table,
+    check_backbone_weights,
+    format_table,
+    load_ground_truth,
+    metrics_from_predictions,
+    offline_hf_env,
+    parse_args,
+    pick_evenly,
+    require_anomalib,
+    table_markdown,
+    write_timm_hf_cache,
+)
+from datamodules.mvtec import MVTecDataset, list_test_samples
+
+REPO = Path(__file__).resolve().parents[1]
+LITE0 = "tf_efficientnet_lite0"
+
+
+# ------------------------------------------------------------------ anomalib missing
+
+
+def test_missing_anomalib_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compare, "_find_spec", lambda name: None)
+    with pytest.raises(AnomalibMissingError, match=r"make compare") as info:
+        require_anomalib()
+    assert ".venv-compare" in str(info.value) and "--sides ours" in str(info.value)
+
+
+def test_main_without_anomalib_exits_before_any_work(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setattr(compare, "_find_spec", lambda name: None)
+    assert compare.main(["--methods", "stpm", "--out-dir", str(tmp_path / "out")]) == 2
+    assert "make compare" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ offline weights
+
+
+def test_hf_cache_gives_timm_our_weights_offline(tmp_path: Path) -> None:
+    cache = tmp_path / "hf-hub"
+    path = write_timm_hf_cache(LITE0, cache)
+    repo = cache / "models--timm--tf_efficientnet_lite0.in1k"
+    commit = (repo / "refs" / "main").read_text()
+    assert path == repo / "snapshots" / commit / "model.safetensors" and path.is_file()
+    stamp = path.stat().st_mtime_ns
+    assert (
+        write_timm_hf_cache(LITE0, cache) == path and path.stat().st_mtime_ns == stamp
+    )  # unchanged
+
+    # What the anomalib worker does: a fresh process, offline, pretrained=True from the cache only.
+    script = (
+        "import huggingface_hub, timm\n"
+        "from huggingface_hub import constants\n"
+        "from benchmark.compare import check_backbone_weights\n"
+        "assert constants.HF_HUB_OFFLINE\n"
+        "where = huggingface_hub.hf_hub_download('timm/tf_efficientnet_lite0.in1k', 'model.safetensors')\n"
+        "print('FILE', where)\n"
+        "m = timm.create_model('tf_efficientnet_lite0', pretrained=True, pretrained_cfg=None,\n"
+        "                      features_only=True, exportable=True, out_indices=[2, 3])\n"
+        "print('CHECK', check_backbone_weights(m, 'tf_efficientnet_lite0'))\n"
+    )
+    env = {**os.environ, **offline_hf_env(cache), "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"FILE {cache}" in done.stdout
+    assert "CHECK 288 backbone tensors identical to ours" in done.stdout
+
+
+def test_weight_check_fails_loudly_on_other_weights() -> None:
+    from models.backbones import resolve_state_dict
+
+    model = timm.create_model(LITE0, pretrained=False, features_only=True, out_indices=[2, 3])
+    with pytest.raises(WeightsMismatchError, match="differs from ours"):
+        check_backbone_weights(model, LITE0)  # random initialisation
+    ours, _ = resolve_state_dict(LITE0)
+    model.load_state_dict({k: ours[k] for k in model.state_dict()})
+    assert "identical" in check_backbone_weights(model, LITE0)
+    with torch.no_grad():
+        model.state_dict()["blocks.2.0.conv_pw.weight"].view(-1)[0] += 1e-6
+    with pytest.raises(WeightsMismatchError, match="blocks.2.0.conv_pw.weight"):
+        check_backbone_weights(model, LITE0)
+
+
+# ------------------------------------------------------------------ metrics on raw predictions
+
+
+def _test_paths(root: Path, count: int) -> list[str]:
+    return pick_evenly([str(s.image_path) for s in list_test_samples(root / "weave")], count)
+
+
+def test_metrics_use_our_ground_truth_matched_by_path(embedded_root: Path, tmp_path: Path) -> None:
+    keep = _test_paths(embedded_root, 10)
+    truth = load_ground_truth(str(embedded_root), "weave", 32, keep)
+    assert len(truth.paths) == 10 and 0 < truth.labels.sum() < 10 and truth.masks.any()
+    order = np.random.default_rng(0).permutation(10)  # workers may return any order
+    file = tmp_path / "pred.npz"
+    np.savez(
+        file,
+        paths=np.array(truth.paths)[order],
+        scores=truth.labels[order].astype(np.float32),
+        maps=truth.masks[order].astype(np.float32),
+    )
+    metrics = metrics_from_predictions(file, truth)
+    assert metrics["image_auroc"] == 1.0 and metrics["pixel_auroc"] == 1.0
+    assert metrics["pro"] == pytest.approx(1.0)
+
+    np.savez(file, paths=np.array(truth.paths[:9]), scores=np.zeros(9, np.float32),
+             maps=np.zeros((9, 32, 32), np.float32))  # fmt: skip
+    with pytest.raises(CompareError, match="1 missing"):
+        metrics_from_predictions(file, truth)
+
+
+def test_restricting_our_dataset_keeps_the_chosen_images(embedded_root: Path) -> None:
+    samples = list_test_samples(embedded_root / "weave")
+    dataset = MVTecDataset(samples, 32)
+    keep = pick_evenly([str(s.image_path) for s in samples], 5)
+    compare._restrict_ours(dataset, keep)
+    assert [str(s.image_path) for s in dataset.samples] == keep
+    assert len(dataset) == 5 and dataset.images.shape[0] == dataset.masks.shape[0] == 5
+    assert dataset.labels.shape == (5,) and len(dataset.defect_types) == 5
+
+
+# ------------------------------------------------------------------ the table
+
+
+def _record(method: str, side: str, status: str = "ok", **values: float) -> dict:
+    metrics = {k: values.pop(k) for k in ("image_auroc", "pixel_auroc", "pro") if k in values}
+    return {"method": method, "side": side, "status": status, "metrics": metrics,
+            "cuda_peak_mb": math.nan, "error": None if status == "ok" else "boom", **values}  # fmt: skip
+
+
+def test_table_ratios_rows_and_failures() -> None:
+    results = [
+        _record(
+            "patchcore_1pct",
+            "ours",
+            fit_seconds=10.0,
+            train_images_per_second=30.0,
+            test_images_per_second=8.0,
+            predict_seconds=12.0,
+            peak_rss_mb=1000.0,
+            image_auroc=0.99,
+            pixel_auroc=0.98,
+            pro=0.9,
+        ),  # fmt: skip
+        _record(
+            "patchcore_1pct",
+            "anomalib",
+            fit_seconds=20.0,
+            train_images_per_second=15.0,
+            test_images_per_second=4.0,
+            predict_seconds=24.0,
+            peak_rss_mb=2000.0,
+            image_auroc=0.99,
+            pixel_auroc=0.97,
+            pro=0.8,
+        ),  # fmt: skip
+        _record(
+            "stpm",
+            "ours",
+            fit_seconds=100.0,
+            optimizer_steps=260,
+            steps_per_second=2.6,
+            test_images_per_second=10.0,
+            predict_seconds=9.0,
+            peak_rss_mb=1500.0,
+            image_auroc=1.0,
+            pixel_auroc=0.99,
+            pro=0.95,
+        ),  # fmt: skip
+        _record("stpm", "anomalib", status="failed"),
+    ]
+    table = build_table(results)
+    rows = {(r.method, r.quantity): r for r in table.itertuples()}
+    assert rows[("patchcore_1pct", "fit time (s)")].ratio == pytest.approx(0.5)
+    assert rows[("patchcore_1pct", "feature collection images/s")].ratio == pytest.approx(2.0)
+    assert rows[("patchcore_1pct", "PRO (FPR <= 0.3)")].ratio == pytest.approx(0.9 / 0.8)
+    assert rows[("patchcore_1pct", "fit time (s)")].better == "lower"
+    assert ("patchcore_1pct", "training steps/s") not in rows  # PatchCore trains nothing
+    assert ("stpm", "training steps/s") in rows and (
+        "stpm",
+        "feature collection images/s",
+    ) not in rows
+    assert not any(q == "peak CUDA memory (MiB)" for _, q in rows)  # NaN on both sides: dropped
+    assert math.isnan(rows[("stpm", "fit time (s)")].anomalib)
+    assert math.isnan(rows[("stpm", "fit time (s)")].ratio)
+
+    shown = format_table(table, results)
+    stpm_fit = shown[(shown.method == "stpm") & (shown.quantity == "fit time (s)")].iloc[0]
+    assert stpm_fit["anomalib"] == "failed" and stpm_fit["ours / anomalib"] == "n/a"
+    auroc = shown[(shown.method == "patchcore_1pct") & (shown.quantity == "image AUROC")].iloc[0]
+    assert auroc["ours"] == "0.9900" and auroc["ours / anomalib"] == "1.00x"
+    markdown = table_markdown(table, results)
+    assert "| patchcore_1pct |" in markdown and "0.9900" in markdown  # not re-parsed into 0.99
+    json.dumps(table.drop(columns=["key"]).to_dict())  # plain values: the CSV/JSON writers cope
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def test_arguments_and_quick_smoke() -> None:
+    args = parse_args([])
+    assert args.methods == list(compare.METHODS) and args.sides == ["ours", "anomalib"]
+    assert (args.image_size, args.batch_size, args.draem_width) == (256, 8, (128, 64))
+    assert args.out_dir == "results/compare"
+    smoke = parse_args(["--quick-smoke", "--image-size", "96", "--methods", "stpm,draem"])
+    assert smoke.image_size == 96 and smoke.stpm_epochs == 1 and smoke.draem_width == (16, 16)
+    assert smoke.methods == ["stpm", "draem"] and smoke.out_dir == "results/compare/smoke"
+    for bad in (["--methods", "patchcore"], ["--draem-width", "128"], ["--sides", "theirs"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_pick_evenly_spreads_over_the_list() -> None:
+    items = list(range(10))
+    assert pick_evenly(items, None) == items and pick_evenly(items, 20) == items
+    assert pick_evenly(items, 5) == [0, 2, 4, 6, 8]
+    with pytest.raises(CompareError):
+        pick_evenly(items, 0)
+
+
+def test_our_configs_match_anomalib_settings() -> None:
+    """The pairs compare like with like: lite0 layers, anomalib's DRAEM widths, no lr decay."""
+    _, patchcore = compare._our_init_args(compare.METHODS["patchcore_10pct"], (128, 64))
+    assert patchcore["backbone"] == LITE0 and list(patchcore["layers"]) == [2, 3]
+    assert patchcore["coreset_ratio"] == 0.1
+    assert compare._layer_names(LITE0, [2, 3]) == ["blocks.2", "blocks.4"]
+    _, draem = compare._our_init_args(compare.METHODS["draem"], (128, 64))
+    assert (draem["recon_base_width"], draem["disc_base_width"], draem["lr"]) == (128, 64, 1e-4)
+    assert draem["lr_gamma"] == 1.0
