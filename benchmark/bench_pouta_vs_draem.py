@@ -10,19 +10,24 @@ network (``recon_base_width``) and the same discriminative base width, in eval
 mode, and timed on random images under ``torch.inference_mode`` through their
 ``forward`` (the full method: networks, sigmoid, image score). Each batch size
 gets ``--warmup`` untimed calls, then the median over ``--runs`` timed calls,
-divided by the batch size. The POUTA ablation with image-level input (its own
-discriminative encoder) is timed too, to show where the difference comes from.
+divided by the batch size; the models take turns call by call, so that drifts in
+the machine's load fall on all of them alike. Forward FLOPs per image are counted
+too (``torch.utils.flop_counter`` on the meta device): a figure no load changes.
+The POUTA ablation with image-level input (its own discriminative encoder) is
+timed too, to show where the difference comes from.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from models.draem import DRAEM
 from models.pouta import POUTA
@@ -32,17 +37,34 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def median_seconds_per_image(model: nn.Module, batch_size: int, size: int, runs: int, warmup: int) -> float:
-    """Median wall time of ``model(images)`` over ``runs`` calls, per image (after ``warmup`` calls)."""
+def interleaved_ms_per_image(
+    models: dict[str, nn.Module], batch_size: int, size: int, runs: int, warmup: int
+) -> dict[str, float]:
+    """Median wall time of ``model(images)`` per image, in ms, for each model.
+
+    The models take turns call by call (A, B, C, A, B, C, ...), so a change in the machine's
+    load or clock during the measurement falls on all of them alike instead of on whichever
+    model happened to be timed at that moment.
+    """
     images = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.inference_mode():
         for index in range(warmup + runs):
-            start = time.perf_counter()
-            model(images)
-            if index >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch_size
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(images)
+                if index >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) / batch_size for name, t in times.items()}
+
+
+def gflops_per_image(model: nn.Module, size: int) -> float:
+    """Forward FLOPs of one image (counted on the meta device: no computation, exact for convs)."""
+    meta = copy.deepcopy(model).to("meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        meta(torch.empty(1, 3, size, size, device="meta"))
+    return counter.get_total_flops() / 1e9
 
 
 def build_models(recon_width: int, disc_width: int) -> dict[str, nn.Module]:
@@ -78,26 +100,29 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(args.recon_width, args.disc_width)
 
     print(f"widths: reconstructive {args.recon_width}, discriminative {args.disc_width}; "
-          f"{args.size} px, CPU, {torch.get_num_threads()} thread(s), median of {args.runs} runs "
-          f"after {args.warmup} warm-up")  # fmt: skip
-    header = f"{'model':<28}{'params (M)':>12}{'disc. (M)':>12}" + "".join(
+          f"{args.size} px, CPU, {torch.get_num_threads()} thread(s), median of {args.runs} interleaved "
+          f"runs after {args.warmup} warm-up")  # fmt: skip
+    header = f"{'model':<28}{'params (M)':>12}{'disc. (M)':>12}{'GFLOP/img':>12}" + "".join(
         f"{f'ms/img b={b}':>14}" for b in batch_sizes
     )
     print(header)
     print("-" * len(header))
-    results: dict[str, dict[str, float]] = {}
-    for name, model in models.items():
-        row = {"params": count_parameters(model), "disc": discriminative_parameters(model)}
-        for b in batch_sizes:
-            row[f"b{b}"] = 1e3 * median_seconds_per_image(model, b, args.size, args.runs, args.warmup)
-        results[name] = row
-        print(f"{name:<28}{row['params'] / 1e6:>12.2f}{row['disc'] / 1e6:>12.2f}"
+    results: dict[str, dict[str, float]] = {
+        name: {"params": count_parameters(m), "disc": discriminative_parameters(m),
+               "gflops": gflops_per_image(m, args.size)}
+        for name, m in models.items()
+    }  # fmt: skip
+    for b in batch_sizes:
+        for name, ms in interleaved_ms_per_image(models, b, args.size, args.runs, args.warmup).items():
+            results[name][f"b{b}"] = ms
+    columns = ["params", "disc", "gflops"] + [f"b{b}" for b in batch_sizes]
+    for name, row in results.items():
+        print(f"{name:<28}{row['params'] / 1e6:>12.2f}{row['disc'] / 1e6:>12.2f}{row['gflops']:>12.1f}"
               + "".join(f"{row[f'b{b}']:>14.1f}" for b in batch_sizes))  # fmt: skip
-
     pouta, draem = results["POUTA"], results["DRAEM"]
     print("-" * len(header))
-    print(f"{'POUTA / DRAEM':<28}{pouta['params'] / draem['params']:>12.2f}{pouta['disc'] / draem['disc']:>12.2f}"
-          + "".join(f"{pouta[f'b{b}'] / draem[f'b{b}']:>14.2f}" for b in batch_sizes))  # fmt: skip
+    print(f"{'POUTA / DRAEM':<28}" + "".join(
+        f"{pouta[c] / draem[c]:>{12 if i < 3 else 14}.2f}" for i, c in enumerate(columns)))  # fmt: skip
     return 0
 
 

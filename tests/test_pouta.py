@@ -249,3 +249,21 @@ def test_separates_embedded_defects_after_brief_training(embedded_root: Path) ->
 
 def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
     assert_bf16_training_is_finite(_tiny, embedded_root)
+
+
+def test_side_by_side_bench_counts_fewer_parameters_and_flops_than_draem() -> None:
+    from benchmark.bench_pouta_vs_draem import (
+        build_models,
+        count_parameters,
+        gflops_per_image,
+        interleaved_ms_per_image,
+    )
+
+    models = build_models(recon_width=8, disc_width=8)
+    pouta, draem = models["POUTA"], models["DRAEM"]
+    assert count_parameters(pouta) < count_parameters(draem)
+    # Same reconstructive network; POUTA's discriminative part reuses its features instead of
+    # running an encoder of its own, so the forward pass costs less.
+    assert gflops_per_image(pouta, SIZE) < gflops_per_image(draem, SIZE)
+    times = interleaved_ms_per_image(models, batch_size=2, size=SIZE, runs=2, warmup=1)
+    assert set(times) == set(models) and all(t > 0 for t in times.values())
