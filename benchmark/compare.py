@@ -109,7 +109,6 @@ import json
 import math
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -301,41 +300,30 @@ def check_backbone_weights(extractor: Any, backbone: str) -> str:
 # --------------------------------------------------------------------------- measurement helpers
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, MiB (the same formula as callbacks/timing.py)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
-
-
 def _batch_images(batch: Any) -> Any:
     return batch["image"] if isinstance(batch, dict) else batch.image
 
 
 def _loop_timer_class() -> type:
     """A Lightning callback timing the train and predict loops; works for both batch types."""
-    import torch
     from lightning import Callback
+
+    from callbacks.timing import synchronized_now
 
     class LoopTimer(Callback):
         def __init__(self) -> None:
             self.stats: dict[str, dict[str, float]] = {}
 
-        @staticmethod
-        def _now(pl_module: Any) -> float:
-            if pl_module.device.type == "cuda":
-                torch.cuda.synchronize(pl_module.device)
-            return time.perf_counter()
-
         def _start(self, stage: str, pl_module: Any) -> None:
             entry = self.stats.setdefault(stage, {"images": 0, "batches": 0})
             if "first" not in entry:
-                entry["first"] = self._now(pl_module)
+                entry["first"] = synchronized_now(pl_module)
 
         def _end(self, stage: str, pl_module: Any, batch: Any) -> None:
             entry = self.stats[stage]
             entry["images"] += len(_batch_images(batch))
             entry["batches"] += 1
-            entry["last"] = self._now(pl_module)
+            entry["last"] = synchronized_now(pl_module)
 
         def on_train_batch_start(
             self, trainer: Any, pl_module: Any, batch: Any, *args: Any
@@ -641,6 +629,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
     from lightning import Trainer, seed_everything
+
+    from callbacks.timing import peak_rss_mb
 
     side = spec["side"]
     if spec.get("threads"):

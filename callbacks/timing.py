@@ -17,6 +17,13 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+def synchronized_now(pl_module: LightningModule) -> float:
+    """``time.perf_counter()`` after the module's CUDA work has finished (asynchronous kernels)."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
+    return time.perf_counter()
+
+
 class TimingCallback(Callback):
     """Measures fit time, test time and test throughput (images/s), and peak memory.
 
@@ -33,23 +40,17 @@ class TimingCallback(Callback):
         self._test_first = None
         self._test_last = 0.0
 
-    @staticmethod
-    def _now(pl_module: LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-        return time.perf_counter()
-
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
-        self._start = self._now(pl_module)
+        self._start = synchronized_now(pl_module)
         self._train_steps = 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._train_steps += 1
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        seconds = self._now(pl_module) - self._start
+        seconds = synchronized_now(pl_module) - self._start
         self.stats.update(fit_seconds=seconds, train_steps=self._train_steps)
         self.stats["train_steps_per_second"] = self._train_steps / seconds if seconds > 0 else float("nan")
         self._record_memory(pl_module, "fit")
@@ -61,11 +62,11 @@ class TimingCallback(Callback):
 
     def on_test_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, *args: Any) -> None:
         if self._test_first is None:
-            self._test_first = self._now(pl_module)
+            self._test_first = synchronized_now(pl_module)
 
     def on_test_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, *args: Any) -> None:
         self._test_images += len(batch["image"])
-        self._test_last = self._now(pl_module)
+        self._test_last = synchronized_now(pl_module)
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = self._test_last - (self._test_first or self._test_last)
