@@ -30,7 +30,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from benchmark.cli import AnomalyCLI
-from benchmark.records import write_json_atomic
+from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
 from benchmark.sweep import JobSpec
 from callbacks.timing import TimingCallback
 from callbacks.visualization import AnomalyMapVisualizer
@@ -124,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     record["started_unix"] = time.time()
-    record["launch_token"] = os.environ.get("ADBENCH_LAUNCH_TOKEN")
+    record["launch_token"] = os.environ.get(LAUNCH_TOKEN_VARIABLE)
     # When the runner spawned this process: jobs of one sweep overlap in [launched, finished] when parallel.
-    launched = os.environ.get("ADBENCH_LAUNCHED_UNIX")
+    launched = os.environ.get(LAUNCHED_AT_VARIABLE)
     record["launched_unix"] = float(launched) if launched else record["started_unix"]
     record["environment"] = environment()
     try:

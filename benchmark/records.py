@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 RUNS_FOLDER = "runs"
+# The runner's environment for each job process, copied by the job into its record:
+#: a token per launch, so a stale record is never taken for a new one;
+LAUNCH_TOKEN_VARIABLE = "ADBENCH_LAUNCH_TOKEN"
+#: when the runner spawned the process (parallel jobs overlap from launch to finish).
+LAUNCHED_AT_VARIABLE = "ADBENCH_LAUNCHED_UNIX"
 
 
 def write_json_atomic(path: str | Path, payload: Any) -> Path:

@@ -33,13 +33,16 @@ from typing import IO, Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmark.records import RUNS_FOLDER, read_record, write_json_atomic
+from benchmark.records import (
+    LAUNCH_TOKEN_VARIABLE,
+    LAUNCHED_AT_VARIABLE,
+    RUNS_FOLDER,
+    read_record,
+    write_json_atomic,
+)
 from benchmark.sweep import JobSpec
 
 _PR_SET_PDEATHSIG = 1
-#: Set for each launch and copied into the record, so a stale record is never taken for a new one.
-LAUNCH_TOKEN_VARIABLE = "ADBENCH_LAUNCH_TOKEN"
-LAUNCHED_AT_VARIABLE = "ADBENCH_LAUNCHED_UNIX"  # when the runner spawned the job (read by benchmark.job)
 
 
 def _die_with_parent() -> None:
