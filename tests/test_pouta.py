@@ -90,11 +90,14 @@ def test_discriminative_network_has_no_encoder() -> None:
     """At equal widths POUTA's discriminative part is far smaller than DRAEM's discriminative U-Net."""
     for width in (16, 64):
         pouta = POUTA(recon_base_width=width, disc_base_width=width)
-        draem = DRAEM(recon_base_width=width, disc_base_width=width)
+        # The symmetric decoder layout: the reconstructive network POUTA's modules tap.
+        draem = DRAEM(recon_base_width=width, disc_base_width=width, decoder_layout="symmetric")
         assert _parameters(pouta.reconstructive) == _parameters(draem.reconstructive)
         pouta_disc = _parameters(pouta) - _parameters(pouta.reconstructive)
         assert pouta_disc < 0.25 * _parameters(draem.discriminative)
         assert _parameters(pouta) < _parameters(draem)
+        # Smaller also than DRAEM with the reference code's narrower decoders.
+        assert _parameters(pouta) < _parameters(DRAEM(recon_base_width=width, disc_base_width=width))
 
 
 def test_loss_is_reconstruction_plus_final_plus_weighted_level_losses(embedded_root: Path) -> None:
