@@ -20,8 +20,8 @@ from lightning import Callback
 from lightning.pytorch.cli import LightningCLI
 
 import models
-from callbacks.evaluation import AnomalyEvaluator
 from callbacks.allocator import ReuseFreedMemory
+from callbacks.evaluation import AnomalyEvaluator
 from callbacks.guards import NonFiniteLossGuard
 from datamodules import MVTecDataModule
 from models.base import AnomalyModule
