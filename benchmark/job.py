@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -83,6 +84,9 @@ def _logger(spec: JobSpec, job_dir: Path) -> Any:
 def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
     """Fit, select, test; return the record's measured part."""
     timing = TimingCallback()
+    if "LOCAL_RANK" not in os.environ:  # the launching process only, never a DDP worker mid-run
+        # A rerun (changed code or config) must not find the previous run's best.ckpt beside its own.
+        shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
     checkpoint = ModelCheckpoint(
         dirpath=job_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max",
         save_top_k=1, save_last=False, filename="best",

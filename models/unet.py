@@ -36,14 +36,35 @@ class ConvBNReLU(nn.Sequential):
             nn.ReLU(inplace=True),
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        conv, norm, _ = self
+    def forward(self, x: Tensor | Sequence[Tensor]) -> Tensor:
+        """``x``: one tensor, or several whose channel concatenation is the input (U-Net skips)."""
+        conv, norm, relu = self
+        parts = [x] if isinstance(x, Tensor) else list(x)
         if self.training or norm.running_var is None:
-            return super().forward(x)
+            return relu(norm(self._convolve(parts, conv.weight, conv.bias)))
         scale = norm.weight * torch.rsqrt(norm.running_var + norm.eps)
         weight = conv.weight * scale.view(-1, 1, 1, 1)
         bias = norm.bias - norm.running_mean * scale
-        return torch.relu_(conv._conv_forward(x, weight, bias))
+        return torch.relu_(self._convolve(parts, weight, bias))
+
+    def _convolve(self, parts: list[Tensor], weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The convolution of the channel concatenation of ``parts``, without building it.
+
+        A convolution is linear in its input channels, so it is the sum of each
+        part's convolution with its slice of the weights. Concatenating first would
+        allocate (and keep for the backward pass) a copy of every skip connection
+        at full resolution: the largest tensors of a U-Net's decoder.
+        """
+        conv = self[0]
+        start, out = 0, None
+        for part in parts:
+            stop = start + part.shape[1]
+            y = conv._conv_forward(part, weight[:, start:stop], bias if out is None else None)
+            out = y if out is None else out.add_(y)
+            start = stop
+        if start != weight.shape[1]:
+            raise ValueError(f"inputs have {start} channels, the convolution expects {weight.shape[1]}")
+        return out
 
 
 def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 3) -> ConvBNReLU:
@@ -163,9 +184,8 @@ class Decoder(nn.Module):
         outputs = []
         for offset, (up, block) in enumerate(zip(self.up, self.blocks, strict=True)):
             x = up(x)
-            if self.skip:
-                x = torch.cat([x, skips[len(skips) - 2 - offset]], dim=1)
-            x = block(x)
+            first, second = block
+            x = second(first([x, skips[len(skips) - 2 - offset]] if self.skip else x))
             outputs.append(x)
         return outputs
 
