@@ -56,6 +56,8 @@ class ConvBNReLU(nn.Sequential):
         at full resolution: the largest tensors of a U-Net's decoder.
         """
         conv = self[0]
+        if len(parts) == 1:
+            return conv._conv_forward(parts[0], weight, bias)
         start, out = 0, None
         for part in parts:
             stop = start + part.shape[1]
