@@ -121,12 +121,18 @@ def greedy_coreset(features: Tensor, size: int, seed: int = 0, cpu_threads: int 
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
     with torch.autocast(device_type=features.device.type, enabled=False):
         points = features.float()
-        sq_norms = points.pow(2).sum(dim=1, keepdim=True)
-        ones = torch.ones_like(sq_norms)
+        d = points.shape[1]
+        sq_norms = points.pow(2).sum(dim=1)
         # Augmented coordinates: x' = [x, |x|^2, 1] and c' = [-2c, 1, |c|^2] give
-        # x'.c' = ||x - c||^2, so a step's distances are a single product.
-        points_t = torch.cat([points, sq_norms, ones], dim=1).t().contiguous()  # (D + 2, N)
-        centers_t = torch.cat([-2.0 * points, ones, sq_norms], dim=1).t().contiguous()
+        # x'.c' = ||x - c||^2, so a step's distances are a single product. Both are
+        # written straight into their transposed (D + 2, N) buffers: no (N, D + 2)
+        # temporaries, each as large as the features.
+        points_t = points.new_empty(d + 2, n)
+        points_t[:d] = points.t()
+        points_t[d], points_t[d + 1] = sq_norms, 1.0
+        centers_t = points.new_empty(d + 2, n)
+        torch.mul(points.t(), -2.0, out=centers_t[:d])
+        centers_t[d], centers_t[d + 1] = 1.0, sq_norms
         generator = torch.Generator().manual_seed(seed)
         index = torch.randint(n, (1,), generator=generator).to(features.device)
         selected = torch.empty(size, dtype=torch.long, device=features.device)
@@ -257,7 +263,9 @@ class PatchCore(AnomalyModule):
         """Build the bank from this epoch's features if any arrived since the last build."""
         if self._bank_is_current or not self._collected:
             return
-        self.build_memory_bank(_gather_rows(torch.cat(self._collected)))
+        features = torch.cat(self._collected)
+        self._collected = [features]  # not the per-batch copies as well: the bank's peak memory
+        self.build_memory_bank(_gather_rows(features))
         self._bank_is_current = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
