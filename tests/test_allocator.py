@@ -46,3 +46,26 @@ def test_freed_large_blocks_are_reused_without_page_faults() -> None:
 def test_callback_rejects_a_negative_threshold() -> None:
     with pytest.raises(ValueError, match="trim_threshold_mb"):
         ReuseFreedMemory(trim_threshold_mb=-1)
+
+
+def test_callback_applies_only_to_cpu_runs_that_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    import callbacks.allocator as allocator
+
+    calls: list[int] = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda mb: calls.append(mb) or True)
+
+    def trainer(device: str) -> SimpleNamespace:
+        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
+
+    trains, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    ReuseFreedMemory().setup(trainer("cpu"), frozen, "fit")  # PatchCore-like: nothing to train
+    ReuseFreedMemory().setup(trainer("meta"), trains, "fit")  # not the CPU
+    assert calls == []
+    callback = ReuseFreedMemory(trim_threshold_mb=64)
+    callback.setup(trainer("cpu"), trains, "fit")
+    callback.setup(trainer("cpu"), trains, "test")  # once per process is enough
+    assert calls == [64] and callback.applied
