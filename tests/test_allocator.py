@@ -33,14 +33,14 @@ print(default, applied, faults(), faults())
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_freed_large_blocks_are_reused_without_page_faults() -> None:
     result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, capture_output=True, text=True, check=True)
-    default, applied, first, later = result.stdout.split()
+    default, applied, first, later = (int(v) if v.isdigit() else v for v in result.stdout.split())
     assert applied == "True"
-    pages = 10 * 64 * 2**20 // 4096
-    # glibc's default: every 64 MiB block is a fresh mmap, each of its 4 KiB pages faults.
-    assert int(default) > 0.9 * pages
-    # Kept: the first cycle grows the heap once, later cycles reuse it.
-    assert int(first) < 0.2 * pages
-    assert int(later) < 0.01 * pages
+    # glibc's default: every 64 MiB block is a fresh mmap whose pages all fault when written
+    # (10 x 16,384 faults with 4 KiB pages; fewer, but still one per page, with transparent huge pages).
+    assert default > 100
+    # Kept: the first cycle grows the heap once, later cycles reuse it and fault (almost) never.
+    assert first < default
+    assert later < 0.05 * default
 
 
 def test_callback_rejects_a_negative_threshold() -> None:
