@@ -455,7 +455,8 @@ def _build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     notes: dict[str, Any] = {
         "model": f"{spec['our_class_path']}({_short_args(spec['our_init_args'])})"
     }
-    backbone = getattr(model, "backbone", None) or getattr(model, "teacher", None)
+    pair = getattr(model, "pair", None)
+    backbone = getattr(model, "backbone", None) or getattr(pair, "teacher", None) or getattr(model, "teacher", None)
     if backbone is not None and hasattr(backbone, "weights_source"):
         notes["weights"] = backbone.weights_source
     if spec["kind"] == "patchcore":

@@ -81,6 +81,27 @@ def _logger(spec: JobSpec, job_dir: Path) -> Any:
     }
 
 
+#: A best validation score this close to 1 leaves no room to rank checkpoints by.
+SATURATION_LEVEL = 0.995
+#: Selection scores closer than this to the best one are treated as ties.
+SATURATION_TIE = 0.002
+
+
+def selection_saturation(history: list[dict[str, Any]], best: float | None) -> dict[str, Any]:
+    """Whether checkpoint selection could tell the validated epochs apart.
+
+    ``saturated`` when the best selection score is at least :data:`SATURATION_LEVEL`
+    or another validated epoch ties with it (within :data:`SATURATION_TIE`): then the
+    chosen checkpoint is as good as any other by the only signal there is, and on easy
+    synthetic anomalies that says little about real defects.
+    """
+    scores = [h["selection_score"] for h in history if h.get("selection_score", -1.0) >= 0.0]
+    if best is None or not scores:
+        return {"saturated": None, "ranked_epochs": len(scores), "ties": 0}
+    ties = sum(abs(score - best) <= SATURATION_TIE for score in scores) - 1
+    return {"saturated": bool(best >= SATURATION_LEVEL or ties > 0), "ranked_epochs": len(scores), "ties": max(ties, 0)}
+
+
 def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
     """Fit, select, test; return the record's measured part."""
     timing = TimingCallback()
@@ -105,10 +126,14 @@ def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
     trainer.fit(model, datamodule=data)
     best = checkpoint.best_model_path
     trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=False)
+    best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
+    history = cli.evaluator.val_history
     selection = {
         "checkpoint": "best validation" if best else "last epoch (no validation metric)",
-        "best_val_score": float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None,
+        "best_val_score": best_score,
         "val_metrics": cli.evaluator.val_metrics,
+        "history": history,
+        "saturation": selection_saturation(history, best_score),
     }
     return {
         "metrics": cli.evaluator.test_metrics,

@@ -192,7 +192,7 @@ class JobSpec:
             f"--trainer.devices={self.devices}",
         ]
         if self.devices > 1:
-            args.append("--trainer.strategy=ddp")
+            args.append(f"--trainer.strategy={models.get_model_class(self.method).ddp_strategy}")
         if self.root:
             args.append(f"--data.root={self.root}")
         if self.texture_root:

@@ -25,6 +25,8 @@ __all__ = ["AnomalyEvaluator"]
 _STAGES = ("val", "test")
 #: Validation metrics averaged into ``val/selection_score``, the checkpoint-selection monitor.
 SELECTION_METRICS = ("image_auroc", "pixel_auroc")
+#: The selection score of an epoch whose model says it is not ready (see AnomalyModule.ready_for_selection).
+NOT_READY_SCORE = -1.0
 
 
 @dataclass
@@ -117,6 +119,9 @@ class AnomalyEvaluator(Callback):
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
         self.fpr_limit = fpr_limit
         self.val_metrics: dict[str, float] = {}
+        #: Every validation epoch of the current fit: ``{"epoch", "step", **metrics}``, oldest first
+        #: (what checkpoint selection chose among, and whether it could tell the epochs apart).
+        self.val_history: list[dict[str, float]] = []
         #: F1-optimal thresholds found on the validation split (for display/deployment).
         self.val_image_threshold = math.nan
         self.val_pixel_threshold = math.nan
@@ -146,6 +151,12 @@ class AnomalyEvaluator(Callback):
             self._collected["val"] = _Collected()
             return
         self.val_metrics = self._evaluate("val", trainer, pl_module)
+        self.val_history.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, **self.val_metrics}
+        )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.val_history = []
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collected["test"] = _Collected()
@@ -263,7 +274,9 @@ class AnomalyEvaluator(Callback):
             self.val_pixel_threshold = thresholds["pixel_threshold"]
             # One number to rank checkpoints by, from the validation split only.
             ranked = [metrics[k] for k in SELECTION_METRICS if not math.isnan(metrics.get(k, math.nan))]
-            if ranked:
+            if not getattr(pl_module, "ready_for_selection", True):
+                metrics["selection_score"] = NOT_READY_SCORE  # a staged method mid-way: never the best
+            elif ranked:
                 metrics["selection_score"] = sum(ranked) / len(ranked)
         for name, value in metrics.items():
             if not math.isnan(value):

@@ -84,6 +84,7 @@ HALF_NORMALISATION: Normalisation = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 #: convention), which ``check_hash`` verifies.
 HUB_URLS: dict[str, str] = {
     "resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
     "wide_resnet50_2": "https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth",
 }
 
@@ -164,6 +165,7 @@ _NORMALISATIONS: dict[str, Normalisation] = {
     "tf_efficientnet_lite2": HALF_NORMALISATION,
     "mobilenet_v2": IMAGENET_NORMALISATION,
     "resnet18": IMAGENET_NORMALISATION,
+    "resnet50": IMAGENET_NORMALISATION,
     "wide_resnet50_2": IMAGENET_NORMALISATION,
 }
 
@@ -581,12 +583,15 @@ class FeatureExtractor(nn.Module):
         return list(self.body((images - self.mean) / self.std))
 
     @classmethod
-    def random_like(cls, other: FeatureExtractor, frozen: bool = False) -> FeatureExtractor:
-        """Same architecture, layers and input normalisation as ``other``, randomly initialised.
+    def random_like(
+        cls, other: FeatureExtractor, frozen: bool = False, layers: Sequence[int] | None = None
+    ) -> FeatureExtractor:
+        """Same architecture and input normalisation as ``other``, randomly initialised.
 
         The student of STPM-style methods: it must see exactly the teacher's inputs.
+        ``layers`` defaults to the teacher's.
         """
-        student = cls(other.name, other.layers, weights="random", frozen=frozen)
+        student = cls(other.name, other.layers if layers is None else layers, weights="random", frozen=frozen)
         student.normalisation = other.normalisation
         student.mean.copy_(other.mean)
         student.std.copy_(other.std)

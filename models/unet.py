@@ -218,6 +218,15 @@ class UNet(nn.Module):
         return encoded, decoded, self.head(decoded[-1])
 
 
+def draem_init(module: nn.Module) -> None:
+    """DRAEM's reference initialisation (``module.apply``): conv ~ N(0, 0.02); BatchNorm scale ~ N(1, 0.02), bias 0."""
+    if isinstance(module, nn.Conv2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
 def widths_from_base(base: int, depth: int, max_multiplier: int = 8) -> list[int]:
     """DRAEM's width ladder: base, 2*base, 4*base, 8*base, 8*base, ..."""
     return [base * min(2**i, max_multiplier) for i in range(depth)]

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from lightning import seed_everything
 
 from models import create_model
-from models.draem import DRAEM, pooled_max_score
+from models.draem import DRAEM
 from models.losses import focal_loss
+from models.scoring import pooled_max_score
 
 from .helpers import (
     SIZE,

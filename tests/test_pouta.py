@@ -13,9 +13,10 @@ from lightning import seed_everything
 
 from benchmark.cli import AnomalyCLI
 from models import create_model
-from models.draem import DRAEM, pooled_max_score
+from models.draem import DRAEM
 from models.losses import focal_loss, reconstruction_loss
 from models.pouta import POUTA
+from models.scoring import pooled_max_score
 
 from .conftest import REPO
 from .helpers import (
