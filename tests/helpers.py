@@ -43,14 +43,14 @@ def first_train_batch(
 
 
 def fit_and_test(
-    build: Callable[[], LightningModule], root: Path, steps: int, category: str = "weave"
+    build: Callable[[], LightningModule], root: Path, steps: int, category: str = "weave", **trainer_kwargs: Any
 ) -> tuple[LightningModule, dict[str, float]]:
     """From seed 0 (initialisation included), train ``steps`` steps, test; the model and its metrics."""
     seed_everything(0, verbose=False)
     model = build()
     evaluator = AnomalyEvaluator()
     data = small_datamodule(root, category)
-    trainer = step_trainer(steps, callbacks=[evaluator])
+    trainer = step_trainer(steps, callbacks=[evaluator], **trainer_kwargs)
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
     return model, evaluator.test_metrics
