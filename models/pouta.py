@@ -86,15 +86,33 @@ levels), four level weights ``lambda_1..4`` and focal ``gamma``/``alpha_t``:
   reconstructive network trained from scratch has not yet learnt features that
   transfer from synthetic to real defects.
 
-Ablation switches (the paper's comparison of feature-level with image-level
-input, and of the coarse-to-fine process):
+What is confirmed and what is our reading (every table footnote repeats this):
 
-* ``disc_input="image"``: like DRAEM, the discriminative network gets
-  ``[reconstruction, input]`` (6 channels) and has its own encoder (stage widths
-  ``c_i``); its stage-``i`` features replace ``[E_i, D_i]`` in the FCMs. HSG and
-  MSS are unchanged, so only the input of the discriminative network differs.
+* Confirmed (abstract, public reviews): the discriminative network reuses the
+  reconstructive encoder/decoder features and has no encoder of its own; the
+  module names FCM, HSG, MSS; the two segmentation losses ``L_pre`` and
+  ``L_MSS``; four level weights ``lambda_1..4``; focal ``gamma``/``alpha_t``.
+* Our reading: HSG's gating form (sigmoid spatial x channel weights plus the
+  residual guidance), the weight values (``level_weights``, ``focal_*``), the
+  ``|E - D|`` input of the FCM, the MSS fusion block, and the short-budget
+  pretrained encoder of the quick profile.
+
+Ablation switches (each removes one idea; ``configs/sweeps/ablations.yaml``):
+
+* ``disc_input="image"``: no feature reuse. The discriminative part extracts its
+  features from the input and from the reconstruction again, with an encoder of
+  its own of the SAME kind as the reconstructive encoder (same widths; in the
+  quick profile the same frozen ImageNet backbone with its own trainable
+  projections), applied to each image; the FCMs, HSG and MSS are unchanged. So
+  the arm measures the reuse, not pretraining (before 2026-12-01 this arm trained
+  a DRAEM-style encoder from scratch on ``[reconstruction, input]`` while the
+  full quick model reused a pretrained encoder: two changes at once).
 * ``calibration=False``: no HSG, ``F_H(i) = F_C(i)`` (each level predicts from its
   own discrepancy features alone; the MSS fusion still combines the levels).
+* ``level_supervision=False``: no ``L_MSS``: the per-level maps still exist and
+  feed the fusion but are not supervised.
+* ``fusion="finest"``: no multi-scale fusion: the final map is the finest level's
+  map (its head on ``F_H(0)``), upsampled.
 """
 
 from __future__ import annotations
@@ -173,6 +191,8 @@ class POUTA(AnomalyModule):
         disc_base_width: int = 64,
         disc_input: str = "features",
         calibration: bool = True,
+        level_supervision: bool = True,
+        fusion: str = "mss",
         fcm_difference: bool = True,
         level_weights: Sequence[float] = (0.4, 0.3, 0.2, 0.1),
         final_weight: float = 1.0,
@@ -193,6 +213,8 @@ class POUTA(AnomalyModule):
         super().__init__()
         if disc_input not in ("features", "image"):
             raise ValueError(f"disc_input must be 'features' or 'image', got {disc_input!r}")
+        if fusion not in ("mss", "finest"):
+            raise ValueError(f"fusion must be 'mss' or 'finest', got {fusion!r}")
         if recon_depth < 3:
             raise ValueError(f"recon_depth must be at least 3 (two discriminative levels), got {recon_depth}")
         levels = recon_depth - 1
@@ -209,25 +231,28 @@ class POUTA(AnomalyModule):
         recon_widths = widths_from_base(recon_base_width, recon_depth)
         disc_widths = widths_from_base(disc_base_width, levels)
         self.reconstructive = UNet(3, 3, recon_widths, skip=False)
-        if encoder != "unet":
-            # Short-budget option: ImageNet features (projected to the stage widths) as the encoder.
-            self.reconstructive.encoder = BackboneEncoder(recon_widths, encoder, encoder_weights, encoder_frozen)
 
-        if disc_input == "features":
-            self.disc_encoder = None
-            factor = 3 if fcm_difference else 2
-            in_channels = [factor * recon_widths[i] for i in range(levels)]
-        else:
-            # Ablation: an encoder of its own on [reconstruction, input], as DRAEM's discriminator.
-            self.disc_encoder = Encoder(6, disc_widths)
-            in_channels = list(disc_widths)
+        def make_encoder() -> nn.Module:
+            if encoder == "unet":
+                return Encoder(3, recon_widths)
+            # Short-budget option: ImageNet features (projected to the stage widths) as the encoder.
+            return BackboneEncoder(recon_widths, encoder, encoder_weights, encoder_frozen)
+
+        if encoder != "unet":
+            self.reconstructive.encoder = make_encoder()
+        # Ablation: the discriminative part extracts features from the input and the reconstruction
+        # again, with an encoder of its own of the reconstructive encoder's kind (same widths, same
+        # pretrained backbone if any), instead of reusing the reconstructive network's features.
+        self.disc_encoder = make_encoder() if disc_input == "image" else None
+        factor = 3 if fcm_difference else 2
+        in_channels = [factor * recon_widths[i] for i in range(levels)]
         self.fcm = nn.ModuleList(FeatureComparison(in_channels[i], disc_widths[i]) for i in range(levels))
         # hsg[i] calibrates level i by level i + 1 (the last level is the coarsest, uncalibrated).
         self.hsg = nn.ModuleList(
             HighLevelGuidance(disc_widths[i + 1], disc_widths[i]) for i in range(levels - 1)
         ) if calibration else None  # fmt: skip
         self.level_heads = nn.ModuleList(nn.Conv2d(disc_widths[i], 1, 1) for i in range(levels))
-        self.fusion = MultiScaleFusion(disc_widths[0], levels)
+        self.fusion = MultiScaleFusion(disc_widths[0], levels) if fusion == "mss" else None
         if weight_init == "normal":
             for name, module in self.named_modules():
                 if ".backbone." not in f".{name}.":  # keep the pretrained weights
@@ -235,20 +260,23 @@ class POUTA(AnomalyModule):
         if head_prior is not None:
             # Focal-loss prior (Lin et al.): every map starts at P(anomaly) = head_prior, not 0.5.
             bias = math.log(head_prior / (1.0 - head_prior))
-            for head in [*self.level_heads, self.fusion.fuse[-1]]:
+            for head in [*self.level_heads, *([self.fusion.fuse[-1]] if self.fusion is not None else [])]:
                 nn.init.constant_(head.bias, bias)
 
     # ------------------------------------------------------------------ networks
 
     def _discriminative_inputs(self, images: Tensor, encoded: list[Tensor], decoded: list[Tensor],
                                reconstruction: Tensor) -> list[Tensor]:  # fmt: skip
-        """What each level's FCM compares: [E_i, D_i(, |E_i - D_i|)] or the ablation's own features."""
+        """What each level's FCM compares: [E_i, D_i(, |E_i - D_i|)], the features standing for the input
+        and for the reconstruction: the reconstructive network's own, or (ablation) extracted again."""
         if self.disc_encoder is not None:
             joined = reconstruction.detach() if self.hparams.detach_features else reconstruction
-            return self.disc_encoder(torch.cat([joined, images], dim=1))
+            of_input, of_reconstruction = self.disc_encoder(images), self.disc_encoder(joined)
+        else:
+            of_input, of_reconstruction = encoded, decoded[::-1]  # decoder level i has stage i's shape
         inputs = []
         for i in range(self.levels):
-            enc, dec = encoded[i], decoded[self.levels - 1 - i]  # decoder level i has stage i's shape
+            enc, dec = of_input[i], of_reconstruction[i]
             if self.hparams.detach_features:
                 enc, dec = enc.detach(), dec.detach()
             parts = [enc, dec, (enc - dec).abs()] if self.hparams.fcm_difference else [enc, dec]
@@ -267,7 +295,7 @@ class POUTA(AnomalyModule):
             for i in range(self.levels - 2, -1, -1):  # coarse to fine
                 calibrated[i] = self.hsg[i](compared[i], calibrated[i + 1])
         level_logits = [head(f) for head, f in zip(self.level_heads, calibrated, strict=True)]
-        final = self.fusion(calibrated[0], level_logits)
+        final = self.fusion(calibrated[0], level_logits) if self.fusion is not None else level_logits[0]
         if final.shape[-2:] != images.shape[-2:]:
             final = F.interpolate(final, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return reconstruction, level_logits, final
@@ -291,8 +319,9 @@ class POUTA(AnomalyModule):
         for i, logits in enumerate(level_logits):
             upsampled = F.interpolate(logits.float(), size=mask.shape[-2:], mode="bilinear", align_corners=False)
             terms[f"level{i}"] = focal_loss(upsampled, mask, gamma=hp.focal_gamma, alpha=hp.focal_alpha)
-        levels = sum(w * terms[f"level{i}"] for i, w in enumerate(hp.level_weights))
-        terms["loss"] = hp.recon_weight * terms["reconstruction"] + hp.final_weight * terms["final"] + levels
+        terms["loss"] = hp.recon_weight * terms["reconstruction"] + hp.final_weight * terms["final"]
+        if hp.level_supervision:  # L_MSS
+            terms["loss"] = terms["loss"] + sum(w * terms[f"level{i}"] for i, w in enumerate(hp.level_weights))
         return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

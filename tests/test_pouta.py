@@ -167,20 +167,59 @@ def test_coarse_to_fine_calibration_and_its_switch() -> None:
         assert changed == calibration
 
 
-def test_image_level_ablation_has_its_own_encoder_on_input_and_reconstruction() -> None:
-    model = _tiny(disc_input="image").eval()
-    assert model.disc_encoder is not None
-    assert model.disc_encoder.stages[0][0][0].in_channels == 6
+@pytest.mark.parametrize("encoder", ["unet", "tf_efficientnet_lite0"])
+def test_image_level_ablation_extracts_features_again_with_the_same_encoder(encoder: str) -> None:
+    """The ablation's discriminative part gets its features from the input and the reconstruction through an
+    encoder of its own, of the SAME kind as the reconstructive encoder (same widths; the same frozen ImageNet
+    backbone in the quick profile), so only the reuse of the reconstructive features is switched off."""
+    full, model = _tiny(encoder=encoder), _tiny(encoder=encoder, disc_input="image")
+    own, reused = model.disc_encoder, model.reconstructive.encoder
+    assert own is not None and own is not reused and type(own) is type(reused)
+    assert {k: v.shape for k, v in own.state_dict().items()} == {k: v.shape for k, v in reused.state_dict().items()}
+    if encoder != "unet":  # the same pretrained backbone, frozen, as in the full model
+        assert own.backbone.weights_source == reused.backbone.weights_source and "package" in own.backbone.weights_source
+        assert not any(p.requires_grad for p in own.backbone.parameters())
+    # Everything else is the full model's network (FCM widths included).
+    rest = {k: v.shape for k, v in model.state_dict().items() if not k.startswith("disc_encoder.")}
+    assert rest == {k: v.shape for k, v in full.state_dict().items()}
+    model.eval()
     seen: list[torch.Tensor] = []
-    model.disc_encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    own.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     images = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         anomaly_map, score = model(images)
         reconstruction = model.reconstructive(images)
-    torch.testing.assert_close(seen[0], torch.cat([reconstruction, images], dim=1))
+    torch.testing.assert_close(seen[0], images)
+    torch.testing.assert_close(seen[1], reconstruction)  # the same encoder on both images
     assert anomaly_map.shape == (2, 1, SIZE, SIZE) and torch.isfinite(score).all()
-    features = _tiny()
-    assert _parameters(model) > _parameters(features)  # the extra encoder is what POUTA saves
+    assert _parameters(model) > _parameters(full)  # the extra encoder is what POUTA saves
+
+
+def test_without_level_supervision_the_loss_has_no_level_terms(embedded_root: Path) -> None:
+    seed_everything(0, verbose=False)
+    batch = first_train_batch(embedded_root)
+    full, arm = _tiny(), _tiny(level_supervision=False)
+    arm.load_state_dict(full.state_dict())  # same network: only the objective differs
+    terms, arm_terms = full.losses(batch), arm.losses(batch)
+    base = terms["reconstruction"] + terms["final"]
+    levels = sum(w * terms[f"level{i}"] for i, w in enumerate(full.hparams.level_weights))
+    torch.testing.assert_close(terms["loss"], base + levels)
+    torch.testing.assert_close(arm_terms["loss"], base)
+    assert levels > 0
+
+
+def test_finest_only_fusion_takes_the_finest_level_map() -> None:
+    model = _tiny(fusion="finest").eval()
+    assert model.fusion is None
+    full = {k: v.shape for k, v in _tiny().state_dict().items() if not k.startswith("fusion.")}
+    assert {k: v.shape for k, v in model.state_dict().items()} == full  # only the MSS fusion module is gone
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        _, level_logits, final = model._predict(images)
+    expected = F.interpolate(level_logits[0], size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(final, expected)
+    with pytest.raises(ValueError, match="fusion"):
+        _tiny(fusion="mean")
 
 
 def test_yaml_profiles_and_ablation_switch_from_the_command_line() -> None:
