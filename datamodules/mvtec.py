@@ -42,12 +42,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from .download import download_mvtec
 from .embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
-from .synthesis import PseudoAnomalySynthesizer, make_texture_source
+from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
     "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
 )  # fmt: skip
+#: ``texture_source`` of the paper profiles: a texture folder must be supplied.
+TEXTURES_REQUIRED = "required"
+VALIDATION_TEXTURES = ("shared", "held-out")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
@@ -268,8 +271,16 @@ class MVTecDataModule(LightningDataModule):
             ``None`` asks the model (its ``needs_pseudo_anomalies``).
         texture_source: anomaly-source textures: a DTD-style folder, ``"procedural"``
             (no files needed) or ``"self"`` (the training images themselves).
+            ``"required"`` (the paper profiles): a texture folder must be given
+            (``--data.texture_source=/path/to/dtd``, the sweep's ``texture_root``);
+            the run fails instead of silently using procedural textures.
         validation_anomalies: give validation images fixed synthetic anomalies, so
             that validation metrics can rank checkpoints.
+        validation_textures: ``"shared"``: validation anomalies are drawn from the
+            same textures as training's; ``"held-out"``: from texture classes that
+            training never sees (20 % of a texture folder's classes, seeded by
+            ``split_seed``), so validation measures generalisation of the synthesis
+            rather than its memorisation. Needs a texture folder.
         download: download the official archive (SHA-256 verified) if ``category``
             is missing under ``root``.
     """
@@ -287,6 +298,7 @@ class MVTecDataModule(LightningDataModule):
         pseudo_anomalies: bool | None = None,
         texture_source: str = "procedural",
         validation_anomalies: bool = True,
+        validation_textures: str = "shared",
         download: bool = False,
     ) -> None:
         super().__init__()
@@ -296,6 +308,8 @@ class MVTecDataModule(LightningDataModule):
             raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if validation_textures not in VALIDATION_TEXTURES:
+            raise ValueError(f"validation_textures must be one of {VALIDATION_TEXTURES}, got {validation_textures!r}")
         self.save_hyperparameters()
         self.root = root
         self.category = category or (EMBEDDED_CATEGORIES[0] if root is None else None)
@@ -310,6 +324,7 @@ class MVTecDataModule(LightningDataModule):
         self.pseudo_anomalies = pseudo_anomalies
         self.texture_source = texture_source
         self.validation_anomalies = validation_anomalies
+        self.validation_textures = validation_textures
         self.download = download
         self.train_set: MVTecDataset | None = None
         self.val_set: MVTecDataset | None = None
@@ -336,8 +351,24 @@ class MVTecDataModule(LightningDataModule):
             return self.pseudo_anomalies
         return self._model_asks("needs_pseudo_anomalies", False)
 
-    def _synthesizer(self, train_images: np.ndarray) -> PseudoAnomalySynthesizer:
-        return PseudoAnomalySynthesizer(make_texture_source(self.texture_source, images=train_images))
+    def _synthesizers(self, train_images: np.ndarray) -> tuple[PseudoAnomalySynthesizer, PseudoAnomalySynthesizer]:
+        """The training synthesizer and the validation one (the same, or on held-out textures)."""
+        if self.texture_source == TEXTURES_REQUIRED:
+            raise DatasetError(
+                "this profile needs a texture folder for its pseudo-anomalies (DRAEM uses DTD) and got none: "
+                "set texture_root in the sweep (--texture-root, DTD_ROOT) or --data.texture_source=/path/to/dtd; "
+                "--data.texture_source=procedural uses procedural textures deliberately"
+            )
+        source = make_texture_source(self.texture_source, images=train_images)
+        if self.validation_textures == "shared":
+            synthesizer = PseudoAnomalySynthesizer(source)
+            return synthesizer, synthesizer
+        if not isinstance(source, FolderTextures):
+            raise DatasetError(
+                f"validation_textures='held-out' needs a texture folder, got texture_source={self.texture_source!r}"
+            )
+        kept, held_out = source.split(0.2, seed=self.split_seed)
+        return PseudoAnomalySynthesizer(kept), PseudoAnomalySynthesizer(held_out)
 
     def setup(self, stage: str | None = None) -> None:
         category_dir = self.category_dir
@@ -346,13 +377,15 @@ class MVTecDataModule(LightningDataModule):
                 list_train_samples(category_dir), self.val_fraction, self.split_seed
             )
             self.train_set = MVTecDataset(train, self.image_size)
-            synthesizer = self._synthesizer(self.train_set.images)
-            if self._wants_pseudo_anomalies():
-                self.train_set.synthesizer = synthesizer
+            wants = self._wants_pseudo_anomalies()
+            if wants or (val and self.validation_anomalies):
+                train_synthesis, val_synthesis = self._synthesizers(self.train_set.images)
+                if wants:
+                    self.train_set.synthesizer = train_synthesis
             if val:
                 self.val_set = MVTecDataset(val, self.image_size)
                 if self.validation_anomalies:
-                    self.val_set.bake_pseudo_anomalies(synthesizer, self.split_seed)
+                    self.val_set.bake_pseudo_anomalies(val_synthesis, self.split_seed)
         if stage in ("test", "predict", None) and self.test_set is None:
             self.test_set = MVTecDataset(list_test_samples(category_dir), self.image_size)
 

@@ -137,6 +137,31 @@ class FolderTextures:
     def __len__(self) -> int:
         return len(self.paths)
 
+    def split(self, held_out_fraction: float = 0.2, seed: int = 0) -> tuple[FolderTextures, FolderTextures]:
+        """Two disjoint sources: (kept, held out). Whole texture classes (sub-folders, e.g. DTD's
+        ``banded``) are held out when there are at least two, so the held-out textures are of
+        kinds the kept ones never show; otherwise files are split. Seeded, reproducible."""
+        if not 0.0 < held_out_fraction < 1.0:
+            raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+        groups: dict[Path, list[Path]] = {}
+        for path in self.paths:
+            groups.setdefault(path.parent, []).append(path)
+        units = [groups[k] for k in sorted(groups)] if len(groups) >= 2 else [[p] for p in self.paths]
+        if len(units) < 2:
+            raise ValueError(f"texture folder {str(self.root)!r} has a single texture: nothing to hold out")
+        n_held = min(len(units) - 1, max(1, int(round(len(units) * held_out_fraction))))
+        order = np.random.default_rng(seed).permutation(len(units))
+        held = {int(i) for i in order[:n_held]}
+        parts = ([p for i, u in enumerate(units) if i not in held for p in u],
+                 [p for i, u in enumerate(units) if i in held for p in u])  # fmt: skip
+        return tuple(self._with_paths(sorted(paths)) for paths in parts)  # type: ignore[return-value]
+
+    def _with_paths(self, paths: list[Path]) -> FolderTextures:
+        source = FolderTextures.__new__(FolderTextures)
+        source.root, source.paths, source.cache_size = self.root, paths, self.cache_size
+        source._cache = OrderedDict()
+        return source
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_cache"] = OrderedDict()

@@ -23,7 +23,7 @@ from datamodules.download import ChecksumError, download_mvtec
 from datamodules.embedded import EMBEDDED_CATEGORIES
 from datamodules.mvtec import DatasetError, list_test_samples, list_train_samples
 
-from .conftest import MVTEC_ROOT, requires_mvtec
+from .conftest import MVTEC_ROOT, REPO, requires_mvtec
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -334,3 +334,42 @@ def test_incomplete_last_batch_is_kept_when_the_model_asks(embedded_root: Path) 
 
     assert train_batches(None) == [8] * 6  # 54 training images: the incomplete 7th batch is dropped
     assert train_batches(_Trainer()) == [8] * 6 + [6]  # PatchCore-like: every image is seen
+
+
+def test_paper_profiles_never_fall_back_to_procedural_textures(embedded_root: Path) -> None:
+
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, texture_source="required",
+                           pseudo_anomalies=True)  # fmt: skip
+    with pytest.raises(DatasetError, match="texture_root"):
+        data.setup("fit")
+    import yaml
+
+    for method in ("draem", "pouta", "tsdn", "rstpm"):
+        config = yaml.safe_load((REPO / "configs" / method / "paper.yaml").read_text())
+        assert config["data"]["texture_source"] == "required", method
+
+
+def test_held_out_validation_textures_are_classes_training_never_sees(tmp_path: Path, embedded_root: Path) -> None:
+    from datamodules.synthesis import FolderTextures
+
+    rng = np.random.default_rng(0)
+    for kind in ("banded", "dotted", "grid", "lined", "woven"):
+        (tmp_path / "tex" / kind).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "tex" / kind / f"{i}.png")
+    kept, held = FolderTextures(tmp_path / "tex").split(0.2, seed=0)
+    assert {p.parent.name for p in kept.paths}.isdisjoint({p.parent.name for p in held.paths})
+    assert len(held.paths) == 3 and len(kept.paths) == 12  # one class of five held out
+    assert [p.name for p in FolderTextures(tmp_path / "tex").split(0.2, seed=0)[1].paths] == [p.name for p in held.paths]
+
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, val_fraction=0.2,
+                           texture_source=str(tmp_path / "tex"), validation_textures="held-out", pseudo_anomalies=True)  # fmt: skip
+    data.setup("fit")
+    train_source = data.train_set.synthesizer.texture_source
+    assert {p.parent.name for p in train_source.paths} == {p.parent.name for p in kept.paths}
+    assert any(item["label"] == 1 for item in data.val_set)
+    with pytest.raises(DatasetError, match="held-out"):
+        MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, val_fraction=0.2,
+                        validation_textures="held-out", pseudo_anomalies=True).setup("fit")  # fmt: skip
+    with pytest.raises(ValueError, match="validation_textures"):
+        MVTecDataModule(validation_textures="other")
