@@ -44,7 +44,7 @@ EFFICIENCY = {
     "parameters_m": "params M",
 }
 RUN_COLUMNS = [
-    "name", "method", "profile", "category", "seed", "status", *METRICS,
+    "name", "method", "profile", "category", "seed", "status", *METRICS, "val_saturated",
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
     "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices",
     "error", "job_id", "git_commit", "device", "finished",
@@ -58,8 +58,11 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         timing, env = r.get("timing") or {}, r.get("environment") or {}
         rows.append({
             "name": r.get("name") or r.get("method"),
-            **{k: r.get(k) for k in ("method", "profile", "category", "seed", "status", "precision",
+            **{k: r.get(k) for k in ("method", "category", "seed", "status", "precision",
                                      "devices", "error", "job_id", "finished", "parameters")},
+            # Which protocol produced the row is part of its name (see benchmark/sweep.py PROTOCOLS).
+            "profile": (r.get("profile") or "") + (", paper protocol" if r.get("protocol") == "paper" else ""),
+            "val_saturated": ((r.get("selection") or {}).get("saturation") or {}).get("saturated"),
             **{m: (r.get("metrics") or {}).get(m) for m in METRICS},
             **{k: timing.get(k) for k in ("fit_seconds", "test_seconds", "test_images_per_second",
                                           "train_steps_per_second", "fit_peak_memory_mb",
@@ -177,6 +180,11 @@ def build_leaderboard(results_dir: str | Path) -> dict[str, pd.DataFrame]:
         html_parts += ["<h2>Failed jobs</h2>", failed.to_html(index=False, border=0)]
     n_ok = int((runs.status == "ok").sum())
     footer = f"{n_ok} of {len(runs)} jobs ok; paper column: MVTec AD mean over 15 categories as published."
+    saturated = runs[runs.val_saturated.fillna(False).astype(bool)]
+    if len(saturated):
+        rows = ", ".join(sorted({f"{n} ({p})" for n, p in zip(saturated.name, saturated.profile, strict=True)}))
+        footer += (f" Checkpoint selection saturated in {len(saturated)} of {n_ok} jobs (best validation score"
+                   f" >= 0.995 or tied epochs: the synthetic validation anomalies could not rank them): {rows}.")
     markdown.append(footer)
     html_parts += [f"<p>{html.escape(footer)}</p>", "</body></html>"]
     (results_dir / "leaderboard.md").write_text("\n".join(markdown) + "\n")

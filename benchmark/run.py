@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", help="MVTec AD root (default: the embedded dataset)")
     parser.add_argument("--texture-root", help="DTD-style texture folder for pseudo-anomalies")
     parser.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed")
+    parser.add_argument("--protocol", choices=("selected", "paper"),
+                        help="selected: checkpoint chosen on held-out train/good (default); "
+                             "paper: all of train/good, last epoch")
     parser.add_argument("--devices", dest="devices_per_job", type=int, help="devices per job (>1: DDP)")
     parser.add_argument("--parallel", type=int, help="jobs at once (default: one per GPU group, else 1)")
     parser.add_argument("--wandb", choices=("off", "offline", "online"), help="log jobs to Weights & Biases")
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("methods", "categories", "seeds", "profile", "root", "texture_root",
-                    "precision", "devices_per_job", "parallel")
+                    "precision", "protocol", "devices_per_job", "parallel")
     }  # fmt: skip
     try:
         sweep = SweepConfig.from_yaml(args.sweep, **overrides)

@@ -21,6 +21,7 @@ import models
 from datamodules import EMBEDDED_CATEGORIES, MVTEC_CATEGORIES, ensure_embedded_dataset
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+PROTOCOLS = ("selected", "paper")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -40,6 +41,9 @@ class SweepConfig:
     root: str | None = None  # None: the embedded procedural dataset
     texture_root: str | None = None  # None: procedural textures
     precision: str = "32-true"
+    #: ``selected``: hold out part of train/good, test the checkpoint chosen on it (our default);
+    #: ``paper``: train on all of train/good and test the last epoch, as the papers do.
+    protocol: str = "selected"
     accelerator: str = "auto"
     devices_per_job: int = 1  # >1: one DDP job across that many devices
     parallel: int | None = None  # concurrent jobs; None: one per GPU group, else 1
@@ -66,6 +70,8 @@ class SweepConfig:
         return config
 
     def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise SweepConfigError(f"protocol {self.protocol!r} is not one of {PROTOCOLS}")
         if self.precision not in PRECISIONS:
             raise SweepConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.devices_per_job < 1:
@@ -134,6 +140,7 @@ class SweepConfig:
                 root=self.root,
                 texture_root=self.texture_root,
                 precision=self.precision,
+                protocol=self.protocol,
                 accelerator=self.accelerator,
                 devices=self.devices_per_job,
                 overrides={
@@ -166,6 +173,7 @@ class JobSpec:
     devices: int
     overrides: dict[str, Any]
     wandb: dict[str, Any]
+    protocol: str = "selected"
 
     @property
     def job_id(self) -> str:
@@ -178,6 +186,8 @@ class JobSpec:
     def fingerprint(self) -> str:
         """Hash of what determines the result (not the sweep name or W&B settings), incl. the method YAML."""
         content = {k: v for k, v in asdict(self).items() if k not in ("sweep", "wandb")}
+        if content["protocol"] == "selected":  # the default before the field existed: old records stay valid
+            del content["protocol"]
         content["config_text"] = self.config_file.read_text() if self.config_file.is_file() else None
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -193,6 +203,8 @@ class JobSpec:
         ]
         if self.devices > 1:
             args.append(f"--trainer.strategy={models.get_model_class(self.method).ddp_strategy}")
+        if self.protocol == "paper":  # all of train/good for training; no validation, the last epoch is tested
+            args.append("--data.val_fraction=0")
         if self.root:
             args.append(f"--data.root={self.root}")
         if self.texture_root:

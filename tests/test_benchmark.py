@@ -256,3 +256,19 @@ def test_shipped_sweeps_are_valid(embedded_root: Path) -> None:
     for path in sorted((REPO / "configs" / "sweeps").glob("*.yaml")):
         sweep = SweepConfig.from_yaml(path, root=str(embedded_root))
         assert sweep.jobs(), path
+
+
+def test_paper_protocol_trains_on_all_of_train_good_and_is_named_in_the_leaderboard(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from benchmark.leaderboard import runs_frame
+
+    selected = SweepConfig(methods=["stpm"], categories=["weave"]).jobs()[0]
+    paper = SweepConfig(methods=["stpm"], categories=["weave"], protocol="paper").jobs()[0]
+    assert "--data.val_fraction=0" in paper.cli_args() and "--data.val_fraction=0" not in selected.cli_args()
+    assert paper.fingerprint() != selected.fingerprint()
+    with pytest.raises(SweepConfigError, match="protocol"):
+        SweepConfig(protocol="tuned").validate()
+    records = [{**asdict(spec), "status": "ok", "metrics": {"image_auroc": 0.9}} for spec in (selected, paper)]
+    profiles = sorted(runs_frame(records).profile)
+    assert profiles == ["quick", "quick, paper protocol"]
