@@ -272,3 +272,21 @@ def test_paper_protocol_trains_on_all_of_train_good_and_is_named_in_the_leaderbo
     records = [{**asdict(spec), "status": "ok", "metrics": {"image_auroc": 0.9}} for spec in (selected, paper)]
     profiles = sorted(runs_frame(records).profile)
     assert profiles == ["quick", "quick, paper protocol"]
+
+
+def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
+    from benchmark.ablation_table import ablation_table
+    from benchmark.leaderboard import runs_frame
+
+    def record(name: str, method: str, seed: int, pixel: float) -> dict:
+        return {"name": name, "method": method, "profile": "quick", "category": "bottle", "seed": seed,
+                "status": "ok", "metrics": {"pixel_auroc": pixel}}  # fmt: skip
+
+    records = [record("rstpm", "rstpm", 0, 0.90), record("rstpm", "rstpm", 1, 0.94),
+               record("rstpm-no-attention", "rstpm", 0, 0.80), record("rstpm-no-attention", "rstpm", 1, 0.86),
+               record("stpm", "stpm", 0, 0.91), record("stpm", "stpm", 1, 0.91)]  # fmt: skip
+    table = ablation_table(runs_frame(records), ["pixel_auroc"]).set_index("row")
+    assert table.loc["rstpm", "pixel_auroc"] == "92.0 ± 2.8"
+    # Paired by seed: deltas 10 and 8 -> +9.0 ± 1.4 (unpaired means would give the same mean, another std).
+    assert table.loc["rstpm-no-attention", "Δ pixel_auroc"] == "+9.0 ± 1.4"
+    assert table.loc["stpm", "Δ pixel_auroc"] == "rstpm: +1.0 ± 2.8"
