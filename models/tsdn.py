@@ -3,6 +3,17 @@
 Park, Lee, Cho, Kim, Lee. "Two-stream Decoder Feature Normality Estimating
 Network for Industrial Anomaly Detection", ICASSP 2023 (arXiv 2302.09794).
 
+READ THIS FIRST: only the abstract and the opening of the introduction of TSDN
+could be read here, and no official code exists. The ideas below (a U-Net-like
+autoencoder, a two-stream decoder trained on synthetic anomalies, a feature
+normality estimator on the skips) are the paper's; EVERY architectural detail
+that realises them (one shared encoder, what each stream sees, the FNE's head,
+gate and target, the anomaly map) is this suite's reading, and TSDN's numbers
+here are numbers of that reading, labelled so wherever they are shown. The
+readings the abstract allows for the anomaly map are an argument
+(``anomaly_map``: the reconstruction error only, the abnormal stream only, or
+both) and ablated in ``configs/sweeps/ablations.yaml``.
+
 What the paper states (abstract, introduction, Fig. 1) and this module implements:
 
 * A U-Net-like autoencoder. The paper's diagnosis: an autoencoder "similar to
@@ -75,7 +86,10 @@ reading of them; each is a constructor argument):
 
 Ablation switches (also YAML keys): ``use_fne=False`` passes the encoder skips
 to the normal stream unchanged (plain U-Net skips, no FNE loss);
-``two_stream=False`` builds no abnormal stream (reconstruction only).
+``two_stream=False`` builds no abnormal stream (reconstruction only);
+``anomaly_map="reconstruction"`` / ``"abnormal"``: the other readings of the map
+(same networks and training; only the map differs, and with it the validation
+signal that selects the checkpoint).
 """
 
 from __future__ import annotations
