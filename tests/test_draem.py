@@ -182,9 +182,10 @@ def test_lr_milestones_at_80_and_90_percent(embedded_root: Path) -> None:
 
 
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
-    # 100 steps at 64 px: pixel AUROC on weave was 0.86-0.98 over seeds 0-3 of this
-    # setting (and on marble); chance is 0.5.
-    _, metrics = fit_and_test(_tiny, embedded_root, steps=100)
+    # 200 steps at 64 px on weave, seed 0 (torch 2.14.1, 2026-12-01): image AUROC 0.93, pixel AUROC 0.98.
+    # At 100 steps pixel AUROC was already 0.88 but image AUROC 0.29 (the discriminator's pooled maximum
+    # still fires on normal texture then); chance is 0.5.
+    _, metrics = fit_and_test(_tiny, embedded_root, steps=200)
     assert metrics["pixel_auroc"] > 0.75
     assert metrics["image_auroc"] > 0.55
 
