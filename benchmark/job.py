@@ -33,6 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from benchmark.cli import AnomalyCLI
 from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
 from benchmark.sweep import JobSpec
+from callbacks.evaluation import NOT_READY_SCORE
 from callbacks.timing import TimingCallback
 from callbacks.visualization import AnomalyMapVisualizer
 
@@ -95,7 +96,8 @@ def selection_saturation(history: list[dict[str, Any]], best: float | None) -> d
     chosen checkpoint is as good as any other by the only signal there is, and on easy
     synthetic anomalies that says little about real defects.
     """
-    scores = [h["selection_score"] for h in history if h.get("selection_score", -1.0) >= 0.0]
+    # Epochs whose model was not ready (staged training) were never candidates.
+    scores = [h["selection_score"] for h in history if h.get("selection_score", NOT_READY_SCORE) != NOT_READY_SCORE]
     if best is None or not scores:
         return {"saturated": None, "ranked_epochs": len(scores), "ties": 0}
     ties = sum(abs(score - best) <= SATURATION_TIE for score in scores) - 1

@@ -135,7 +135,7 @@ def test_pair_one_is_stpm() -> None:
     """Pair 1 is STPM's pair: with STPM's weights, RSTPM's STPM map is STPM's map."""
     stpm = STPM(backbone=LITE0).eval()
     model = _tiny(final_map="stpm").eval()
-    own = {k: v for k, v in model.pair1.state_dict().items()}
+    own = model.pair1.state_dict()
     shared = {k: v for k, v in stpm.pair.state_dict().items() if k in own and v.shape == own[k].shape}
     assert {k for k in own if k.startswith("student.")} <= set(shared)
     model.pair1.load_state_dict(shared, strict=False)
@@ -340,8 +340,8 @@ def test_student_stage_is_never_the_selected_checkpoint(embedded_root: Path) -> 
     trainer.fit(_tiny(student_epochs=1), datamodule=data)
     first, second = evaluator.val_history
     assert first["selection_score"] == NOT_READY_SCORE and math.isfinite(first["image_auroc"])
-    assert second["selection_score"] == pytest.approx(second["image_auroc"], abs=1.0)  # a real score
-    assert second["selection_score"] >= 0.0
+    # A real score: without pixel metrics the selection score is the validation image AUROC.
+    assert second["selection_score"] == pytest.approx(second["image_auroc"])
 
 
 def test_warns_when_the_discriminator_gets_no_epochs(embedded_root: Path) -> None:
