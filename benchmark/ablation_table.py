@@ -35,7 +35,7 @@ def _cell(values: pd.Series) -> str:
 
 def ablation_table(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """One row per (category, row name): mean ± std per metric and the paired delta to the full method."""
-    ok = runs[runs.status == "ok"]
+    ok = runs[runs.status.isin(("ok", "warning"))]
     rows = []
     for (category, name), group in ok.groupby(["category", "name"], sort=True):
         method = group.method.iloc[0]

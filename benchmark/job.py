@@ -12,7 +12,9 @@ on the test set. Whatever happens, a record is written: ``ok`` with metrics, or
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import platform
 import shutil
@@ -34,6 +36,7 @@ from benchmark.cli import AnomalyCLI
 from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
 from benchmark.sweep import JobSpec
 from callbacks.evaluation import NOT_READY_SCORE
+from callbacks.guards import LossHistory
 from callbacks.timing import TimingCallback
 from callbacks.visualization import AnomalyMapVisualizer
 
@@ -104,9 +107,46 @@ def selection_saturation(history: list[dict[str, Any]], best: float | None) -> d
     return {"saturated": bool(best >= SATURATION_LEVEL or ties > 0), "ranked_epochs": len(scores), "ties": max(ties, 0)}
 
 
-def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
+SCORES_FOLDER = "scores"
+
+
+def write_image_scores(path: Path, images: dict[str, list[Any]], root: str | None, threshold: float) -> Path:
+    """One row per test image: path (relative to the dataset root), defect type, label, score,
+    and the decision at the F1-optimal threshold chosen on validation (empty if none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".csv.tmp")
+    with open(temporary, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "defect_type", "label", "score", "val_f1_threshold", "predicted_anomalous"])
+        for image, label, score in zip(images["path"], images["label"], images["score"], strict=True):
+            relative = Path(image)
+            if root and relative.is_relative_to(Path(root)):
+                relative = relative.relative_to(Path(root))
+            decided = "" if math.isnan(threshold) else int(score >= threshold)
+            writer.writerow([relative.as_posix(), Path(image).parent.name, label, repr(score),
+                             "" if math.isnan(threshold) else repr(threshold), decided])
+    os.replace(temporary, path)
+    return path
+
+
+def result_warnings(metrics: dict[str, float], images: dict[str, list[Any]], losses: LossHistory) -> list[str]:
+    """Why a finished job's figures should not be read like any other (empty: none)."""
+    warnings = []
+    labels = images.get("label", [])
+    if labels and (all(labels) or not any(labels)):
+        kind = "no good" if all(labels) else "no anomalous"
+        warnings.append(f"test split has {kind} image: image AUROC and F1-max are undefined")
+    elif any(math.isnan(metrics.get(k, math.nan)) for k in ("image_auroc", "pixel_auroc", "pro")):
+        missing = [k for k in ("image_auroc", "pixel_auroc", "pro") if math.isnan(metrics.get(k, math.nan))]
+        warnings.append(f"undefined metric(s) {', '.join(missing)} (NaN scores or no ground-truth region)")
+    if losses.diverged:
+        warnings.append(f"diverged: {losses.diverged}")
+    return warnings
+
+
+def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> dict[str, Any]:
     """Fit, select, test; return the record's measured part."""
-    timing = TimingCallback()
+    timing, losses = TimingCallback(), LossHistory()
     if "LOCAL_RANK" not in os.environ:  # the launching process only, never a DDP worker mid-run
         # A rerun (changed code or config) must not find the previous run's best.ckpt beside its own.
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
@@ -117,7 +157,7 @@ def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
     cli = AnomalyCLI(
         args=spec.cli_args(),
         run=False,
-        extra_callbacks=[timing, checkpoint, AnomalyMapVisualizer(job_dir / "maps", max_images=16)],
+        extra_callbacks=[timing, losses, checkpoint, AnomalyMapVisualizer(job_dir / "maps", max_images=16)],
         trainer_defaults={
             "default_root_dir": str(job_dir),
             "logger": _logger(spec, job_dir),
@@ -137,8 +177,18 @@ def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
         "history": history,
         "saturation": selection_saturation(history, best_score),
     }
+    evaluator = cli.evaluator
+    threshold = evaluator.val_image_threshold
+    if scores_path is not None and evaluator.test_images and trainer.is_global_zero:
+        write_image_scores(scores_path, evaluator.test_images, spec.root, threshold)
     return {
-        "metrics": cli.evaluator.test_metrics,
+        "metrics": evaluator.test_metrics,
+        "intervals": evaluator.test_intervals,
+        "bootstrap": evaluator.bootstrap,
+        "warnings": result_warnings(evaluator.test_metrics, evaluator.test_images, losses),
+        "training_loss": losses.stats,
+        "val_image_threshold": None if math.isnan(threshold) else threshold,
+        "image_scores": None if scores_path is None else f"{SCORES_FOLDER}/{scores_path.name}",
         "timing": timing.stats,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -151,7 +201,8 @@ def run_job(spec: JobSpec, job_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     spec_path, record_path = (argv or sys.argv[1:])[:2]
     spec = JobSpec(**json.loads(Path(spec_path).read_text()))
-    job_dir = Path(record_path).parent.parent / "jobs" / spec.job_id
+    results_dir = Path(record_path).parent.parent
+    job_dir = results_dir / "jobs" / spec.job_id
     record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     record["started_unix"] = time.time()
@@ -161,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     record["launched_unix"] = float(launched) if launched else record["started_unix"]
     record["environment"] = environment()
     try:
-        record.update(run_job(spec, job_dir), status="ok", error=None)
+        record.update(run_job(spec, job_dir, results_dir / SCORES_FOLDER / f"{spec.job_id}.csv"), error=None)
+        # "warning": finished, but its figures are degenerate (see result_warnings); shown as such.
+        record["status"] = "warning" if record["warnings"] else "ok"
     except BaseException as error:  # noqa: BLE001 - every failure must become a record
         record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         if isinstance(error, torch.cuda.OutOfMemoryError):
@@ -173,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         record.pop("is_global_zero", None)
         write_json_atomic(record_path, record)
     print(f"[job] {spec.job_id}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""))
-    return 0 if record["status"] == "ok" else 1
+    return 0 if record["status"] in ("ok", "warning") else 1
 
 
 if __name__ == "__main__":

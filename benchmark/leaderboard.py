@@ -1,22 +1,35 @@
-"""Job records -> leaderboard tables (CSV, Markdown, HTML) and a heatmap, with pandas.
+"""Job records -> a leaderboard a reviewer can trust: tables with intervals, published
+references per category, significance tests, and one self-contained HTML report.
 
-    python -m benchmark.leaderboard RESULTS_DIR
+    python -m benchmark.leaderboard RESULTS_DIR [--sweep-name NAME] [--sort-by pixel_auroc]
 
 Writes into RESULTS_DIR:
 
-* ``runs.csv``: one row per job (metrics in 0..1, times, throughput, memory, parameters);
-* ``leaderboard_<metric>.csv``: rows = method (profile), columns = categories, their
-  ``_std`` over seeds, the mean over categories, the paper-reported mean and
-  speed/memory columns;
-* ``leaderboard.md`` / ``leaderboard.html``: every metric table (in %, mean +- std
-  over seeds where several), and the failed jobs with their errors;
-* ``leaderboard_heatmap.png``: methods x categories for image and pixel AUROC.
+* ``runs.csv``: one row per job (metrics in 0..1, their 95 % bootstrap intervals, status,
+  warnings, commit, whether the record is stale, its per-image score file);
+* ``leaderboard_<metric>.csv``: rows = method (profile), per category the mean and std
+  over seeds and the mean interval bounds, the mean over categories when complete;
+* ``leaderboard.md`` / ``leaderboard.html``: the header (dataset, profile, protocol, seeds,
+  commits, date, machine), every metric table (``mean ± std [low, high]`` in %), ours vs
+  published per category, the Wilcoxon and Friedman tests, the pictures, and every
+  failed, warned, stale or unreadable record. The HTML page embeds its pictures;
+* ``leaderboard_heatmap.png``, ``leaderboard_bars.png``, ``leaderboard_cd_<metric>.png``.
+
+What a table covers: the jobs of one sweep (those passed by the runner, or the records of
+the sweep named by ``--sweep-name``, by default the one of the newest record); records of
+other sweeps in the folder are counted in the header and left out. A mean over categories
+is shown only when every job of the row finished; otherwise ``n/a (k of n)`` and the
+partial mean, marked as such.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import html
+import platform
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +40,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-import models  # noqa: E402
-from benchmark.records import iter_records  # noqa: E402
+from benchmark import published, statistics  # noqa: E402
+from benchmark.records import scan_records  # noqa: E402
+from benchmark.sweep import JobSpec  # noqa: E402
 
 METRICS = {
     "image_auroc": "Image AUROC",
@@ -43,34 +57,55 @@ EFFICIENCY = {
     "peak_memory_mb": "peak MB",
     "parameters_m": "params M",
 }
+FINISHED = ("ok", "warning")
 RUN_COLUMNS = [
-    "name", "method", "profile", "category", "seed", "status", *METRICS, "val_saturated",
+    "name", "method", "profile", "category", "seed", "status", *METRICS,
+    *(f"{m}_{end}" for m in METRICS for end in ("low", "high")), "val_saturated", "warnings",
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
     "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices",
-    "error", "job_id", "git_commit", "device", "finished",
+    "error", "job_id", "sweep", "root", "git_commit", "stale", "device", "host", "finished", "image_scores",
 ]  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- records -> frame
+
+
+def _is_stale(record: dict[str, Any]) -> bool | None:
+    """Whether the record was made by other code or config than today's (None: cannot tell)."""
+    try:
+        spec = JobSpec(**{k: record[k] for k in JobSpec.__dataclass_fields__ if k in record})
+        return spec.fingerprint() != record.get("fingerprint")
+    except Exception:  # noqa: BLE001 - a record of a method or field that no longer exists
+        return None
 
 
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     """One row per job, flat."""
     rows = []
     for r in records:
-        timing, env = r.get("timing") or {}, r.get("environment") or {}
+        timing, env, intervals = r.get("timing") or {}, r.get("environment") or {}, r.get("intervals") or {}
         rows.append({
             "name": r.get("name") or r.get("method"),
-            **{k: r.get(k) for k in ("method", "category", "seed", "status", "precision",
-                                     "devices", "error", "job_id", "finished", "parameters")},
+            **{k: r.get(k) for k in ("method", "category", "seed", "status", "precision", "sweep",
+                                     "devices", "error", "job_id", "finished", "parameters", "image_scores",
+                                     "root")},
             # Which protocol produced the row is part of its name (see benchmark/sweep.py PROTOCOLS).
             "profile": (r.get("profile") or "") + (", paper protocol" if r.get("protocol") == "paper" else ""),
             "val_saturated": ((r.get("selection") or {}).get("saturation") or {}).get("saturated"),
+            "warnings": "; ".join(r.get("warnings") or []) or None,
             **{m: (r.get("metrics") or {}).get(m) for m in METRICS},
+            **{f"{m}_{end}": (intervals.get(m) or [None, None])[i]
+               for m in METRICS for i, end in enumerate(("low", "high"))},
             **{k: timing.get(k) for k in ("fit_seconds", "test_seconds", "test_images_per_second",
                                           "train_steps_per_second", "fit_peak_memory_mb",
                                           "test_peak_memory_mb")},
             "git_commit": env.get("git_commit"),
+            "stale": _is_stale(r),
             "device": env.get("device"),
+            "host": env.get("host"),
         })  # fmt: skip
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    frame["row"] = [_row_name(m, p) for m, p in zip(frame.name, frame.profile, strict=True)]
     return frame.sort_values(["name", "profile", "category", "seed"], ignore_index=True)
 
 
@@ -78,127 +113,382 @@ def _row_name(method: str, profile: str) -> str:
     return f"{method} ({profile})"
 
 
-def metric_table(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Rows = method (profile); columns: per category mean and std over seeds, mean, paper, efficiency."""
-    ok = runs[runs.status == "ok"].copy()
-    ok["row"] = [_row_name(m, p) for m, p in zip(ok.name, ok.profile, strict=True)]
-    all_rows = sorted({_row_name(m, p) for m, p in zip(runs.name, runs.profile, strict=True)})
-    categories = list(dict.fromkeys(runs.category))
-    table = pd.DataFrame(index=pd.Index(all_rows, name="method"))
-    grouped = ok.groupby(["row", "category"])[metric]
-    means, stds = grouped.mean().unstack(), grouped.std(ddof=1).unstack()
+def select_sweep(records: list[dict[str, Any]], jobs: Sequence[JobSpec] | None, sweep_name: str | None
+                 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """The records of one sweep, and how many records of other sweeps were left out (by name)."""
+    if jobs is not None:
+        wanted = {j.job_id for j in jobs}
+        chosen = [r for r in records if r.get("job_id") in wanted]
+    else:
+        if sweep_name is None and records:
+            sweep_name = max(records, key=lambda r: r.get("finished_unix") or 0).get("sweep")
+        chosen = [r for r in records if r.get("sweep") == sweep_name]
+    left: dict[str, int] = {}
+    for r in records:
+        if r not in chosen:
+            left[str(r.get("sweep"))] = left.get(str(r.get("sweep")), 0) + 1
+    return chosen, left
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def metric_table(runs: pd.DataFrame, metric: str, expected: pd.DataFrame) -> pd.DataFrame:
+    """Rows = method (profile); per category mean/std over seeds and mean interval bounds; the
+    mean over categories (complete rows only) and its seed-to-seed std; efficiency."""
+    done = runs[runs.status.isin(FINISHED)]
+    categories = list(dict.fromkeys(expected.category))
+    rows = list(dict.fromkeys(expected.row))
+    table = pd.DataFrame(index=pd.Index(rows, name="method"))
+    grouped = done.groupby(["row", "category"])
+    means, stds = grouped[metric].mean().unstack(), grouped[metric].std(ddof=1).unstack()
+    lows, highs = grouped[f"{metric}_low"].mean().unstack(), grouped[f"{metric}_high"].mean().unstack()
     for category in categories:
         table[category] = means.get(category)
         table[f"{category}_std"] = stds.get(category)
+        table[f"{category}_low"] = lows.get(category)
+        table[f"{category}_high"] = highs.get(category)
+    finished = done.dropna(subset=[metric]).groupby("row").size()
+    table["jobs_finished"] = finished.reindex(table.index).fillna(0).astype(int)
+    table["jobs_expected"] = expected.groupby("row").size().reindex(table.index).fillna(0).astype(int)
+    table["complete"] = table.jobs_finished == table.jobs_expected
     # Mean over categories per seed, then mean/std across seeds: the std is the seed-to-seed spread.
-    per_seed = ok.groupby(["row", "seed"])[metric].mean().groupby("row")
-    table["mean"] = per_seed.mean()
-    table["mean_std"] = per_seed.std(ddof=1)
-    table["paper"] = [_paper_value(row, metric) for row in table.index]
-    efficiency = ok.assign(
-        peak_memory_mb=ok[["fit_peak_memory_mb", "test_peak_memory_mb"]].max(axis=1),
-        parameters_m=ok.parameters / 1e6,
+    per_seed = done.groupby(["row", "seed"])[metric].mean().groupby("row")
+    table["mean"] = per_seed.mean().where(table.complete)
+    table["mean_std"] = per_seed.std(ddof=1).where(table.complete)
+    table["partial_mean"] = means.mean(axis=1).reindex(table.index).where(~table.complete)
+    efficiency = done.assign(
+        peak_memory_mb=done[["fit_peak_memory_mb", "test_peak_memory_mb"]].max(axis=1),
+        parameters_m=done.parameters / 1e6,
     ).groupby("row")[list(EFFICIENCY)].mean()
     return table.join(efficiency)
 
 
-def _paper_value(row: str, metric: str) -> float:
-    """The paper's figure, for rows that are a registered method (not for variants/ablations)."""
-    method = row.split(" (")[0]
-    try:
-        return models.get_model_class(method).paper_results.get(metric, np.nan)
-    except KeyError:
-        return np.nan
+def sort_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """Complete rows by their mean (best first), then incomplete ones by their partial mean."""
+    key = table["mean"].fillna(table["partial_mean"] - 10.0)
+    return table.loc[key.sort_values(ascending=False, na_position="last").index]
 
 
-def _cell(mean: float, std: float) -> str:
+def _percent(value: float) -> str:
+    return f"{100 * value:.1f}"
+
+
+def _cell(mean: float, std: float = np.nan, low: float = np.nan, high: float = np.nan) -> str:
     if pd.isna(mean):
         return "-"
-    return f"{100 * mean:.1f}" + ("" if pd.isna(std) else f" ± {100 * std:.1f}")
+    text = _percent(mean) + ("" if pd.isna(std) else f" ± {_percent(std)}")
+    return text + ("" if pd.isna(low) or pd.isna(high) else f" [{_percent(low)}, {_percent(high)}]")
 
 
 def display_table(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """Human-readable version: % with 1 decimal, mean ± std, 'failed' where every seed failed."""
-    failed = runs[runs.status != "ok"]
-    failed_cells = {(_row_name(m, p), c) for m, p, c in zip(failed.name, failed.profile, failed.category, strict=True)}
-    categories = [c for c in table.columns if f"{c}_std" in table.columns and c != "mean"]
+    """% with 1 decimal: ``mean ± std [low, high]`` per category; marks for failed/warned/stale."""
+    marks = _marks(runs)
+    categories = [c[: -len("_low")] for c in table.columns if c.endswith("_low")]
     shown = pd.DataFrame(index=table.index)
     for category in categories:
         shown[category] = [
-            "failed" if pd.isna(table.at[row, category]) and (row, category) in failed_cells
-            else _cell(table.at[row, category], table.at[row, f"{category}_std"])
+            ("failed" if (row, category) in marks["failed"] else "-") if pd.isna(table.at[row, category])
+            else _cell(*(table.at[row, f"{category}{s}"] for s in ("", "_std", "_low", "_high")))
+            + "".join(symbol for symbol, cells in marks.items() if symbol != "failed" and (row, category) in cells)
             for row in table.index
-        ]
-    shown["mean"] = [_cell(m, s) for m, s in zip(table["mean"], table["mean_std"], strict=True)]
-    shown["paper (MVTec mean)"] = [_cell(v, np.nan) for v in table["paper"]]
+        ]  # fmt: skip
+    shown["mean"] = [
+        _cell(table.at[row, "mean"], table.at[row, "mean_std"]) if table.at[row, "complete"]
+        else f"n/a ({table.at[row, 'jobs_finished']} of {table.at[row, 'jobs_expected']})"
+        + ("" if pd.isna(table.at[row, "partial_mean"]) else f"; partial: {_percent(table.at[row, 'partial_mean'])}")
+        for row in table.index
+    ]  # fmt: skip
     for column, label in EFFICIENCY.items():
         shown[label] = [("-" if pd.isna(v) else f"{v:.1f}" if v < 100 else f"{v:.0f}") for v in table[column]]
     return shown
 
 
+def _marks(runs: pd.DataFrame) -> dict[str, set[tuple[str, str]]]:
+    cells = lambda frame: set(zip(frame.row, frame.category, strict=True))  # noqa: E731
+    return {
+        "failed": cells(runs[~runs.status.isin(FINISHED)]),
+        " (!)": cells(runs[runs.status == "warning"]),
+        " (stale)": cells(runs[runs.stale.fillna(False).astype(bool)]),
+    }
+
+
+LEGEND = ("Cells: mean ± std over seeds [95 % bootstrap interval of the test set: the job's own with one "
+          "seed, the mean of the seeds' bounds with several], in %. (!) a job finished with a warning, "
+          "(stale) its record was made by other code or config than today's; both are listed below.")
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
 def heatmap(tables: dict[str, pd.DataFrame], path: Path) -> Path:
     metrics = [m for m in ("image_auroc", "pixel_auroc") if m in tables]
     first = tables[metrics[0]]
-    columns = [c for c in first.columns if f"{c}_std" in first.columns]
+    columns = [c[: -len("_low")] for c in first.columns if c.endswith("_low")]
     fig, axes = plt.subplots(
         1, len(metrics), figsize=(2 + 0.9 * len(columns) * len(metrics), 1.5 + 0.45 * len(first)), squeeze=False
     )
     for ax, metric in zip(axes[0], metrics, strict=True):
-        values = tables[metric][columns].to_numpy(dtype=float) * 100
+        values = tables[metric].loc[first.index, columns].to_numpy(dtype=float) * 100
         image = ax.imshow(values, cmap="RdYlGn", vmin=50, vmax=100, aspect="auto")
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
         ax.set_yticks(range(len(first.index)), first.index)
         for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, "fail" if np.isnan(value) else f"{value:.1f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, "-" if np.isnan(value) else f"{value:.1f}", ha="center", va="center", fontsize=8)
         ax.set_title(METRICS[metric] + " (%)")
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def build_leaderboard(results_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """Write every leaderboard file into ``results_dir``; return the numeric tables."""
+def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
+    """Per-category bars with error bars: std over seeds where several, else the bootstrap interval."""
+    metrics = [m for m in ("image_auroc", "pixel_auroc", "pro") if m in tables]
+    first = tables[metrics[0]]
+    categories = [c[: -len("_low")] for c in first.columns if c.endswith("_low")]
+    rows = list(first.index)
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.25 * len(categories) * len(rows) + 2),
+                                                       2.6 * len(metrics)), squeeze=False)
+    width = 0.8 / max(1, len(rows))
+    for ax, metric in zip(axes[:, 0], metrics, strict=True):
+        table = tables[metric]
+        for k, row in enumerate(rows):
+            mean = np.array([table.at[row, c] for c in categories], dtype=float) * 100
+            std = np.array([table.at[row, f"{c}_std"] for c in categories], dtype=float) * 100
+            low = np.array([table.at[row, f"{c}_low"] for c in categories], dtype=float) * 100
+            high = np.array([table.at[row, f"{c}_high"] for c in categories], dtype=float) * 100
+            error = np.where(np.isnan(std), np.stack([mean - low, high - mean]), np.stack([std, std]))
+            x = np.arange(len(categories)) + (k - (len(rows) - 1) / 2) * width
+            ax.bar(x, mean, width, yerr=np.nan_to_num(np.clip(error, 0, None)), capsize=2, label=row)
+        ax.set_xticks(range(len(categories)), categories)
+        ax.set_ylim(max(0.0, np.nanmin([table[c].min() for c in categories]) * 100 - 10), 100.5)
+        ax.set_ylabel(METRICS[metric] + " (%)", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    axes[0, 0].set_title("mean per category; error bars: std over seeds, or the 95 % bootstrap interval (one seed)",
+                         fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def header(runs: pd.DataFrame, left_out: dict[str, int], errors: list[dict[str, str]]) -> list[str]:
+    commits = runs.git_commit.fillna("unknown").map(lambda c: c[:10]).value_counts()
+    roots = {str(r) for r in runs.root.dropna()}
+    lines = [
+        f"Sweep: {', '.join(sorted({str(s) for s in runs.sweep.dropna()})) or '-'}; "
+        f"dataset: {', '.join(sorted(roots)) or 'embedded procedural dataset'}; "
+        f"profile: {', '.join(sorted(set(runs.profile)))}; "
+        f"seeds: {', '.join(str(s) for s in sorted(set(runs.seed.dropna().astype(int))))}; "
+        f"categories: {runs.category.nunique()}.",
+        f"Commits: {', '.join(f'{c} ({n} jobs)' for c, n in commits.items())}"
+        + (" -- WARNING: records from different commits in one table." if len(commits) > 1 else "."),
+        f"Machine(s): {', '.join(sorted({f'{h} / {d}' for h, d in zip(runs.host.fillna('?'), runs.device.fillna('?'), strict=True)}))}; "
+        f"built {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()}.",
+    ]
+    if left_out:
+        lines.append("Not shown: " + ", ".join(f"{n} record(s) of sweep {s!r}" for s, n in sorted(left_out.items()))
+                     + " in the same folder.")
+    if errors:
+        lines.append(f"{len(errors)} unreadable record file(s), listed below.")
+    return lines
+
+
+def _image_tag(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
+
+
+class _Report:
+    """Markdown and HTML written side by side."""
+
+    def __init__(self, title: str) -> None:
+        self.markdown = [f"# {title}", ""]
+        self.html = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+                     "<style>body{font-family:sans-serif;margin:1.5em}td,th{padding:2px 8px;text-align:right}"
+                     "table{border-collapse:collapse;margin-bottom:1em}tr:nth-child(even){background:#f3f3f3}"
+                     "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
+
+    def heading(self, text: str, level: int = 2) -> None:
+        self.markdown += [f"{'#' * level} {text}", ""]
+        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def text(self, text: str) -> None:
+        self.markdown += [text, ""]
+        self.html.append(f"<p>{html.escape(text)}</p>")
+
+    def table(self, frame: pd.DataFrame, index: bool = True) -> None:
+        self.markdown += [frame.to_markdown(index=index), ""]
+        self.html.append(frame.to_html(index=index, border=0, na_rep="-"))
+
+    def image(self, path: Path, alt: str) -> None:
+        self.markdown += [f"![{alt}]({path.name})", ""]
+        self.html.append(_image_tag(path, alt))
+
+
+def _published_section(report: _Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> None:
+    plain = runs[runs.name == runs.method]
+    row_methods = dict(zip(plain.row, plain.method, strict=True))
+    report.heading("Ours vs published, per category")
+    any_shown = False
+    for metric in published.COMPARED:
+        table = tables[metric]
+        categories = [c[: -len("_low")] for c in table.columns if c.endswith("_low")]
+        compared, notes = published.comparison(table[categories], row_methods, metric)
+        if not compared.empty:
+            any_shown = True
+            shown = pd.DataFrame({"method": compared.method})
+            for category in [*categories, "mean"]:
+                if (category, "ours") not in compared:
+                    continue
+                shown[category] = [
+                    "-" if pd.isna(o) or pd.isna(p) else f"{_percent(o)} vs {_percent(p)} ({100 * (o - p):+.1f})"
+                    for o, p in zip(compared[(category, "ours")], compared[(category, "published")], strict=True)
+                ]
+            shown["mean"] = [f"{cell} over {n}" for cell, n in zip(shown["mean"], compared[("mean", "categories")], strict=True)]
+            shown["source"] = compared.source
+            report.heading(f"{METRICS[metric]}: ours vs published (Δ)", 3)
+            report.table(shown, index=False)
+        for note in notes:
+            report.text(note)
+    if any_shown:
+        report.text("Published: benchmark/published/mvtec_ad.csv (figures as printed per category; the mean "
+                    "column is over the categories both have, never the paper's 15-category mean). Settings "
+                    "differ from ours (backbone, resolution, training budget): see each row's source.")
+    else:
+        report.text("No row of this sweep is a method with published per-category MVTec AD figures "
+                    "in benchmark/published/mvtec_ad.csv for these categories.")
+
+
+def _significance_section(report: _Report, runs: pd.DataFrame, results_dir: Path) -> None:
+    report.heading("Significance")
+    done = runs[runs.status.isin(FINISHED)]
+    for metric in ("image_auroc", "pixel_auroc", "pro"):
+        block = statistics.blocks(done, metric)
+        report.heading(METRICS[metric], 3)
+        wilcoxon, note = statistics.wilcoxon_table(block)
+        report.text(note)
+        if wilcoxon is not None:
+            shown = wilcoxon.copy()
+            shown["median A-B"] = shown["median A-B"].map(lambda v: f"{100 * v:+.2f}")
+            shown[["p", "p (Holm)"]] = shown[["p", "p (Holm)"]].map(lambda v: f"{v:.3g}")
+            report.table(shown, index=False)
+        friedman, note = statistics.friedman_nemenyi(block)
+        report.text(note)
+        if friedman is not None:
+            path = statistics.cd_diagram(
+                friedman, f"{METRICS[metric]}: average rank (1 = best), Nemenyi CD at {statistics.ALPHA}",
+                results_dir / f"leaderboard_cd_{metric}.png",
+            )
+            report.image(path, f"critical-difference diagram, {metric}")
+
+
+def _problems_section(report: _Report, runs: pd.DataFrame, errors: list[dict[str, str]]) -> None:
+    failed = runs[~runs.status.isin(FINISHED)][["job_id", "error"]]
+    if len(failed):
+        report.heading("Failed jobs")
+        report.table(failed, index=False)
+    warned = runs[runs.status == "warning"][["job_id", "warnings"]]
+    if len(warned):
+        report.heading("Jobs with warnings")
+        report.table(warned, index=False)
+    stale = runs[runs.stale.fillna(False).astype(bool)][["job_id", "git_commit", "finished"]]
+    if len(stale):
+        report.heading("Stale records")
+        report.text("Made by other code, config or machine than today's (their fingerprint differs): "
+                    "a resumed sweep reruns them.")
+        report.table(stale, index=False)
+    if errors:
+        report.heading("Unreadable records")
+        report.table(pd.DataFrame(errors), index=False)
+
+
+def build_leaderboard(
+    results_dir: str | Path,
+    jobs: Sequence[JobSpec] | None = None,
+    sweep_name: str | None = None,
+    sort_by: str = "image_auroc",
+) -> dict[str, pd.DataFrame]:
+    """Write every leaderboard file into ``results_dir``; return the numeric tables.
+
+    ``jobs``: the sweep's jobs (from the runner): the table covers exactly them, and a job
+    without a record counts as missing. Otherwise the records of ``sweep_name`` (default:
+    the sweep of the newest record).
+    """
+    if sort_by not in METRICS:
+        raise ValueError(f"sort_by {sort_by!r} is not one of {list(METRICS)}")
     results_dir = Path(results_dir)
-    records = iter_records(results_dir)
-    if not records:
+    records, errors = scan_records(results_dir)
+    if not records and not errors:
         raise FileNotFoundError(f"no job records under {str(results_dir / 'runs')!r}")
-    runs = runs_frame(records)
-    runs.to_csv(results_dir / "runs.csv", index=False)
-    tables = {metric: metric_table(runs, metric) for metric in METRICS}
-    markdown, html_parts = ["# Leaderboard", ""], ["<html><head><meta charset='utf-8'><title>Leaderboard</title>",
-                                                   "<style>td,th{padding:2px 8px;text-align:right}</style></head><body>"]
+    chosen, left_out = select_sweep(records, jobs, sweep_name)
+    runs = runs_frame(chosen)
+    runs.drop(columns=["row"]).to_csv(results_dir / "runs.csv", index=False)
+    if jobs is not None:
+        expected = pd.DataFrame({"row": [_row_name(j.name, j.profile + (", paper protocol" if j.protocol == "paper"
+                                                                        else "")) for j in jobs],
+                                 "category": [j.category for j in jobs]})
+    else:  # every row is expected in every category of the sweep, with the seeds it was run with
+        categories = list(dict.fromkeys(runs.category))
+        seeds = runs.groupby("row").seed.unique()
+        expected = pd.DataFrame(
+            [{"row": row, "category": c} for row in dict.fromkeys(runs.row) for c in categories for _ in seeds[row]],
+            columns=["row", "category"],
+        )
+    tables = {metric: metric_table(runs, metric, expected) for metric in METRICS}
+    order = sort_rows(tables[sort_by]).index
+    tables = {metric: table.loc[order] for metric, table in tables.items()}
+
+    report = _Report("Leaderboard")
+    for line in header(runs, left_out, errors):
+        report.text(line)
+    report.text(f"Rows sorted by {METRICS[sort_by]} (mean over categories). {LEGEND}")
     for metric, table in tables.items():
         table.to_csv(results_dir / f"leaderboard_{metric}.csv", float_format="%.6f")
-        shown = display_table(runs, table)
-        markdown += [f"## {METRICS[metric]} (%)", "", shown.to_markdown(), ""]
-        html_parts += [f"<h2>{html.escape(METRICS[metric])} (%)</h2>", shown.to_html(border=0)]
-    failed = runs[runs.status != "ok"][["job_id", "error"]]
-    if len(failed):
-        markdown += ["## Failed jobs", "", failed.to_markdown(index=False), ""]
-        html_parts += ["<h2>Failed jobs</h2>", failed.to_html(index=False, border=0)]
-    n_ok = int((runs.status == "ok").sum())
-    footer = f"{n_ok} of {len(runs)} jobs ok; paper column: MVTec AD mean over 15 categories as published."
+        report.heading(f"{METRICS[metric]} (%)")
+        report.table(display_table(runs, table))
+    done = int(runs.status.isin(FINISHED).sum())
+    footer = f"{done} of {len(expected)} jobs finished ({int((runs.status == 'warning').sum())} with warnings)."
     saturated = runs[runs.val_saturated.fillna(False).astype(bool)]
     if len(saturated):
-        rows = ", ".join(sorted({f"{n} ({p})" for n, p in zip(saturated.name, saturated.profile, strict=True)}))
-        footer += (f" Checkpoint selection saturated in {len(saturated)} of {n_ok} jobs (best validation score"
-                   f" >= 0.995 or tied epochs: the synthetic validation anomalies could not rank them): {rows}.")
-    markdown.append(footer)
-    html_parts += [f"<p>{html.escape(footer)}</p>", "</body></html>"]
-    (results_dir / "leaderboard.md").write_text("\n".join(markdown) + "\n")
-    (results_dir / "leaderboard.html").write_text("\n".join(html_parts))
-    if n_ok:
-        heatmap(tables, results_dir / "leaderboard_heatmap.png")
+        footer += (f" Checkpoint selection saturated in {len(saturated)} of {done} jobs (best validation score"
+                   f" >= 0.995 or tied epochs: the synthetic validation anomalies could not rank them): "
+                   f"{', '.join(sorted(set(saturated.row)))}.")
+    report.text(footer)
+    if chosen:
+        _published_section(report, tables, runs)
+        _significance_section(report, runs, results_dir)
+    if done:
+        report.heading("Pictures")
+        report.image(heatmap(tables, results_dir / "leaderboard_heatmap.png"), "heatmap")
+        report.image(bars(tables, results_dir / "leaderboard_bars.png"), "per-category bars")
+    _problems_section(report, runs, errors)
+    scores = runs.dropna(subset=["image_scores"])
+    if len(scores):
+        report.heading("Per-image scores")
+        report.markdown += ["One CSV per job (path, defect type, label, score, validation F1 threshold):", ""]
+        report.markdown += [f"- [{j}]({p})" for j, p in zip(scores.job_id, scores.image_scores, strict=True)] + [""]
+        report.html.append("<p>One CSV per job (path, defect type, label, score, validation F1 threshold):</p><ul>"
+                           + "".join(f"<li><a href='{html.escape(p)}'>{html.escape(j)}</a></li>"
+                                     for j, p in zip(scores.job_id, scores.image_scores, strict=True)) + "</ul>")
+    report.html.append("</body></html>")
+    (results_dir / "leaderboard.md").write_text("\n".join(report.markdown) + "\n")
+    (results_dir / "leaderboard.html").write_text("\n".join(report.html))
     return tables
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", nargs="?", default="results")
+    parser.add_argument("--sweep-name", help="the sweep whose records to show (default: the newest record's)")
+    parser.add_argument("--sort-by", default="image_auroc", choices=list(METRICS))
     args = parser.parse_args()
-    build_leaderboard(args.results_dir)
+    build_leaderboard(args.results_dir, sweep_name=args.sweep_name, sort_by=args.sort_by)
     print((Path(args.results_dir) / "leaderboard.md").read_text())
 
 

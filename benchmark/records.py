@@ -48,8 +48,30 @@ def read_record(path: str | Path) -> dict[str, Any] | None:
 
 
 def iter_records(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every readable record (see :func:`scan_records` for the unreadable ones too)."""
+    return scan_records(results_dir)[0]
+
+
+def scan_records(results_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The readable records, and ``{"file", "error"}`` for each unreadable or truncated one."""
     folder = Path(results_dir) / RUNS_FOLDER
     if not folder.is_dir():
-        return []
-    records = (read_record(p) for p in sorted(folder.glob("*.json")))
-    return [r for r in records if r is not None]
+        return [], []
+    records, errors = [], []
+    for path in sorted(folder.glob("*.json")):
+        record = read_record(path)
+        if record is None:
+            errors.append({"file": str(path), "error": _why_unreadable(path)})
+        else:
+            records.append(record)
+    return records, errors
+
+
+def _why_unreadable(path: Path) -> str:
+    try:
+        json.loads(path.read_text())
+    except OSError as error:
+        return f"unreadable: {error}"
+    except json.JSONDecodeError as error:
+        return f"not valid JSON (truncated?): {error}"
+    return "not a JSON object"

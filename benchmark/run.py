@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(jobs) // max(1, len(sweep.resolve_methods()) * len(sweep.seeds))} category(ies) x "
           f"{len(sweep.seeds)} seed(s), {len(slots)} at a time -> {results_dir}")
     run_jobs(jobs, results_dir, slots, retry_failed=sweep.retry_failed)
-    tables = build_leaderboard(results_dir)
+    tables = build_leaderboard(results_dir, jobs=jobs)
     print((results_dir / "leaderboard.md").read_text())
     if sweep.wandb.get("enabled"):
         from benchmark.wandb_report import log_leaderboard

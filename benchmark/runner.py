@@ -8,9 +8,10 @@ default), splitting the cores between them.
 
 Every job runs in its own process (``python -m benchmark.job``): a crash, a NaN
 or an out-of-memory kill ends that job only. A job's record is written
-atomically; a job whose record is ``ok`` and whose fingerprint (method config,
-category, seed, overrides...) is unchanged is skipped on the next run, so a
-killed sweep resumes where it stopped.
+atomically; a job whose record is ``ok`` (or ``warning``) and whose fingerprint
+(method config, category, seed, overrides, the source of the code it runs, the
+device kind and CPU threads) is unchanged is skipped on the next run, so a killed
+sweep resumes where it stopped and never reuses a record of other code.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,7 +60,19 @@ def is_finished(results_dir: Path, spec: JobSpec, retry_failed: bool = True) -> 
     record = read_record(record_path(results_dir, spec))
     if record is None or record.get("fingerprint") != spec.fingerprint():
         return False
-    return record.get("status") == "ok" or (record.get("status") == "failed" and not retry_failed)
+    return record.get("status") in FINISHED or (record.get("status") == "failed" and not retry_failed)
+
+
+#: Statuses of a job that ran to the end (``warning``: with degenerate figures, see benchmark.job).
+FINISHED = ("ok", "warning")
+
+
+def execution_of(slot: dict[str, str]) -> dict[str, Any]:
+    """What a slot runs on, as far as it changes a result: the device kind and the CPU threads."""
+    visible = slot.get("CUDA_VISIBLE_DEVICES", "")
+    if visible and torch.cuda.is_available():
+        return {"device": torch.cuda.get_device_name(int(visible.split(",")[0])), "devices": len(visible.split(","))}
+    return {"device": "cpu", "threads": int(slot.get("OMP_NUM_THREADS") or torch.get_num_threads())}
 
 
 def device_slots(devices_per_job: int, parallel: int | None, accelerator: str = "auto") -> list[dict[str, str]]:
@@ -116,6 +129,8 @@ def run_jobs(
 ) -> list[dict[str, Any]]:
     """Run the unfinished jobs; return the records of the jobs run now."""
     results_dir = Path(results_dir)
+    # Every slot of a sweep is of one kind (same GPU model, same share of the cores).
+    jobs = [replace(j, execution=execution_of(slots[0])) for j in jobs]
     pending = deque(j for j in jobs if not is_finished(results_dir, j, retry_failed))
     skipped = len(jobs) - len(pending)
     if skipped:
@@ -157,7 +172,7 @@ def run_jobs(
                 job.log.close()
                 record = _collect(results_dir, job)
                 finished.append(record)
-                failures += record["status"] != "ok"
+                failures += record["status"] not in FINISHED
                 if on_record:
                     on_record(record)
                 bar.update(1)
@@ -186,8 +201,9 @@ def _collect(results_dir: Path, job: _Running) -> dict[str, Any]:
 
 
 def _summary(record: dict[str, Any], seconds: float) -> str:
-    if record["status"] != "ok":
+    if record["status"] not in FINISHED:
         return f"[sweep] FAILED {record['job_id']} after {seconds:.0f}s: {record['error']}"
     metrics = record.get("metrics", {})
     shown = " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float))
-    return f"[sweep] done {record['job_id']} in {seconds:.0f}s: {shown}"
+    warned = f" WARNING: {'; '.join(record['warnings'])}" if record.get("warnings") else ""
+    return f"[sweep] done {record['job_id']} in {seconds:.0f}s: {shown}{warned}"

@@ -9,6 +9,8 @@ joins ``all`` without any change here.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -20,7 +22,10 @@ import yaml
 import models
 from datamodules import EMBEDDED_CATEGORIES, MVTEC_CATEGORIES, ensure_embedded_dataset
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "configs"
+#: Code every job runs whatever the method (with what these files import, found by code_files).
+PIPELINE_FILES = ("benchmark/job.py", "benchmark/cli.py", "callbacks/*.py", "datamodules/*.py")
 PROTOCOLS = ("selected", "paper")
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -174,6 +179,8 @@ class JobSpec:
     overrides: dict[str, Any]
     wandb: dict[str, Any]
     protocol: str = "selected"
+    #: Where the job runs, as the runner's slot sets it: {"device": ..., "threads": ...}.
+    execution: dict[str, Any] = field(default_factory=dict)
 
     @property
     def job_id(self) -> str:
@@ -184,11 +191,12 @@ class JobSpec:
         return config_path(self.method, self.profile)
 
     def fingerprint(self) -> str:
-        """Hash of what determines the result (not the sweep name or W&B settings), incl. the method YAML."""
+        """Hash of what determines the result: the spec (not the sweep name or W&B settings), the
+        method's YAML, the source of the code it runs (:func:`code_hash`) and where it runs
+        (device kind, CPU threads). A record whose fingerprint differs is rerun, never reused."""
         content = {k: v for k, v in asdict(self).items() if k not in ("sweep", "wandb")}
-        if content["protocol"] == "selected":  # the default before the field existed: old records stay valid
-            del content["protocol"]
         content["config_text"] = self.config_file.read_text() if self.config_file.is_file() else None
+        content["code"] = code_hash(self.method)
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def cli_args(self) -> list[str]:
@@ -211,6 +219,67 @@ class JobSpec:
             args.append(f"--data.texture_source={self.texture_root}")
         args += [f"--{key}={_cli_value(value)}" for key, value in self.overrides.items()]
         return args
+
+
+def code_files(method: str) -> list[Path]:
+    """The repository's source files a job of ``method`` runs: the method's module and every
+    repo module it imports (transitively), plus :data:`PIPELINE_FILES` and their imports.
+
+    Package ``__init__`` files are not followed: ``models/__init__.py`` imports every method
+    to register it, and editing one method must not make the others' records stale.
+    """
+    module = models.get_model_class(method).__module__
+    start = [_module_file(module)] + [f for pattern in PIPELINE_FILES for f in sorted(REPO.glob(pattern))]
+    seen: set[Path] = set()
+    todo = [f for f in start if f is not None and f.name != "__init__.py"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += [f for f in _imported_files(path, path.stat().st_mtime_ns) if f not in seen]
+    return sorted(seen)
+
+
+@functools.cache
+def _file_digest(path: Path, mtime_ns: int) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def code_hash(method: str) -> str:
+    """Hash of :func:`code_files` (paths and contents): changes exactly when that code changes."""
+    digest = hashlib.sha256()
+    for path in code_files(method):
+        digest.update(path.relative_to(REPO).as_posix().encode())
+        digest.update(_file_digest(path, path.stat().st_mtime_ns).encode())
+    return digest.hexdigest()[:16]
+
+
+def _module_file(module: str) -> Path | None:
+    base = REPO.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+@functools.cache
+def _imported_files(path: Path, mtime_ns: int) -> list[Path]:
+    """Repo module files (not package ``__init__``s) that ``path`` imports (cached per version)."""
+    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: from .x import y / from . import y
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                base = ".".join([*parent, node.module] if node.module else parent)
+            else:
+                base = node.module or ""
+            names += [base] + [f"{base}.{alias.name}" for alias in node.names]
+    files = [_module_file(name) for name in names if name]
+    return [f for f in files if f is not None and f.name != "__init__.py"]
 
 
 def config_path(method: str, profile: str) -> Path:

@@ -2,7 +2,7 @@
 
 from .allocator import ReuseFreedMemory, keep_freed_memory
 from .evaluation import AnomalyEvaluator
-from .guards import NonFiniteLossError, NonFiniteLossGuard
+from .guards import LossHistory, NonFiniteLossError, NonFiniteLossGuard
 from .metrics import compute_anomaly_metrics, f1_max, f1_optimal_threshold, pro_auc, roc_auc
 from .timing import TimingCallback
 from .visualization import AnomalyMapVisualizer
@@ -10,6 +10,7 @@ from .visualization import AnomalyMapVisualizer
 __all__ = [
     "AnomalyEvaluator",
     "AnomalyMapVisualizer",
+    "LossHistory",
     "NonFiniteLossError",
     "NonFiniteLossGuard",
     "ReuseFreedMemory",

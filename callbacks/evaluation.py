@@ -18,7 +18,7 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from .metrics import compute_anomaly_metrics
+from .metrics import BOOTSTRAP_METHOD, bootstrap_intervals, compute_anomaly_metrics
 
 __all__ = ["AnomalyEvaluator"]
 
@@ -104,9 +104,18 @@ class AnomalyEvaluator(Callback):
             ``False`` for none, or the stages that get them, e.g. ``("test",)`` to keep
             validation cheap (no anomaly maps are then kept in memory for it either).
         fpr_limit: upper FPR bound of the PRO integral (0.3 in MVTec AD's protocol).
+        bootstrap_resamples: resamples of the test images for the 95 % confidence interval
+            of every test metric (:func:`callbacks.metrics.bootstrap_intervals`); 0: none.
+        bootstrap_seed: seed of those resamples (fixed, so an interval is reproducible).
     """
 
-    def __init__(self, pixel_metrics: bool | Sequence[str] = True, fpr_limit: float = 0.3) -> None:
+    def __init__(
+        self,
+        pixel_metrics: bool | Sequence[str] = True,
+        fpr_limit: float = 0.3,
+        bootstrap_resamples: int = 1000,
+        bootstrap_seed: int = 0,
+    ) -> None:
         super().__init__()
         if isinstance(pixel_metrics, bool):
             self.pixel_stages = set(_STAGES) if pixel_metrics else set()
@@ -117,7 +126,15 @@ class AnomalyEvaluator(Callback):
                 raise ValueError(f"unknown stages {sorted(unknown)}; choose from {_STAGES}")
         if not 0.0 < fpr_limit <= 1.0:
             raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+        if bootstrap_resamples < 0:
+            raise ValueError(f"bootstrap_resamples must be >= 0, got {bootstrap_resamples}")
         self.fpr_limit = fpr_limit
+        self.bootstrap = {"n_resamples": bootstrap_resamples, "seed": bootstrap_seed, "confidence_level": 0.95,
+                          "method": BOOTSTRAP_METHOD}
+        #: Test metric -> [low, high] (empty when bootstrap_resamples is 0).
+        self.test_intervals: dict[str, list[float]] = {}
+        #: The scored test images: ``path``, ``label``, ``score`` lists, in loader order.
+        self.test_images: dict[str, list[Any]] = {}
         self.val_metrics: dict[str, float] = {}
         #: Every validation epoch of the current fit: ``{"epoch", "step", **metrics}``, oldest first
         #: (what checkpoint selection chose among, and whether it could tell the epochs apart).
@@ -231,16 +248,31 @@ class AnomalyEvaluator(Callback):
         data.clear()
         return _merge_ranks(gathered) if gathered is not None else None
 
-    def _compute(self, stage: str, data: dict[str, Any] | None) -> dict[str, float]:
+    def _compute(self, stage: str, data: dict[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:
+        """The stage's metrics, and for the test stage its intervals and per-image scores."""
         if data is None or data["scores"] is None:  # nothing was evaluated
             keys = ["image_auroc", "image_f1max"]
             if stage in self.pixel_stages:
                 keys += ["pixel_auroc", "pro", "pixel_f1max"]
-            return dict.fromkeys(keys, math.nan)
-        return compute_anomaly_metrics(
+            return dict.fromkeys(keys, math.nan), {}
+        metrics = compute_anomaly_metrics(
             data["scores"], data["labels"], data["maps"], data["masks"],
             fpr_limit=self.fpr_limit, with_thresholds=True,
         )
+        extras: dict[str, Any] = {}
+        if stage == "test":
+            extras["images"] = {
+                "path": list(data["paths"]),
+                "label": data["labels"].tolist(),
+                "score": data["scores"].tolist(),
+            }
+            if self.bootstrap["n_resamples"]:
+                extras["intervals"] = bootstrap_intervals(
+                    data["scores"], data["labels"], data["maps"], data["masks"],
+                    n_resamples=self.bootstrap["n_resamples"], seed=self.bootstrap["seed"],
+                    confidence_level=self.bootstrap["confidence_level"], fpr_limit=self.fpr_limit,
+                )
+        return metrics, extras
 
     def _evaluate(
         self, stage: str, trainer: Trainer, pl_module: LightningModule
@@ -263,10 +295,13 @@ class AnomalyEvaluator(Callback):
             status, payload = trainer.strategy.broadcast(outcome, src=0)
             if status == "error":
                 raise RuntimeError(f"{stage} metric computation failed on rank 0: {payload}")
-            metrics: dict[str, float] = payload
+            metrics, extras = payload
         else:
-            metrics = self._compute(stage, data)
+            metrics, extras = self._compute(stage, data)
             data = None  # free the collected maps before logging
+        if stage == "test":
+            self.test_intervals = extras.get("intervals", {})
+            self.test_images = extras.get("images", {})
 
         thresholds = {k: metrics.pop(k, math.nan) for k in ("image_threshold", "pixel_threshold")}
         if stage == "val":

@@ -132,10 +132,23 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     assert tables["image_auroc"].loc["stpm (quick)", "weave"] == pytest.approx(
         runs.loc[runs.category == "weave", "image_auroc"].item()
     )
-    assert tables["image_auroc"].loc["stpm (quick)", "paper"] == pytest.approx(0.955)
+    # Each record carries its 95 % bootstrap intervals (with how they were drawn) and its per-image scores.
+    assert record["bootstrap"]["n_resamples"] == 1000 and record["bootstrap"]["seed"] == 0
+    for metric in ("image_auroc", "pixel_auroc", "pro"):
+        low, high = record["intervals"][metric]
+        assert low <= record["metrics"][metric] <= high, metric
+    scores = pd.read_csv(results / record["image_scores"])
+    assert list(scores.columns) == ["path", "defect_type", "label", "score", "val_f1_threshold", "predicted_anomalous"]
+    assert len(scores) == record["timing"]["test_images"] and set(scores.label) == {0, 1}
+    assert not scores.path.str.startswith("/").any(), "paths are relative to the dataset root"
+    assert set(scores.defect_type[scores.label == 0]) == {"good"}
+    from callbacks.metrics import roc_auc
+
+    assert roc_auc(scores.score, scores.label) == pytest.approx(record["metrics"]["image_auroc"])
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard_heatmap.png", "leaderboard_pro.csv"):
         assert (results / name).stat().st_size > 0, name
-    assert "stpm (quick)" in (results / "leaderboard.md").read_text()
+    markdown = (results / "leaderboard.md").read_text()
+    assert "stpm (quick)" in markdown and "scores/stpm__quick__weave__seed0.csv" in markdown
 
     # Rerun: every job finished -> nothing runs.
     before = {p: p.stat().st_mtime_ns for p in (results / "runs").glob("*.json")}
@@ -249,7 +262,10 @@ def test_named_variants_become_their_own_jobs_and_rows(tmp_path: Path, embedded_
     assert records[0]["status"] == "ok" and records[0]["config"]["model"]["init_args"]["map_fusion"] == "sum"
     tables = build_leaderboard(results)
     assert list(tables["image_auroc"].index) == ["stpm-sum (quick)"]
-    assert pd.isna(tables["image_auroc"].loc["stpm-sum (quick)", "paper"]), "no paper figure for a variant"
+    published = (results / "leaderboard.md").read_text().split("Ours vs published")[1].split("## Significance")[0]
+    assert "stpm-sum" not in published, (
+        "a variant is never set beside the method's published figures"
+    )
 
 
 def test_shipped_sweeps_are_valid(embedded_root: Path) -> None:

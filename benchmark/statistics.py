@@ -1,0 +1,131 @@
+"""Significance of the differences between methods: Wilcoxon, Friedman, Nemenyi, CD diagram.
+
+The unit of comparison ("block") is a category, each method's figure being its mean over
+seeds. With fewer categories than a test needs, the blocks are (category, seed) pairs
+instead, and the table says so: seeds of one category share its test images, so they are
+not independent samples and the p-values are optimistic. Below :data:`MIN_BLOCKS` blocks
+no test is run and the reason is reported instead of a number.
+
+* Two methods: Wilcoxon signed-rank test of the paired differences (``scipy.stats.wilcoxon``),
+  every pair of methods, p-values Holm-adjusted over the pairs.
+* All methods: Friedman test (``scipy.stats.friedmanchisquare``), then the Nemenyi post-hoc
+  test and the critical-difference diagram of scikit-posthocs.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import scikit_posthocs as sp  # noqa: E402
+from scipy import stats  # noqa: E402
+
+#: Fewest blocks for a test: the exact two-sided Wilcoxon p-value cannot go below 0.05 with 5.
+MIN_BLOCKS = 6
+ALPHA = 0.05
+
+
+@dataclass
+class Blocks:
+    """Rows = blocks, columns = methods (only methods with a figure in every block)."""
+
+    values: pd.DataFrame
+    unit: str  # "category" or "category x seed"
+    left_out: list[str]  # methods missing a block, not tested
+
+    @property
+    def note(self) -> str:
+        text = f"{len(self.values)} blocks ({self.unit})"
+        if self.unit != "category":
+            text += "; seeds of one category share its test set, so p-values are optimistic"
+        if self.left_out:
+            text += f"; not tested (a block missing): {', '.join(self.left_out)}"
+        return text
+
+
+def blocks(runs: pd.DataFrame, metric: str, row: str = "row") -> Blocks:
+    """The per-block figures of every method: categories, or (category, seed) when too few."""
+    finished = runs.dropna(subset=[metric])
+    per_category = finished.groupby([row, "category"])[metric].mean().unstack(row)
+    if len(per_category) >= MIN_BLOCKS:
+        table, unit = per_category, "category"
+    else:
+        table = finished.groupby([row, "category", "seed"])[metric].mean().unstack(row)
+        table.index = [f"{c}/seed{s}" for c, s in table.index]
+        unit = "category x seed"
+    complete = [c for c in table.columns if table[c].notna().all()]
+    return Blocks(table[complete], unit, sorted(set(table.columns) - set(complete)))
+
+
+def _absent(block: Blocks, methods: int) -> str | None:
+    if block.values.shape[1] < methods:
+        return f"needs >= {methods} methods with a figure in every block, has {block.values.shape[1]}"
+    if len(block.values) < MIN_BLOCKS:
+        return f"needs >= {MIN_BLOCKS} blocks (categories, or categories x seeds), has {len(block.values)}"
+    return None
+
+
+def wilcoxon_table(block: Blocks) -> tuple[pd.DataFrame | None, str]:
+    """Every pair of methods: median difference, W, p and Holm-adjusted p; or the reason it is absent."""
+    reason = _absent(block, 2)
+    if reason:
+        return None, f"Wilcoxon signed-rank test not run: {reason}."
+    rows = []
+    for a, b in itertools.combinations(block.values.columns, 2):
+        diff = block.values[a] - block.values[b]
+        if np.allclose(diff, 0):
+            w, p = np.nan, 1.0
+        else:
+            result = stats.wilcoxon(block.values[a], block.values[b], zero_method="wilcox")
+            w, p = float(result.statistic), float(result.pvalue)
+        rows.append({"A": a, "B": b, "n": int((diff != 0).sum()), "median A-B": float(diff.median()),
+                     "W": w, "p": p})
+    table = pd.DataFrame(rows)
+    table["p (Holm)"] = _holm(table["p"].to_numpy())
+    table[f"A != B at {ALPHA}"] = table["p (Holm)"] < ALPHA
+    return table, f"Wilcoxon signed-rank, two-sided, {block.note}."
+
+
+def _holm(p: np.ndarray) -> np.ndarray:
+    order = np.argsort(p)
+    adjusted = np.empty_like(p)
+    running = 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p) - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def friedman_nemenyi(block: Blocks) -> tuple[dict | None, str]:
+    """Friedman chi-square and p, average ranks (1 = best) and Nemenyi p-values; or why absent."""
+    reason = _absent(block, 3)
+    if reason:
+        return None, f"Friedman test and critical-difference diagram not drawn: {reason}."
+    values = block.values
+    statistic, p = stats.friedmanchisquare(*(values[c] for c in values.columns))
+    ranks = values.rank(axis=1, ascending=False).mean()  # higher metric = better = rank 1
+    nemenyi = sp.posthoc_nemenyi_friedman(values.to_numpy())
+    nemenyi.index = nemenyi.columns = values.columns
+    return (
+        {"statistic": float(statistic), "p": float(p), "ranks": ranks.sort_values(), "nemenyi": nemenyi},
+        f"Friedman chi2 = {statistic:.2f}, p = {p:.3g}; Nemenyi post-hoc; {block.note}.",
+    )
+
+
+def cd_diagram(result: dict, title: str, path: Path) -> Path:
+    """scikit-posthocs' critical-difference diagram of a :func:`friedman_nemenyi` result."""
+    ranks = result["ranks"]
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.35 * len(ranks)))
+    sp.critical_difference_diagram(ranks, result["nemenyi"], ax=ax, alpha=ALPHA)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

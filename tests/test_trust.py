@@ -1,0 +1,290 @@
+"""Numbers a reviewer can trust: bootstrap intervals, stale records, warnings, honest aggregation,
+published references per category, significance tests, and the HTML report in a real browser."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+from sklearn.metrics import roc_auc_score
+
+from benchmark.job import result_warnings
+from benchmark.leaderboard import build_leaderboard
+from benchmark.published import load_published
+from benchmark.records import write_json_atomic
+from benchmark.runner import device_slots, execution_of
+from benchmark.sweep import SweepConfig, code_files
+from callbacks import metrics as M
+from callbacks.guards import LossHistory
+
+from .conftest import REPO
+
+# --------------------------------------------------------------------------- bootstrap intervals
+
+
+def _category(n_good: int, n_bad: int, size: int = 32, seed: int = 0):
+    """Small synthetic category: blobs as defects, noisy maps that fire on them."""
+    rng = np.random.default_rng(seed)
+    n = n_good + n_bad
+    labels = np.r_[np.zeros(n_good, int), np.ones(n_bad, int)]
+    yy, xx = np.mgrid[0:size, 0:size]
+    masks = np.zeros((n, size, size), bool)
+    for i in range(n_good, n):
+        cy, cx, r = rng.uniform(6, size - 6, 2).tolist() + [rng.uniform(2, 5)]
+        masks[i] = (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+    maps = rng.normal(size=masks.shape).astype(np.float32) + 1.5 * masks
+    scores = maps.reshape(n, -1).max(axis=1) + rng.normal(0, 0.3, n)
+    return scores, labels, maps, masks
+
+
+def test_reweighted_sweep_is_the_sweep_of_the_resampled_category() -> None:
+    scores, labels, maps, masks = _category(12, 10)
+    counts = M._PerImageCounts(maps, masks, M._pixel_sweep(maps, masks))
+    drawn = np.r_[np.arange(22), 3, 15, 15, 21]  # images 3, 15 (twice) and 21 drawn again; none left out
+    for index in (np.arange(22), drawn, np.r_[0, 0, 5, 12, 12, 13, 19]):
+        weights = np.bincount(index, minlength=22)[None].astype(float)
+        sweep = counts.sweeps(weights)[0]
+        expected = M.compute_anomaly_metrics(scores[index], labels[index], maps[index], masks[index])
+        assert M._auroc_from(sweep) == pytest.approx(expected["pixel_auroc"], abs=1e-6)
+        assert M._pro_from(sweep, 0.3) == pytest.approx(expected["pro"], abs=1e-6)
+        assert M._f1max_from(sweep) == pytest.approx(expected["pixel_f1max"], abs=1e-6)
+
+
+def test_image_interval_equals_scipy_bootstrap_of_sklearn_auroc() -> None:
+    scores, labels, _, _ = _category(30, 20, seed=1)
+    ours = M.bootstrap_intervals(scores, labels, n_resamples=500, seed=7)
+    reference = stats.bootstrap(
+        (scores[labels == 1], scores[labels == 0]),
+        lambda anomalous, good: roc_auc_score(np.r_[np.ones(len(anomalous)), np.zeros(len(good))],
+                                              np.r_[anomalous, good]),
+        n_resamples=500, method="percentile", vectorized=False, random_state=np.random.default_rng(7),
+    ).confidence_interval
+    assert ours["image_auroc"] == pytest.approx([reference.low, reference.high], abs=1e-12)
+    assert set(ours) == {"image_auroc", "image_f1max"}
+
+
+def test_interval_coverage_is_near_95_percent() -> None:
+    """Binormal scores with a known AUROC: the interval should hold it in about 95 % of samples."""
+    shift = 1.2
+    true_auroc = stats.norm.cdf(shift / math.sqrt(2))
+    rng = np.random.default_rng(0)
+    covered = []
+    for trial in range(120):
+        good, bad = rng.normal(0, 1, 60), rng.normal(shift, 1, 40)
+        low, high = M.bootstrap_intervals(np.r_[good, bad], np.r_[np.zeros(60), np.ones(40)],
+                                          n_resamples=400, seed=trial)["image_auroc"]
+        covered.append(low <= true_auroc <= high)
+    assert 0.88 <= np.mean(covered) <= 0.99, np.mean(covered)
+
+
+def test_pixel_intervals_hold_the_estimate_and_degenerate_splits_give_nan() -> None:
+    scores, labels, maps, masks = _category(12, 10, seed=2)
+    point = M.compute_anomaly_metrics(scores, labels, maps, masks)
+    intervals = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=200)
+    for metric, (low, high) in intervals.items():
+        assert low <= point[metric] <= high and high - low > 0, metric
+    one_class = M.bootstrap_intervals(scores[:12], labels[:12], maps[:12], masks[:12], n_resamples=50)
+    assert all(math.isnan(v) for bounds in one_class.values() for v in bounds)
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def test_diverged_loss_and_one_class_test_split_are_warnings() -> None:
+    history = LossHistory()
+    for epoch_losses in ([2.0, 1.5], [1.0, 0.9], [5e3, 9e3]):
+        for loss in epoch_losses:
+            history.on_train_batch_end(None, None, {"loss": torch.tensor(loss)}, None, 0)
+        history.on_train_epoch_end(None, None)
+    assert "epoch 2" in history.diverged
+    calm = LossHistory()
+    for loss in (0.01, 0.5, 0.02):  # small losses wobbling near zero are not a divergence
+        calm.on_train_batch_end(None, None, {"loss": torch.tensor(loss)}, None, 0)
+        calm.on_train_epoch_end(None, None)
+    assert calm.diverged is None
+
+    metrics = {"image_auroc": math.nan, "pixel_auroc": 0.9, "pro": 0.8}
+    warned = result_warnings(metrics, {"label": [0, 0, 0]}, calm)
+    assert warned == ["test split has no anomalous image: image AUROC and F1-max are undefined"]
+    assert any("diverged" in w for w in result_warnings({"image_auroc": 0.9}, {"label": [0, 1]}, history))
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def test_a_methods_code_is_its_own_files_and_the_pipeline() -> None:
+    stpm = {p.relative_to(REPO).as_posix() for p in code_files("stpm")}
+    rstpm = {p.relative_to(REPO).as_posix() for p in code_files("rstpm")}
+    assert {"models/stpm.py", "models/distillation.py", "callbacks/metrics.py", "benchmark/job.py"} <= stpm
+    assert "models/rstpm.py" not in stpm and "models/stpm.py" not in rstpm
+    assert "models/unet.py" in rstpm and "models/__init__.py" not in rstpm
+
+
+def test_execution_kind_is_part_of_the_fingerprint(tmp_path: Path, embedded_root: Path) -> None:
+    sweep = SweepConfig(methods=["stpm"], categories=["weave"], root=str(embedded_root))
+    job = sweep.jobs()[0]
+    one = replace(job, execution=execution_of({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}))
+    two = replace(job, execution=execution_of({"OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}))
+    assert one.execution == {"device": "cpu", "threads": 1}
+    assert one.fingerprint() != two.fingerprint() and one.fingerprint() == replace(one).fingerprint()
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+METHODS = ("stpm", "patchcore", "draem")
+
+
+def _write_records(results: Path, categories: list[str], seeds: list[int], root: str | None,
+                   fail: tuple[str, str] | None = None, sweep_name: str = "trust") -> None:
+    """Records as the job writes them, with figures drawn so that the methods differ."""
+    rng = np.random.default_rng(0)
+    sweep = SweepConfig(name=sweep_name, methods=list(METHODS), categories=categories, seeds=seeds, root=root)
+    execution = execution_of(device_slots(1, None)[0])
+    for job in sweep.jobs():
+        job = replace(job, execution=execution)
+        base = {"stpm": 0.90, "patchcore": 0.97, "draem": 0.80}[job.method]
+        metrics = {m: float(np.clip(base + rng.normal(0, 0.01), 0, 1)) for m in
+                   ("image_auroc", "pixel_auroc", "pro", "image_f1max", "pixel_f1max")}
+        record = {**asdict(job), "job_id": job.job_id, "fingerprint": job.fingerprint(), "status": "ok",
+                  "error": None, "metrics": metrics, "finished_unix": 1.0,
+                  "intervals": {m: [v - 0.02, min(1.0, v + 0.02)] for m, v in metrics.items()},
+                  "environment": {"git_commit": "a" * 40, "host": "ci", "device": "cpu"},
+                  "timing": {"fit_seconds": 1.0, "test_images_per_second": 10.0}, "parameters": 1000}
+        if fail == (job.method, job.category):
+            record.update(status="failed", error="RuntimeError: injected", metrics={}, intervals={})
+        write_json_atomic(results / "runs" / f"{job.job_id}.json", record)
+
+
+def test_leaderboard_is_honest_about_failures_commits_staleness_and_other_sweeps(
+    tmp_path: Path, embedded_root: Path
+) -> None:
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble", "disc"], [0, 1, 2], str(embedded_root), fail=("draem", "disc"))
+    first = json.loads((results / "runs" / "stpm__quick__weave__seed0.json").read_text())
+    write_json_atomic(results / "runs" / "x_other.json", {**first, "sweep": "elsewhere", "job_id": "other"})
+    # One record from another commit, one whose config no longer matches, one torn file.
+    path = results / "runs" / "stpm__quick__weave__seed1.json"
+    write_json_atomic(path, {**json.loads(path.read_text()), "environment": {"git_commit": "b" * 40}})
+    path = results / "runs" / "patchcore__quick__marble__seed2.json"
+    write_json_atomic(path, {**json.loads(path.read_text()), "fingerprint": "0000"})
+    (results / "runs" / "torn.json").write_text('{"status": "o')
+
+    tables = build_leaderboard(results, sweep_name="trust", sort_by="image_auroc")
+    markdown = (results / "leaderboard.md").read_text()
+    image = tables["image_auroc"]
+    assert list(image.index) == ["patchcore (quick)", "stpm (quick)", "draem (quick)"], "sorted, incomplete last"
+    assert pd.isna(image.at["draem (quick)", "mean"]) and not image.at["draem (quick)", "complete"]
+    assert "n/a (6 of 9); partial:" in markdown
+    assert image.at["stpm (quick)", "mean"] == pytest.approx(
+        pd.read_csv(results / "runs.csv").query("method == 'stpm'").image_auroc.mean())
+    assert "records from different commits" in markdown and "aaaaaaaaaa (26 jobs), bbbbbbbbbb (1 jobs)" in markdown
+    assert "1 record(s) of sweep 'elsewhere'" in markdown
+    assert "## Stale records" in markdown and "patchcore__quick__marble__seed2" in markdown.split("## Stale")[1]
+    assert "## Unreadable records" in markdown and "torn.json" in markdown
+    assert "## Failed jobs" in markdown and "injected" in markdown
+    assert " [" in markdown.split("## Image AUROC (%)")[1].split("##")[0], "intervals in the cells"
+
+    # draem misses a block: tested pairwise without it, and no Friedman test over two methods.
+    significance = markdown.split("## Significance")[1]
+    assert "not tested (a block missing): draem (quick)" in significance
+    assert "Friedman test and critical-difference diagram not drawn: needs >= 3 methods" in significance
+
+
+def test_three_methods_over_the_embedded_categories_and_three_seeds_get_wilcoxon_and_cd(
+    tmp_path: Path, embedded_root: Path
+) -> None:
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble", "disc"], [0, 1, 2], str(embedded_root))
+    build_leaderboard(results)
+    significance = (results / "leaderboard.md").read_text().split("## Significance")[1]
+    assert "Wilcoxon signed-rank, two-sided, 9 blocks (category x seed)" in significance
+    pair = next(line for line in significance.splitlines() if line.startswith("| patchcore (quick) | stpm (quick)"))
+    assert "True" in pair, "patchcore is 7 points above stpm in every block: p (Holm) < 0.05"
+    assert "Friedman chi2" in significance and "leaderboard_cd_image_auroc.png" in significance
+    assert (results / "leaderboard_cd_image_auroc.png").stat().st_size > 1000
+
+
+def test_too_few_blocks_say_why_the_tests_are_absent(tmp_path: Path, embedded_root: Path) -> None:
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble"], [0], str(embedded_root))
+    build_leaderboard(results)
+    markdown = (results / "leaderboard.md").read_text()
+    assert "Wilcoxon signed-rank test not run: needs >= 6 blocks" in markdown
+    assert "critical-difference diagram not drawn: needs >= 6 blocks" in markdown
+    assert not list(results.glob("leaderboard_cd_*.png"))
+
+
+def test_published_figures_are_per_category_with_source(tmp_path: Path) -> None:
+    published = load_published()
+    assert set(published.method) >= {"draem", "stpm", "patchcore"}
+    # Each method's file rows give back the 15-category means the papers print.
+    means = published.groupby("method")[["image_auroc", "pixel_auroc"]].mean() * 100
+    assert means.at["draem", "image_auroc"] == pytest.approx(98.0, abs=0.06)
+    assert means.at["draem", "pixel_auroc"] == pytest.approx(97.3, abs=0.06)
+    assert means.at["patchcore", "image_auroc"] == pytest.approx(99.0, abs=0.1)
+
+    # A bottle sweep: each method beside its published bottle figure, not a 15-category mean.
+    root = tmp_path / "mvtec"
+    (root / "bottle" / "train" / "good").mkdir(parents=True)
+    results = tmp_path / "results"
+    _write_records(results, ["bottle"], [0], str(root))
+    build_leaderboard(results)
+    section = (results / "leaderboard.md").read_text().split("Ours vs published")[1].split("## Significance")[0]
+    bottle = published.set_index(["method", "category"])
+    for method in ("patchcore", "draem"):
+        line = next(row for row in section.splitlines() if row.startswith(f"| {method} (quick)"))
+        assert f"vs {100 * bottle.at[(method, 'bottle'), 'image_auroc']:.1f}" in line and "over 1" in line
+        assert "Tab." in line or "Roth" in line or "Zavrtanik" in line
+    assert "stpm (quick), image_auroc: the paper gives only the 15-category mean (95.5)" in section
+
+
+# --------------------------------------------------------------------------- the report in a browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian package chromium)")
+def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble", "disc"], [0, 1, 2], str(embedded_root))
+    build_leaderboard(results)
+    page_file = results / "leaderboard.html"
+    moved = tmp_path / "elsewhere.html"  # self-contained: it must render away from its PNG files
+    shutil.copy(page_file, moved)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page()
+        page.goto(moved.as_uri())
+        assert page.locator("table").count() >= 5 + 3  # five metric tables, Wilcoxon tables
+        images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth])")
+        alts = [alt for alt, _ in images]
+        assert {"heatmap", "per-category bars"} <= set(alts) and any("critical-difference" in a for a in alts)
+        assert all(width and width > 100 for _, width in images), images
+        assert "Leaderboard" in page.title()
+        browser.close()
+
+
+def test_editing_a_methods_file_reruns_its_jobs_only(tmp_path: Path, embedded_root: Path) -> None:
+    from .test_benchmark import _run
+
+    results = tmp_path / "results"
+    first = _run(tmp_path, embedded_root, results, methods=["stpm", "patchcore"])
+    assert sorted(r["status"] for r in first) == ["ok", "ok"]
+    assert _run(tmp_path, embedded_root, results, methods=["stpm", "patchcore"]) == []
+    source = REPO / "models" / "patchcore.py"
+    original = source.read_bytes()
+    try:
+        source.write_bytes(original + b"\n# an edit that changes nothing but the file\n")
+        rerun = _run(tmp_path, embedded_root, results, methods=["stpm", "patchcore"])
+    finally:
+        source.write_bytes(original)
+    assert [r["job_id"] for r in rerun] == ["patchcore__quick__weave__seed0"]
