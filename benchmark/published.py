@@ -48,7 +48,7 @@ def comparison(means: pd.DataFrame, row_methods: dict[str, str], metric: str,
                 covered = len(categories) == len(MVTEC_CATEGORIES)
                 ours = means.loc[row, categories].mean() if covered else np.nan
                 notes.append(
-                    f"{row}, {metric}: the paper gives only the 15-category mean ({100 * mean_only:.1f}); "
+                    f"{row}, {metric}: only the paper's 15-category mean is on file ({100 * mean_only:.1f}); "
                     + (f"ours over the 15: {100 * ours:.1f}." if covered
                        else f"not comparable over {len(categories)} of 15 categories.")
                 )

@@ -247,7 +247,7 @@ def test_published_figures_are_per_category_with_source(tmp_path: Path) -> None:
         line = next(row for row in section.splitlines() if row.startswith(f"| {method} (quick)"))
         assert f"vs {100 * bottle.at[(method, 'bottle'), 'image_auroc']:.1f}" in line and "over 1" in line
         assert "Tab." in line or "Roth" in line or "Zavrtanik" in line
-    assert "stpm (quick), image_auroc: the paper gives only the 15-category mean (95.5)" in section
+    assert "stpm (quick), image_auroc: only the paper's 15-category mean is on file (95.5)" in section
 
 
 # --------------------------------------------------------------------------- the report in a browser
