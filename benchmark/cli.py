@@ -1,34 +1,102 @@
 """``adbench``: the Lightning CLI of the suite.
 
     adbench fit      --config configs/stpm/quick.yaml --data.category bottle --data.root $MVTEC_ROOT
-    adbench test     --config configs/stpm/quick.yaml --ckpt_path last
-    adbench validate / predict (same arguments)
+    adbench test     --config configs/stpm/quick.yaml --data.category bottle --ckpt_path best
+    adbench validate (same arguments)
+    adbench predict  --ckpt_path runs/stpm/bottle/seed0/checkpoints/best.ckpt --data.path FOLDER_OR_IMAGE
     adbench models   (list the registered methods)
 
-Any registered method can be named by class path (``models.stpm.STPM``) or by
-class name (``--model STPM``). The evaluation callback is always attached, so
-``test`` logs image/pixel AUROC, PRO and F1-max whatever the config says.
+Every run uses the protocol of a sweep job (one definition, :class:`AnomalyCLI`): the
+evaluator, the NaN guard, the loss history, timing, the anomaly-map pictures and the
+checkpoint selected on validation (``best.ckpt``) beside the final weights
+(``last.ckpt``, always written). Everything a run writes goes into one run folder,
+``runs/<method>/<category>/seed<seed>/`` unless ``--trainer.default_root_dir`` says
+otherwise, printed at the end; ``--ckpt_path best|last`` finds that folder's checkpoints
+in a new process. A method can be named by registry name (``--model stpm``), class
+name (``--model STPM``) or class path (``models.stpm.STPM``).
 """
 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from lightning import Callback
+from lightning import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
 import models
 from callbacks.allocator import ReuseFreedMemory
-from callbacks.evaluation import AnomalyEvaluator
-from callbacks.guards import NonFiniteLossGuard
+from callbacks.evaluation import SELECTION_MONITOR, AnomalyEvaluator
+from callbacks.guards import LossHistory, NonFiniteLossGuard
+from callbacks.timing import TimingCallback
+from callbacks.visualization import AnomalyMapVisualizer
 from datamodules import MVTecDataModule
 from models.base import AnomalyModule
 
+RUNS_FOLDER = "runs"
+# A sweep job (or a test) builds the CLI from a list while its own process has other arguments:
+# that is intended here, so LightningCLI's warning about it is noise.
+warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
+
+class SelectionCheckpoint(ModelCheckpoint):
+    """``best.ckpt``: the validated epoch with the best ``val/selection_score`` (never the test set);
+    ``last.ckpt``: the final weights, written at the end of every fit whatever the validation
+    schedule, so a run always leaves a checkpoint. Files go to ``<default_root_dir>/checkpoints``."""
+
+    def __init__(self, dirpath: str | Path | None = None) -> None:
+        super().__init__(dirpath=dirpath, monitor=SELECTION_MONITOR, mode="max", save_top_k=1,
+                         save_last=False, filename="best")
+
+    def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    @property
+    def last_model_path_on_disk(self) -> Path:
+        return Path(self.dirpath or ".") / "last.ckpt"
+
+    def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        trainer.save_checkpoint(self.last_model_path_on_disk)
+
+
+def protocol_callbacks() -> list[Callback]:
+    """What every run gets, CLI or sweep job: one definition of the protocol."""
+    return [AnomalyEvaluator(), NonFiniteLossGuard(), LossHistory(), TimingCallback(), AnomalyMapVisualizer(),
+            ReuseFreedMemory(), SelectionCheckpoint()]
+
+
+def _class_path(name: str) -> str:
+    """A registry name (``stpm``) or class name (``STPM``) -> the class path LightningCLI wants."""
+    for registered in models.list_models():
+        cls = models.get_model_class(registered)
+        if name in (registered, cls.__name__):
+            return f"{cls.__module__}.{cls.__name__}"
+    return name
+
+
+def expand_model_names(argv: Sequence[str]) -> list[str]:
+    """``--model stpm`` / ``--model=stpm`` -> the class path; anything else unchanged."""
+    out, expand_next = [], False
+    for arg in argv:
+        if expand_next:
+            arg, expand_next = _class_path(arg), False
+        elif arg == "--model":
+            expand_next = True
+        elif arg.startswith("--model="):
+            arg = "--model=" + _class_path(arg.split("=", 1)[1])
+        out.append(arg)
+    return out
+
 
 class AnomalyCLI(LightningCLI):
-    """LightningCLI with the suite's defaults: any AnomalyModule, the MVTec DataModule."""
+    """LightningCLI with the suite's protocol: any AnomalyModule, the MVTec DataModule, the run folder."""
 
     def __init__(
         self,
@@ -44,18 +112,75 @@ class AnomalyCLI(LightningCLI):
             subclass_mode_model=True,
             seed_everything_default=0,
             trainer_defaults={
+                "enable_model_summary": False,  # "Total Flops 0" and a table nobody reads per run
                 **(trainer_defaults or {}),
-                "callbacks": [AnomalyEvaluator(), NonFiniteLossGuard(), ReuseFreedMemory(), *extra_callbacks],
+                "callbacks": [*protocol_callbacks(), *extra_callbacks],
             },
             save_config_kwargs={"overwrite": True},
-            args=args,
+            parser_kwargs={"prog": "adbench"},
+            args=None if args is None else expand_model_names(args),
             run=run,
             **kwargs,
         )
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if config.trainer.get("default_root_dir") is None:
+            config.trainer.default_root_dir = str(self.run_folder(config))
+        if self.subcommand in ("test", "validate", "predict") and config.get("ckpt_path") in ("best", "last"):
+            path = Path(config.trainer.default_root_dir) / "checkpoints" / f"{config.ckpt_path}.ckpt"
+            if not path.is_file():
+                hint = ("validation never ran (check_val_every_n_epoch > max_epochs?): use --ckpt_path last"
+                        if config.ckpt_path == "best" and path.with_name("last.ckpt").is_file()
+                        else "run `adbench fit` with the same --config/--data.category/--seed_everything first")
+                raise SystemExit(f"error: --ckpt_path {config.ckpt_path}: no checkpoint at {str(path)!r}; {hint}")
+            config.ckpt_path = str(path)
+
+    @staticmethod
+    def run_folder(config: Any) -> Path:
+        class_path = str(config.model.class_path) if "class_path" in config.model else "model"
+        cls = next((models.get_model_class(n) for n in models.list_models()
+                    if _class_path(n) == class_path), None)
+        name = getattr(cls, "registry_name", class_path.rsplit(".", 1)[-1].lower())
+        return Path(RUNS_FOLDER) / name / str(config.data.category) / f"seed{config.seed_everything}"
+
+    def _callback(self, kind: type) -> Any:
+        return next(c for c in self.trainer.callbacks if isinstance(c, kind))
+
     @property
     def evaluator(self) -> AnomalyEvaluator:
-        return next(c for c in self.trainer.callbacks if isinstance(c, AnomalyEvaluator))
+        return self._callback(AnomalyEvaluator)
+
+    @property
+    def checkpoint(self) -> SelectionCheckpoint:
+        return self._callback(SelectionCheckpoint)
+
+    @property
+    def timing(self) -> TimingCallback:
+        return self._callback(TimingCallback)
+
+    @property
+    def losses(self) -> LossHistory:
+        return self._callback(LossHistory)
+
+
+def _predict_folder(argv: list[str]) -> None:
+    """``adbench predict --ckpt_path X --data.path P [--output DIR] [--device cpu]``."""
+    import argparse
+
+    import adbench
+
+    parser = argparse.ArgumentParser(prog="adbench predict", description="Score a folder (or one image) with a checkpoint.")
+    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--data.path", dest="path", required=True, help="an image file or a folder (searched recursively)")
+    parser.add_argument("--output", help="output folder (default: <checkpoint's run folder>/predictions/<input name>)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.ckpt_path)
+    output = Path(args.output) if args.output else checkpoint.parent.parent / "predictions" / Path(args.path).stem
+    detector = adbench.load(checkpoint, device=args.device)
+    adbench.predict_folder(detector, args.path, output)
+    print(f"[adbench] predictions: {output / 'predictions.csv'}; maps: {output / 'maps'}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -63,7 +188,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     if argv[:1] == ["models"]:
         print("\n".join(models.list_models()))
         return
-    AnomalyCLI(args=argv)
+    if argv[:1] == ["predict"] and any(a == "--data.path" or a.startswith("--data.path=") for a in argv):
+        _predict_folder(argv[1:])
+        return
+    if from_command_line := (sys.argv[1:] == argv):
+        sys.argv[1:] = expand_model_names(argv)  # LightningCLI reads sys.argv itself: no "args" warning
+    cli = AnomalyCLI(args=None if from_command_line else argv)
+    if cli.trainer.is_global_zero:
+        print(f"[adbench] run folder: {cli.trainer.default_root_dir}")
 
 
 if __name__ == "__main__":

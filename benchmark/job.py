@@ -30,17 +30,12 @@ from typing import Any
 import lightning
 import timm
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from benchmark.cli import AnomalyCLI
 from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
 from benchmark.sweep import JobSpec
 from callbacks.evaluation import NOT_READY_SCORE
 from callbacks.guards import LossHistory
-from callbacks.timing import TimingCallback
-from callbacks.visualization import AnomalyMapVisualizer
-
-SELECTION_METRIC = "val/selection_score"
 
 
 def git_commit() -> str | None:
@@ -145,26 +140,17 @@ def result_warnings(metrics: dict[str, float], images: dict[str, list[Any]], los
 
 
 def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> dict[str, Any]:
-    """Fit, select, test; return the record's measured part."""
-    timing, losses = TimingCallback(), LossHistory()
+    """Fit, select, test with the CLI's protocol (benchmark.cli.protocol_callbacks); return the record's measured part."""
     if "LOCAL_RANK" not in os.environ:  # the launching process only, never a DDP worker mid-run
         # A rerun (changed code or config) must not find the previous run's best.ckpt beside its own.
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
-    checkpoint = ModelCheckpoint(
-        dirpath=job_dir / "checkpoints", monitor=SELECTION_METRIC, mode="max",
-        save_top_k=1, save_last=False, filename="best",
-    )
     cli = AnomalyCLI(
         args=spec.cli_args(),
         run=False,
-        extra_callbacks=[timing, losses, checkpoint, AnomalyMapVisualizer(job_dir / "maps", max_images=16)],
-        trainer_defaults={
-            "default_root_dir": str(job_dir),
-            "logger": _logger(spec, job_dir),
-            "enable_model_summary": False,
-        },
+        trainer_defaults={"default_root_dir": str(job_dir), "logger": _logger(spec, job_dir)},
     )
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
+    checkpoint, timing, losses = cli.checkpoint, cli.timing, cli.losses
     trainer.fit(model, datamodule=data)
     best = checkpoint.best_model_path
     trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=False)

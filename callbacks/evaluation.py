@@ -23,6 +23,8 @@ from .metrics import BOOTSTRAP_METHOD, bootstrap_intervals, compute_anomaly_metr
 __all__ = ["AnomalyEvaluator"]
 
 _STAGES = ("val", "test")
+#: The checkpoint-selection monitor (logged by the evaluator at every validation).
+SELECTION_MONITOR = "val/selection_score"
 #: Validation metrics averaged into ``val/selection_score``, the checkpoint-selection monitor.
 SELECTION_METRICS = ("image_auroc", "pixel_auroc")
 #: The selection score of an epoch whose model says it is not ready (see AnomalyModule.ready_for_selection).
@@ -191,6 +193,19 @@ class AnomalyEvaluator(Callback):
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.test_metrics = self._evaluate("test", trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # What scoring new images needs besides the weights: the validation thresholds and the input size.
+        checkpoint.setdefault("adbench", {}).update(
+            image_threshold=self.val_image_threshold,
+            pixel_threshold=self.val_pixel_threshold,
+            image_size=(getattr(trainer.datamodule, "hparams", None) or {}).get("image_size"),
+        )
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("adbench", {})
+        self.val_image_threshold = float(saved.get("image_threshold", math.nan))
+        self.val_pixel_threshold = float(saved.get("pixel_threshold", math.nan))
 
     # ------------------------------------------------------------------ internals
 

@@ -52,6 +52,28 @@ def render_panels(
     return np.concatenate([image, truth.astype(np.uint8), overlay, prediction.astype(np.uint8)], axis=1)
 
 
+def heat_overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, caption: str) -> np.ndarray:
+    """Input | heat-map overlay (contour where the map reaches ``threshold``, if finite) | colour bar,
+    with ``caption`` above: uint8 (H + 14, 2W + 40, 3). The map's own range sets the colours."""
+    vmin, vmax = float(anomaly_map.min()), float(anomaly_map.max())
+    overlay = render_panels(image, np.zeros(anomaly_map.shape, bool), anomaly_map, vmin, vmax,
+                            threshold if np.isfinite(threshold) else np.inf)
+    width = image.shape[1]
+    panels = np.concatenate([overlay[:, :width], overlay[:, 2 * width : 3 * width]], axis=1)
+    if np.isfinite(threshold):
+        panels[:, width:][_boundary(anomaly_map >= threshold)] = (255, 255, 255)
+    height = image.shape[0]
+    bar = np.repeat(_JET[::-1][np.linspace(0, 255, height).astype(int)][:, None], 12, axis=1)
+    canvas = Image.new("RGB", (2 * width + 40, height + 14), (0, 0, 0))
+    canvas.paste(Image.fromarray(panels), (0, 14))
+    canvas.paste(Image.fromarray(bar.astype(np.uint8)), (2 * width + 2, 14))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 1), caption, fill=(255, 255, 0))
+    draw.text((2 * width + 15, 14), f"{vmax:.3g}", fill=(255, 255, 255))
+    draw.text((2 * width + 15, height), f"{vmin:.3g}", fill=(255, 255, 255))
+    return np.asarray(canvas)
+
+
 class AnomalyMapVisualizer(Callback):
     """Save a four-panel PNG per test image and log a sample grid to W&B.
 

@@ -57,6 +57,10 @@ class AnomalyModule(LightningModule):
     def setup(self, stage: str) -> None:
         self.to(memory_format=self.memory_format)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Which registered method this is, so `adbench.load(path)` can rebuild it (see adbench/api.py).
+        checkpoint.setdefault("adbench", {})["model"] = getattr(self, "registry_name", None)
+
     # Batches are converted in the batch-start hooks, in place, rather than in
     # ``on_after_batch_transfer``: Lightning warns whenever a LightningModule
     # overrides that data hook while a DataModule is in use.

@@ -1,0 +1,114 @@
+"""The suite as a tool: one protocol for CLI and sweep, checkpoints found in a new process,
+predict on any folder of images, the Python API, short model names."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import adbench
+from benchmark.cli import AnomalyCLI, expand_model_names
+from benchmark.runner import device_slots, run_jobs
+from benchmark.sweep import SweepConfig
+
+from .conftest import REPO
+from .test_benchmark import TINY as TINY_OVERRIDES
+from .test_cli import TINY
+
+
+def test_short_model_names_become_class_paths() -> None:
+    assert expand_model_names(["fit", "--model", "stpm", "--model=PatchCore", "--data.category=stpm"]) == [
+        "fit", "--model", "models.stpm.STPM", "--model=models.patchcore.PatchCore", "--data.category=stpm"]
+
+
+def test_a_fit_always_leaves_a_checkpoint_and_best_or_last_are_found_by_name(
+    tmp_path: Path, embedded_root: Path
+) -> None:
+    common = [*TINY, f"--data.root={embedded_root}", f"--trainer.default_root_dir={tmp_path}"]
+    # Validation every 5 epochs, one epoch: no validated epoch, still a last.ckpt with the final weights.
+    AnomalyCLI(args=["fit", *common, "--trainer.check_val_every_n_epoch=5"])
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not (tmp_path / "checkpoints" / "best.ckpt").exists()
+    with pytest.raises(SystemExit, match="no checkpoint at .*best.ckpt.*use --ckpt_path last"):
+        AnomalyCLI(args=["test", *common, "--ckpt_path=best"])
+    test = AnomalyCLI(args=["test", *common, "--ckpt_path=last"])
+    assert 0.0 <= test.evaluator.test_metrics["image_auroc"] <= 1.0
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert state["adbench"]["model"] == "stpm" and state["adbench"]["image_size"] == 64
+
+
+def _job(tmp_path: Path, embedded_root: Path) -> tuple[dict, Path]:
+    sweep = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
+                        overrides=dict(TINY_OVERRIDES))
+    [record] = run_jobs(sweep.jobs(), tmp_path / "results", device_slots(1, None))
+    assert record["status"] == "ok", record.get("traceback")
+    return record, tmp_path / "results" / "jobs" / record["job_id"]
+
+
+def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Path, embedded_root: Path) -> None:
+    record, job_dir = _job(tmp_path, embedded_root)
+    spec = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
+                       overrides=dict(TINY_OVERRIDES)).jobs()[0]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "test", *spec.cli_args(), f"--trainer.default_root_dir={job_dir}",
+         "--ckpt_path=best"], capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    printed = dict(re.findall(r"test/(\w+)\s+([0-9.]+)", result.stdout))
+    for metric in ("image_auroc", "pixel_auroc", "pro"):
+        assert float(printed[metric]) == pytest.approx(record["metrics"][metric], abs=1e-6), metric
+    assert f"run folder: {job_dir}" in result.stdout
+
+
+def test_python_api_and_predict_on_a_folder_of_mixed_images(tmp_path: Path, embedded_root: Path) -> None:
+    record, job_dir = _job(tmp_path, embedded_root)
+    checkpoint = job_dir / "checkpoints" / "best.ckpt"
+    detector = adbench.load(checkpoint)
+    scores = pd.read_csv(tmp_path / "results" / record["image_scores"])
+    # The API's preprocessing is the evaluation's: same image, same score as the job's test.
+    for row in scores.head(3).itertuples():
+        result = detector.predict(embedded_root / row.path)
+        assert result.score == pytest.approx(row.score, rel=1e-5)
+        assert result.anomalous == (row.score >= row.val_f1_threshold)
+        assert result.anomaly_map.shape == (256, 256)  # the image's own size, not the model's 64 px
+
+    source = embedded_root / scores.path[scores.label == 1].iloc[0]
+    folder = tmp_path / "inbox" / "nested"
+    folder.mkdir(parents=True)
+    with Image.open(source) as image:
+        image.convert("L").resize((120, 90)).save(folder / "gray.jpg")
+        image.convert("RGBA").save(folder.parent / "alpha.tiff")
+        image.save(folder.parent / "plain.bmp")
+    (folder / "notes.txt").write_text("not an image")
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmark.cli", "predict", f"--ckpt_path={checkpoint}",
+         f"--data.path={folder.parent}", f"--output={output}"], capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert str(output / "predictions.csv") in result.stdout
+    table = pd.read_csv(output / "predictions.csv")
+    assert sorted(table.path) == ["alpha.tiff", "nested/gray.jpg", "plain.bmp"]
+    assert set(table.anomalous) <= {0, 1}
+    assert table.set_index("path").at["plain.bmp", "score"] == pytest.approx(detector.predict(source).score, rel=1e-5)
+    raw = np.load(output / "maps" / "nested__gray.npy")
+    assert raw.shape == (90, 120)
+    with Image.open(output / "maps" / "nested__gray.png") as picture:
+        assert picture.size[0] > 2 * 120  # input | overlay | colour bar
+
+    with pytest.raises(FileNotFoundError, match="no image file or folder"):
+        adbench.predict_folder(detector, tmp_path / "missing", tmp_path / "o")
+
+
+def test_cli_help_says_adbench() -> None:
+    result = subprocess.run([sys.executable, "-m", "benchmark.cli", "fit", "--help"], capture_output=True,
+                            text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0 and re.search(r"usage: adbench (\[options\] )?fit", result.stdout), result.stdout[:300]
