@@ -63,8 +63,9 @@ def environment() -> dict[str, Any]:
 
 def _logger(spec: JobSpec, job_dir: Path) -> Any:
     settings = spec.wandb or {}
-    if not settings.get("enabled"):
-        return False
+    if not settings.get("enabled"):  # the training curves still: <job_dir>/metrics.csv
+        return {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": str(job_dir), "name": "", "version": ""}}
     # LightningCLI takes subclass defaults as class_path/init_args, not as instances.
     return {
         "class_path": "lightning.pytorch.loggers.WandbLogger",

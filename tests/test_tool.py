@@ -55,6 +55,9 @@ def _job(tmp_path: Path, embedded_root: Path) -> tuple[dict, Path]:
 
 def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Path, embedded_root: Path) -> None:
     record, job_dir = _job(tmp_path, embedded_root)
+    curves = pd.read_csv(job_dir / "metrics.csv")  # the job keeps its training curves
+    assert "val/selection_score" in curves.columns and curves["val/selection_score"].notna().any()
+    assert len(list((job_dir / "anomaly_maps").glob("*.png"))) == len(pd.read_csv(tmp_path / "results" / record["image_scores"]))
     spec = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
                        overrides=dict(TINY_OVERRIDES)).jobs()[0]
     result = subprocess.run(
