@@ -14,6 +14,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 
@@ -56,6 +57,14 @@ class AnomalyModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         self.to(memory_format=self.memory_format)
+
+    def on_test_start(self) -> None:
+        # A plain Trainer().test(model, dm) has no evaluator: the steps run and nothing is measured.
+        if not any(type(c).__name__ == "AnomalyEvaluator" for c in self.trainer.callbacks):
+            rank_zero_warn(
+                f"{type(self).__name__} is tested without an AnomalyEvaluator: no metric will be computed; "
+                "use Trainer(callbacks=[callbacks.AnomalyEvaluator()]) or the adbench CLI",
+            )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Which registered method this is, so `adbench.load(path)` can rebuild it (see adbench/api.py).

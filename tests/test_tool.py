@@ -115,3 +115,15 @@ def test_cli_help_says_adbench() -> None:
     result = subprocess.run([sys.executable, "-m", "benchmark.cli", "fit", "--help"], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0 and re.search(r"usage: adbench (\[options\] )?fit", result.stdout), result.stdout[:300]
+
+
+def test_testing_without_the_evaluator_warns_how_to_add_it(embedded_root: Path) -> None:
+    from lightning import Trainer
+
+    from datamodules import MVTecDataModule
+    from models.stpm import STPM
+
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, eval_batch_size=8)
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_test_batches=1)
+    with pytest.warns(UserWarning, match="without an AnomalyEvaluator.*AnomalyEvaluator"):
+        trainer.test(STPM(backbone="tf_efficientnet_lite0"), datamodule=data)
