@@ -4,6 +4,7 @@
     adbench test     --config configs/stpm/quick.yaml --data.category bottle --ckpt_path best
     adbench validate (same arguments)
     adbench predict  --ckpt_path runs/stpm/bottle/seed0/checkpoints/best.ckpt --data.path FOLDER_OR_IMAGE
+    adbench export   --ckpt_path CKPT --format onnx|torchscript   (preprocessing inside; see adbench/export.py)
     adbench models   (list the registered methods)
 
 Every run uses the protocol of a sweep job (one definition, :class:`AnomalyCLI`): the
@@ -187,6 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["models"]:
         print("\n".join(models.list_models()))
+        return
+    if argv[:1] == ["export"]:
+        from adbench.export import main as export_main
+
+        export_main(argv[1:])
         return
     if argv[:1] == ["predict"] and any(a == "--data.path" or a.startswith("--data.path=") for a in argv):
         _predict_folder(argv[1:])
