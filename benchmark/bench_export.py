@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> None:
             batch = images[:1] if session.get_inputs()[0].shape[0] == 1 else images  # torch.export: batch 1
             wrapper = ExportedDetector(model, args.size)
             with torch.inference_mode():
-                eager = _best(lambda: wrapper(batch), args.repeats)
-            exported = _best(lambda: session.run(None, {"images": batch.numpy()}), args.repeats)
+                eager = _best(lambda w=wrapper, b=batch: w(b), args.repeats)
+            exported = _best(lambda s=session, b=batch: s.run(None, {"images": b.numpy()}), args.repeats)
             n = batch.shape[0]
             print(f"{name:<12s} {n / eager:12.1f} {n / exported:12.1f} {eager / exported:7.2f}"
                   + ("  (exported with batch 1)" if n == 1 and args.batch > 1 else ""))
