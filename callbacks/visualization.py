@@ -52,26 +52,39 @@ def render_panels(
     return np.concatenate([image, truth.astype(np.uint8), overlay, prediction.astype(np.uint8)], axis=1)
 
 
-def heat_overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, caption: str) -> np.ndarray:
-    """Input | heat-map overlay (contour where the map reaches ``threshold``, if finite) | colour bar,
-    with ``caption`` above: uint8 (H + 14, 2W + 40, 3). The map's own range sets the colours."""
-    vmin, vmax = float(anomaly_map.min()), float(anomaly_map.max())
-    overlay = render_panels(image, np.zeros(anomaly_map.shape, bool), anomaly_map, vmin, vmax,
-                            threshold if np.isfinite(threshold) else np.inf)
-    width = image.shape[1]
-    panels = np.concatenate([overlay[:, :width], overlay[:, 2 * width : 3 * width]], axis=1)
-    if np.isfinite(threshold):
-        panels[:, width:][_boundary(anomaly_map >= threshold)] = (255, 255, 255)
-    height = image.shape[0]
-    bar = np.repeat(_JET[::-1][np.linspace(0, 255, height).astype(int)][:, None], 12, axis=1)
-    canvas = Image.new("RGB", (2 * width + 40, height + 14), (0, 0, 0))
-    canvas.paste(Image.fromarray(panels), (0, 14))
-    canvas.paste(Image.fromarray(bar.astype(np.uint8)), (2 * width + 2, 14))
+TITLE_HEIGHT = 26  # two text lines: the caption, then one title per panel
+BAR_WIDTH = 44
+
+
+def compose(panels: list[np.ndarray], titles: list[str], caption: str, vmin: float, vmax: float) -> np.ndarray:
+    """Panels (each uint8 H x W x 3) side by side under their titles and ``caption``, with the
+    colour bar of the heat map (``vmin`` .. ``vmax``) on the right: uint8 (H + 26, n W + 44, 3)."""
+    height, width = panels[0].shape[:2]
+    canvas = Image.new("RGB", (len(panels) * width + BAR_WIDTH, height + TITLE_HEIGHT), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     draw.text((2, 1), caption, fill=(255, 255, 0))
-    draw.text((2 * width + 15, 14), f"{vmax:.3g}", fill=(255, 255, 255))
-    draw.text((2 * width + 15, height), f"{vmin:.3g}", fill=(255, 255, 255))
+    for k, (panel, title) in enumerate(zip(panels, titles, strict=True)):
+        canvas.paste(Image.fromarray(panel), (k * width, TITLE_HEIGHT))
+        draw.text((k * width + 2, 13), title, fill=(255, 255, 255))
+    bar = np.repeat(_JET[::-1][np.linspace(0, 255, height).astype(int)][:, None], 10, axis=1)
+    left = len(panels) * width + 2
+    canvas.paste(Image.fromarray(bar.astype(np.uint8)), (left, TITLE_HEIGHT))
+    draw.text((left + 12, TITLE_HEIGHT), f"{vmax:.3g}", fill=(255, 255, 255))
+    draw.text((left + 12, TITLE_HEIGHT + height - 11), f"{vmin:.3g}", fill=(255, 255, 255))
     return np.asarray(canvas)
+
+
+def heat_overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float, caption: str) -> np.ndarray:
+    """Input | heat-map overlay (white contour where the map reaches ``threshold``, if finite),
+    titled, with a colour bar and ``caption``; the map's own range sets the colours."""
+    vmin, vmax = float(anomaly_map.min()), float(anomaly_map.max())
+    panels = render_panels(image, np.zeros(anomaly_map.shape, bool), anomaly_map, vmin, vmax,
+                           threshold if np.isfinite(threshold) else np.inf)
+    width = image.shape[1]
+    overlay = panels[:, 2 * width : 3 * width].copy()
+    if np.isfinite(threshold):
+        overlay[_boundary(anomaly_map >= threshold)] = (255, 255, 255)
+    return compose([image, overlay], ["input", "anomaly map"], caption, vmin, vmax)
 
 
 class AnomalyMapVisualizer(Callback):
@@ -125,12 +138,14 @@ class AnomalyMapVisualizer(Callback):
         vmin, vmax = float(all_maps.min()), float(all_maps.max())
         threshold, origin = self._threshold(trainer)
         panels = []
+        width = self._items[0]["image"].shape[1]
+        titles = ["input", "ground truth", "anomaly map", "map >= thr. (green: truth)"]
         for item in self._items:
             panel = render_panels(item["image"], item["mask"], item["map"], vmin, vmax, threshold)
-            picture = Image.fromarray(panel)
-            ImageDraw.Draw(picture).text(
-                (4, 2), f"{item['name']}  score {item['score']:.4g}  threshold {threshold:.4g} ({origin})", fill=(255, 255, 0)
-            )
+            picture = Image.fromarray(compose(
+                [panel[:, k * width : (k + 1) * width] for k in range(4)], titles,
+                f"{item['name']}  score {item['score']:.4g}  pixel threshold {threshold:.4g} ({origin})", vmin, vmax,
+            ))
             path = folder / f"{item['name']}.png"
             picture.save(path)
             self.saved.append(path)
