@@ -82,6 +82,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .backbones import FeatureExtractor
 from .base import AnomalyModule, AnomalyOutput
@@ -141,7 +142,10 @@ def greedy_coreset(features: Tensor, size: int, seed: int = 0, cpu_threads: int 
         if features.device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
         try:
-            for step in range(size):
+            # A large bank takes minutes: a bar with the ETA (updated at most every 2 s, no per-step cost).
+            steps = tqdm(range(size), desc="PatchCore coreset", unit="pick", mininterval=2.0, leave=False,
+                         disable=size < 1000)
+            for step in steps:
                 selected[step : step + 1] = index
                 sq_dist = centers_t.index_select(1, index).t() @ points_t  # (1, N)
                 torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)
