@@ -3,7 +3,9 @@
     python -m benchmark.run --sweep configs/sweeps/default.yaml \
         [--methods stpm,patchcore] [--categories bottle,screw] [--seeds 0,1] [--profile quick] \
         [--root MVTEC_ROOT] [--texture-root DTD_ROOT] [--precision bf16-mixed] \
-        [--devices-per-job 2] [--parallel 2] [--results-dir results] [--wandb offline]
+        [--devices 2] [--parallel 2] [--results-dir results] [--wandb offline] \
+        [--set data.image_size=128 --set trainer.max_epochs=2] [--dry-run] \
+        [--launcher slurm --slurm partition=gpu --slurm gpus_per_job=1 [--no-wait]] [--leaderboard-only]
 
 Command-line values override the sweep YAML. Finished jobs are skipped, so the
 same command resumes an interrupted sweep.
@@ -13,10 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+import yaml
+
+from benchmark.launchers import LAUNCHERS, SlurmSettings
 from benchmark.leaderboard import build_leaderboard
-from benchmark.runner import device_slots, run_jobs
+from benchmark.runner import device_slots, execution_of, is_finished
 from benchmark.sweep import SweepConfig, SweepConfigError
 
 
@@ -44,7 +50,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--devices", dest="devices_per_job", type=int, help="devices per job (>1: DDP)")
     parser.add_argument("--parallel", type=int, help="jobs at once (default: one per GPU group, else 1)")
     parser.add_argument("--wandb", choices=("off", "offline", "online"), help="log jobs to Weights & Biases")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override for every job (dotted CLI key), repeatable")
+    parser.add_argument("--launcher", choices=("local", "slurm"), help="where jobs run (default: the YAML's, local)")
+    parser.add_argument("--slurm", dest="slurm_sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="slurm setting: partition, account, time_min, gpus_per_job, cpus_per_job, mem_gb, "
+                             "array_parallelism; repeatable")
+    parser.add_argument("--no-wait", action="store_true", help="slurm: submit and return")
+    parser.add_argument("--dry-run", action="store_true", help="list the jobs that would run and those skipped")
+    parser.add_argument("--leaderboard-only", action="store_true", help="rebuild the leaderboard from the records")
     return parser.parse_args(argv)
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, object]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SweepConfigError(f"{flag} {item!r}: expected KEY=VALUE")
+        pairs[key] = yaml.safe_load(value)
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,19 +80,39 @@ def main(argv: list[str] | None = None) -> int:
                     "precision", "protocol", "devices_per_job", "parallel")
     }  # fmt: skip
     try:
-        sweep = SweepConfig.from_yaml(args.sweep, **overrides)
+        sweep = SweepConfig.from_yaml(args.sweep, **overrides, launcher=args.launcher)
         if args.wandb:
             sweep.wandb = {**sweep.wandb, "enabled": args.wandb != "off", "mode": args.wandb}
+        sweep.overrides = {**sweep.overrides, **_pairs(args.sets, "--set")}
+        sweep.slurm = {**sweep.slurm, **_pairs(args.slurm_sets, "--slurm")}
+        SlurmSettings.from_dict(sweep.slurm)
         jobs = sweep.jobs()
-    except (SweepConfigError, FileNotFoundError) as error:
+    except (SweepConfigError, FileNotFoundError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     results_dir = Path(args.results_dir)
-    slots = device_slots(sweep.devices_per_job, sweep.parallel, sweep.accelerator)
-    print(f"[sweep] {sweep.name}: {len(jobs)} job(s) = {len(sweep.resolve_methods())} method(s) x "
-          f"{len(jobs) // max(1, len(sweep.resolve_methods()) * len(sweep.seeds))} category(ies) x "
-          f"{len(sweep.seeds)} seed(s), {len(slots)} at a time -> {results_dir}")
-    run_jobs(jobs, results_dir, slots, retry_failed=sweep.retry_failed)
+    if args.dry_run or args.leaderboard_only:
+        execution = (SlurmSettings.from_dict(sweep.slurm).execution() if sweep.launcher == "slurm"
+                     else execution_of(device_slots(sweep.devices_per_job, sweep.parallel, sweep.accelerator)[0]))
+        jobs = [replace(j, execution=execution) for j in jobs]
+    if args.dry_run:
+        for job in jobs:
+            print(f"{'skip' if is_finished(results_dir, job, sweep.retry_failed) else 'run '} {job.job_id}")
+        return 0
+    if not args.leaderboard_only:
+        print(f"[sweep] {sweep.name}: {len(jobs)} job(s) = {len(sweep.resolve_methods())} method(s) x "
+              f"{len(jobs) // max(1, len(sweep.resolve_methods()) * len(sweep.seeds))} category(ies) x "
+              f"{len(sweep.seeds)} seed(s), launcher {sweep.launcher} -> {results_dir}")
+        try:
+            LAUNCHERS[sweep.launcher](jobs, results_dir, sweep, wait=not args.no_wait)
+        except KeyboardInterrupt:
+            print("\n[sweep] interrupted: finished records are kept; rerun the same command to resume",
+                  file=sys.stderr)
+        if args.no_wait:
+            return 0
+    if not list((results_dir / "runs").glob("*.json")):
+        print(f"error: no job records under {str(results_dir / 'runs')!r} yet", file=sys.stderr)
+        return 1
     tables = build_leaderboard(results_dir, jobs=jobs)
     print((results_dir / "leaderboard.md").read_text())
     if sweep.wandb.get("enabled"):

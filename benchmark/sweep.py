@@ -27,6 +27,7 @@ CONFIG_DIR = REPO / "configs"
 #: Code every job runs whatever the method (with what these files import, found by code_files).
 PIPELINE_FILES = ("benchmark/job.py", "benchmark/cli.py", "callbacks/*.py", "datamodules/*.py")
 PROTOCOLS = ("selected", "paper")
+LAUNCHER_NAMES = ("local", "slurm")  # benchmark.launchers.LAUNCHERS
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -59,6 +60,10 @@ class SweepConfig:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     retry_failed: bool = True
     wandb: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
+    #: ``local``: this machine's process pool; ``slurm``: a job array through submitit.
+    launcher: str = "local"
+    #: sbatch resources of the ``slurm`` launcher (benchmark.launchers.SlurmSettings).
+    slurm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> SweepConfig:
@@ -75,6 +80,8 @@ class SweepConfig:
         return config
 
     def validate(self) -> None:
+        if self.launcher not in LAUNCHER_NAMES:
+            raise SweepConfigError(f"launcher {self.launcher!r} is not one of {LAUNCHER_NAMES}")
         if self.protocol not in PROTOCOLS:
             raise SweepConfigError(f"protocol {self.protocol!r} is not one of {PROTOCOLS}")
         if self.precision not in PRECISIONS:
