@@ -12,7 +12,9 @@ on the test set. Whatever happens, a record is written: ``ok`` with metrics, or
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import math
 import os
@@ -145,11 +147,19 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
     if "LOCAL_RANK" not in os.environ:  # the launching process only, never a DDP worker mid-run
         # A rerun (changed code or config) must not find the previous run's best.ckpt beside its own.
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
-    cli = AnomalyCLI(
-        args=spec.cli_args(),
-        run=False,
-        trainer_defaults={"default_root_dir": str(job_dir), "logger": _logger(spec, job_dir)},
-    )
+    parse_errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(parse_errors):
+            cli = AnomalyCLI(
+                args=spec.cli_args(),
+                run=False,
+                trainer_defaults={"default_root_dir": str(job_dir), "logger": _logger(spec, job_dir)},
+            )
+    except SystemExit as error:  # the argument parser's message, not a bare "SystemExit: 2"
+        lines = [line for line in parse_errors.getvalue().splitlines() if line.strip()]
+        sys.stderr.write(parse_errors.getvalue())
+        raise ValueError(lines[-1] if lines else f"the CLI exited with {error.code}") from None
+    sys.stderr.write(parse_errors.getvalue())
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     checkpoint, timing, losses = cli.checkpoint, cli.timing, cli.losses
     trainer.fit(model, datamodule=data)

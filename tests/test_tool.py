@@ -127,3 +127,11 @@ def test_testing_without_the_evaluator_warns_how_to_add_it(embedded_root: Path) 
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_test_batches=1)
     with pytest.warns(UserWarning, match="without an AnomalyEvaluator.*AnomalyEvaluator"):
         trainer.test(STPM(backbone="tf_efficientnet_lite0"), datamodule=data)
+
+
+def test_a_bad_override_records_the_parsers_message(tmp_path: Path, embedded_root: Path) -> None:
+    sweep = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
+                        overrides={**TINY_OVERRIDES, "model.init_args.no_such_argument": 3})
+    [record] = run_jobs(sweep.jobs(), tmp_path / "results", device_slots(1, None))
+    assert record["status"] == "failed"
+    assert "no_such_argument" in record["error"] and "SystemExit" not in record["error"]
