@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import subprocess
@@ -89,6 +90,53 @@ def device_slots(devices_per_job: int, parallel: int | None, accelerator: str = 
     return [{"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""} for _ in range(slots)]
 
 
+LOCKS_FOLDER = ".locks"
+
+
+def acquire_job_lock(results_dir: Path, spec: JobSpec) -> str | None:
+    """Claim ``spec`` for this process: ``None`` when claimed, else who holds it.
+
+    The lock is a file created with O_CREAT | O_EXCL (atomic on local and NFS file systems)
+    holding host and pid. A lock left by a dead process of this host is taken over; one of
+    another host is honoured (its sweep may still run there): delete the file to override.
+    """
+    import socket
+
+    path = results_dir / RUNS_FOLDER / LOCKS_FOLDER / f"{spec.job_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = read_record(path) or {}
+            alive = holder.get("host") != me["host"] or _pid_alive(int(holder.get("pid", -1)))
+            if alive and holder:
+                return f"{holder.get('host')} pid {holder.get('pid')}"
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        return None
+    return "another process (lock contended)"
+
+
+def release_job_lock(results_dir: Path, spec: JobSpec) -> None:
+    (results_dir / RUNS_FOLDER / LOCKS_FOLDER / f"{spec.job_id}.lock").unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @dataclass
 class _Running:
     spec: JobSpec
@@ -146,7 +194,18 @@ def run_jobs(
     try:
         while pending or running:
             while pending and free:
-                spec, slot = pending.popleft(), free.pop(0)
+                spec = pending.popleft()
+                holder = acquire_job_lock(results_dir, spec)
+                if holder is not None:  # another sweep on this results folder runs it now
+                    tqdm.write(f"[sweep] skipped {spec.job_id}: being run by another sweep ({holder}); "
+                               "rerun later to pick up its record")
+                    bar.update(1)
+                    continue
+                if is_finished(results_dir, spec, retry_failed):  # finished by another sweep meanwhile
+                    release_job_lock(results_dir, spec)
+                    bar.update(1)
+                    continue
+                slot = free.pop(0)
                 spec_path = write_json_atomic(spec_dir / f"{spec.job_id}.json", asdict(spec))
                 log_path = results_dir / "logs" / f"{spec.job_id}.log"
                 log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -171,6 +230,7 @@ def run_jobs(
                 time.sleep(0.05)  # let the pump thread drain the last lines
                 job.log.close()
                 record = _collect(results_dir, job)
+                release_job_lock(results_dir, job.spec)
                 finished.append(record)
                 failures += record["status"] not in FINISHED
                 if on_record:
@@ -181,6 +241,7 @@ def run_jobs(
     finally:
         for job in running:  # interrupted (Ctrl-C): stop the children, keep finished records
             job.process.kill()
+            release_job_lock(results_dir, job.spec)
         bar.close()
     return finished
 

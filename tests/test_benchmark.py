@@ -306,3 +306,23 @@ def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
     # Paired by seed: deltas 10 and 8 -> +9.0 ± 1.4 (unpaired means would give the same mean, another std).
     assert table.loc["rstpm-no-attention", "Δ pixel_auroc"] == "+9.0 ± 1.4"
     assert table.loc["stpm", "Δ pixel_auroc"] == "rstpm: +1.0 ± 2.8"
+
+
+def test_two_sweeps_on_one_results_folder_run_each_job_once(tmp_path: Path, embedded_root: Path) -> None:
+    results = tmp_path / "results"
+    categories = ["weave", "marble", "disc"]
+    sweep_path = _sweep_file(tmp_path, embedded_root, categories=categories)
+    command = [sys.executable, "-m", "benchmark.run", "--sweep", str(sweep_path), "--results-dir", str(results)]
+    other = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list((results / "runs" / ".locks").glob("*.lock")) and time.time() < deadline:
+        time.sleep(0.1)
+    sweep = SweepConfig.from_yaml(sweep_path)
+    mine = run_jobs(sweep.jobs(), results, device_slots(1, None))
+    out, _ = other.communicate(timeout=600)
+    theirs = {line.split()[2] for line in out.splitlines() if line.startswith("[sweep] done")}
+    ours = {r["job_id"] for r in mine}
+    assert not ours & theirs, "no job ran twice"
+    assert ours | theirs == {f"stpm__quick__{c}__seed0" for c in categories}
+    assert all(r["status"] == "ok" for r in iter_records(results)), "no false failure"
+    assert not list((results / "runs" / ".locks").glob("*.lock")), "locks released"
