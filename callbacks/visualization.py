@@ -130,9 +130,10 @@ class AnomalyMapVisualizer(Callback):
         return f1_optimal_threshold(maps.flatten(), masks.flatten()), "test-optimal, display only"
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # trainer.log_dir broadcasts under DDP: every rank must ask, before rank 0 alone renders.
+        folder = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "anomaly_maps"
         if not self._items or not trainer.is_global_zero:
             return
-        folder = self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "anomaly_maps"
         folder.mkdir(parents=True, exist_ok=True)
         all_maps = np.stack([item["map"] for item in self._items])
         vmin, vmax = float(all_maps.min()), float(all_maps.max())
