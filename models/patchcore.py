@@ -180,7 +180,9 @@ def nearest_neighbors(queries: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor
 
 @register_model("patchcore")
 class PatchCore(AnomalyModule):
-    paper_results = {"image_auroc": 0.992, "pixel_auroc": 0.981, "pro": 0.944}
+    # PatchCore-10 % (our default coreset ratio), WRN50, the paper's 15-category means (per category:
+    # benchmark/published/mvtec_ad.csv). 99.2 / 94.4 were the official repository's re-run figures.
+    paper_results = {"image_auroc": 0.990, "pixel_auroc": 0.981, "pro": 0.935}
     drop_incomplete_batches = False  # every training image belongs in the memory bank
 
     def __init__(
