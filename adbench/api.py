@@ -48,14 +48,11 @@ class Detector:
             with Image.open(image) as opened:
                 size = opened.size[::-1]
             array = read_image(Path(image), self.image_size)
-        elif isinstance(image, Image.Image):
+        elif isinstance(image, Image.Image | np.ndarray):
+            if isinstance(image, np.ndarray):  # uint8 HxW or HxWxC
+                image = Image.fromarray(image.astype(np.uint8))
             size = image.size[::-1]
             array = np.asarray(image.convert("RGB").resize((self.image_size,) * 2, Image.Resampling.BILINEAR))
-        elif isinstance(image, np.ndarray):
-            array = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-            size = array.shape[:2]
-            array = np.asarray(Image.fromarray(array[..., :3].astype(np.uint8)).resize((self.image_size,) * 2,
-                                                                                     Image.Resampling.BILINEAR))
         elif isinstance(image, torch.Tensor):  # CHW or BCHW float in [0, 1]
             batch = image[None] if image.dim() == 3 else image
             size = tuple(batch.shape[-2:])

@@ -73,13 +73,19 @@ def protocol_callbacks() -> list[Callback]:
             ReuseFreedMemory(), SelectionCheckpoint()]
 
 
-def _class_path(name: str) -> str:
-    """A registry name (``stpm``) or class name (``STPM``) -> the class path LightningCLI wants."""
+def _registered_class(name: str) -> type[AnomalyModule] | None:
+    """The registered method called ``name``: registry name, class name or class path."""
     for registered in models.list_models():
         cls = models.get_model_class(registered)
-        if name in (registered, cls.__name__):
-            return f"{cls.__module__}.{cls.__name__}"
-    return name
+        if name in (registered, cls.__name__, f"{cls.__module__}.{cls.__name__}"):
+            return cls
+    return None
+
+
+def _class_path(name: str) -> str:
+    """A registry name (``stpm``) or class name (``STPM``) -> the class path LightningCLI wants."""
+    cls = _registered_class(name)
+    return name if cls is None else f"{cls.__module__}.{cls.__name__}"
 
 
 def expand_model_names(argv: Sequence[str]) -> list[str]:
@@ -140,9 +146,7 @@ class AnomalyCLI(LightningCLI):
     @staticmethod
     def run_folder(config: Any) -> Path:
         class_path = str(config.model.class_path) if "class_path" in config.model else "model"
-        cls = next((models.get_model_class(n) for n in models.list_models()
-                    if _class_path(n) == class_path), None)
-        name = getattr(cls, "registry_name", class_path.rsplit(".", 1)[-1].lower())
+        name = getattr(_registered_class(class_path), "registry_name", class_path.rsplit(".", 1)[-1].lower())
         return Path(RUNS_FOLDER) / name / str(config.data.category) / f"seed{config.seed_everything}"
 
     def _callback(self, kind: type) -> Any:

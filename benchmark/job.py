@@ -157,9 +157,9 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
             )
     except SystemExit as error:  # the argument parser's message, not a bare "SystemExit: 2"
         lines = [line for line in parse_errors.getvalue().splitlines() if line.strip()]
-        sys.stderr.write(parse_errors.getvalue())
         raise ValueError(lines[-1] if lines else f"the CLI exited with {error.code}") from None
-    sys.stderr.write(parse_errors.getvalue())
+    finally:
+        sys.stderr.write(parse_errors.getvalue())
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     checkpoint, timing, losses = cli.checkpoint, cli.timing, cli.losses
     trainer.fit(model, datamodule=data)

@@ -28,7 +28,6 @@ from benchmark.records import read_record, write_json_atomic
 from benchmark.runner import (
     FINISHED,
     device_slots,
-    execution_of,
     is_finished,
     record_path,
     run_jobs,
@@ -157,4 +156,4 @@ def _failed_without_record(spec: JobSpec, task: Any, results_dir: Path) -> dict[
 
 LAUNCHERS: dict[str, Callable[..., list[dict[str, Any]]]] = {"local": run_local, "slurm": run_slurm}
 
-__all__ = ["LAUNCHERS", "SlurmSettings", "execution_of", "run_local", "run_slurm", "run_spec"]
+__all__ = ["LAUNCHERS", "SlurmSettings", "run_local", "run_slurm", "run_spec"]

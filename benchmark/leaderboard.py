@@ -90,7 +90,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                                      "devices", "error", "job_id", "finished", "parameters", "image_scores",
                                      "root")},
             # Which protocol produced the row is part of its name (see benchmark/sweep.py PROTOCOLS).
-            "profile": (r.get("profile") or "") + (", paper protocol" if r.get("protocol") == "paper" else ""),
+            "profile": _profile_label(r.get("profile") or "", r.get("protocol")),
             "val_saturated": ((r.get("selection") or {}).get("saturation") or {}).get("saturated"),
             "warnings": "; ".join(r.get("warnings") or []) or None,
             **{m: (r.get("metrics") or {}).get(m) for m in METRICS},
@@ -107,6 +107,10 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
     frame["row"] = [_row_name(m, p) for m, p in zip(frame.name, frame.profile, strict=True)]
     return frame.sort_values(["name", "profile", "category", "seed"], ignore_index=True)
+
+
+def _profile_label(profile: str, protocol: str | None) -> str:
+    return profile + (", paper protocol" if protocol == "paper" else "")
 
 
 def _row_name(method: str, profile: str) -> str:
@@ -430,8 +434,7 @@ def build_leaderboard(
     runs = runs_frame(chosen)
     runs.drop(columns=["row"]).to_csv(results_dir / "runs.csv", index=False)
     if jobs is not None:
-        expected = pd.DataFrame({"row": [_row_name(j.name, j.profile + (", paper protocol" if j.protocol == "paper"
-                                                                        else "")) for j in jobs],
+        expected = pd.DataFrame({"row": [_row_name(j.name, _profile_label(j.profile, j.protocol)) for j in jobs],
                                  "category": [j.category for j in jobs]})
     else:  # every row is expected in every category of the sweep, with the seeds it was run with
         categories = list(dict.fromkeys(runs.category))

@@ -21,6 +21,7 @@ import ctypes
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -100,8 +101,6 @@ def acquire_job_lock(results_dir: Path, spec: JobSpec) -> str | None:
     holding host and pid. A lock left by a dead process of this host is taken over; one of
     another host is honoured (its sweep may still run there): delete the file to override.
     """
-    import socket
-
     path = results_dir / RUNS_FOLDER / LOCKS_FOLDER / f"{spec.job_id}.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
