@@ -135,3 +135,19 @@ def _decision(detector: Detector, result: Prediction) -> str:
         return " (no saved threshold)"
     verdict = "anomalous" if result.anomalous else "normal"
     return f" {'>=' if result.anomalous else '<'} threshold {detector.image_threshold:.4g}: {verdict}"
+
+
+def predict_main(argv: list[str] | None = None) -> None:
+    """``adbench predict --ckpt_path X --data.path P [--output DIR] [--device cpu]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="adbench predict", description="Score a folder (or one image) with a checkpoint.")
+    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--data.path", dest="path", required=True, help="an image file or a folder (searched recursively)")
+    parser.add_argument("--output", help="output folder (default: <checkpoint's run folder>/predictions/<input name>)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    checkpoint = Path(args.ckpt_path)
+    output = Path(args.output) if args.output else checkpoint.parent.parent / "predictions" / Path(args.path).stem
+    predict_folder(load(checkpoint, device=args.device), args.path, output)
+    print(f"[adbench] predictions: {output / 'predictions.csv'}; maps: {output / 'maps'}")

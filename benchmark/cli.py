@@ -1,4 +1,4 @@
-"""``adbench``: the Lightning CLI of the suite.
+"""The Lightning half of ``adbench`` (the entry point, ``adbench/__main__.py``, dispatches here).
 
     adbench fit      --config configs/stpm/quick.yaml --data.category bottle --data.root $MVTEC_ROOT
     adbench test     --config configs/stpm/quick.yaml --data.category bottle --ckpt_path best
@@ -39,6 +39,8 @@ from datamodules import MVTecDataModule
 from models.base import AnomalyModule
 
 RUNS_FOLDER = "runs"
+#: `adbench test` writes its per-image scores here, inside the run folder.
+TEST_SCORES_FILE = "test_scores.csv"
 # A sweep job (or a test) builds the CLI from a list while its own process has other arguments:
 # that is intended here, so LightningCLI's warning about it is noise.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -169,44 +171,22 @@ class AnomalyCLI(LightningCLI):
         return self._callback(LossHistory)
 
 
-def _predict_folder(argv: list[str]) -> None:
-    """``adbench predict --ckpt_path X --data.path P [--output DIR] [--device cpu]``."""
-    import argparse
-
-    import adbench
-
-    parser = argparse.ArgumentParser(prog="adbench predict", description="Score a folder (or one image) with a checkpoint.")
-    parser.add_argument("--ckpt_path", required=True)
-    parser.add_argument("--data.path", dest="path", required=True, help="an image file or a folder (searched recursively)")
-    parser.add_argument("--output", help="output folder (default: <checkpoint's run folder>/predictions/<input name>)")
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    checkpoint = Path(args.ckpt_path)
-    output = Path(args.output) if args.output else checkpoint.parent.parent / "predictions" / Path(args.path).stem
-    detector = adbench.load(checkpoint, device=args.device)
-    adbench.predict_folder(detector, args.path, output)
-    print(f"[adbench] predictions: {output / 'predictions.csv'}; maps: {output / 'maps'}")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["models"]:
-        print("\n".join(models.list_models()))
-        return
-    if argv[:1] == ["export"]:
-        from adbench.export import main as export_main
-
-        export_main(argv[1:])
-        return
-    if argv[:1] == ["predict"] and any(a == "--data.path" or a.startswith("--data.path=") for a in argv):
-        _predict_folder(argv[1:])
-        return
-    if from_command_line := (sys.argv[1:] == argv):
+def run_lightning_cli(argv: list[str], from_command_line: bool = False) -> None:
+    """``adbench fit|validate|test|predict ...`` through :class:`AnomalyCLI`; prints the run folder
+    (and, after ``test``, the per-image scores it wrote there)."""
+    if from_command_line:
         sys.argv[1:] = expand_model_names(argv)  # LightningCLI reads sys.argv itself: no "args" warning
     cli = AnomalyCLI(args=None if from_command_line else argv)
-    if cli.trainer.is_global_zero:
-        print(f"[adbench] run folder: {cli.trainer.default_root_dir}")
+    if not cli.trainer.is_global_zero:
+        return
+    if cli.subcommand == "test" and cli.evaluator.test_images:
+        scores = cli.evaluator.save_test_scores(Path(cli.trainer.default_root_dir) / TEST_SCORES_FILE,
+                                                cli.datamodule.root)
+        print(f"[adbench] per-image scores: {scores}")
+    print(f"[adbench] run folder: {cli.trainer.default_root_dir}")
 
 
 if __name__ == "__main__":
+    from adbench.__main__ import main
+
     main()

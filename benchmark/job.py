@@ -13,7 +13,6 @@ on the test set. Whatever happens, a record is written: ``ok`` with metrics, or
 from __future__ import annotations
 
 import contextlib
-import csv
 import io
 import json
 import math
@@ -108,25 +107,6 @@ def selection_saturation(history: list[dict[str, Any]], best: float | None) -> d
 SCORES_FOLDER = "scores"
 
 
-def write_image_scores(path: Path, images: dict[str, list[Any]], root: str | None, threshold: float) -> Path:
-    """One row per test image: path (relative to the dataset root), defect type, label, score,
-    and the decision at the F1-optimal threshold chosen on validation (empty if none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".csv.tmp")
-    with open(temporary, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "defect_type", "label", "score", "val_f1_threshold", "predicted_anomalous"])
-        for image, label, score in zip(images["path"], images["label"], images["score"], strict=True):
-            relative = Path(image)
-            if root and relative.is_relative_to(Path(root)):
-                relative = relative.relative_to(Path(root))
-            decided = "" if math.isnan(threshold) else int(score >= threshold)
-            writer.writerow([relative.as_posix(), Path(image).parent.name, label, repr(score),
-                             "" if math.isnan(threshold) else repr(threshold), decided])
-    os.replace(temporary, path)
-    return path
-
-
 def result_warnings(metrics: dict[str, float], images: dict[str, list[Any]], losses: LossHistory) -> list[str]:
     """Why a finished job's figures should not be read like any other (empty: none)."""
     warnings = []
@@ -177,7 +157,7 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
     evaluator = cli.evaluator
     threshold = evaluator.val_image_threshold
     if scores_path is not None and evaluator.test_images and trainer.is_global_zero:
-        write_image_scores(scores_path, evaluator.test_images, spec.root, threshold)
+        evaluator.save_test_scores(scores_path, spec.root)
     return {
         "metrics": evaluator.test_metrics,
         "intervals": evaluator.test_intervals,

@@ -7,9 +7,12 @@ per-batch mean of them is a different (and batch-size dependent) number.
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -206,6 +209,26 @@ class AnomalyEvaluator(Callback):
         saved = checkpoint.get("adbench", {})
         self.val_image_threshold = float(saved.get("image_threshold", math.nan))
         self.val_pixel_threshold = float(saved.get("pixel_threshold", math.nan))
+
+    def save_test_scores(self, path: str | Path, root: str | None = None) -> Path:
+        """Write the last test's per-image CSV (atomically): path (relative to ``root`` when under it),
+        defect type, label, score, and the decision at the F1-optimal threshold chosen on validation
+        (empty when there is none)."""
+        path, threshold, images = Path(path), self.val_image_threshold, self.test_images
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".csv.tmp")
+        with open(temporary, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "defect_type", "label", "score", "val_f1_threshold", "predicted_anomalous"])
+            for image, label, score in zip(images["path"], images["label"], images["score"], strict=True):
+                relative = Path(image)
+                if root and relative.is_relative_to(Path(root)):
+                    relative = relative.relative_to(Path(root))
+                decided = "" if math.isnan(threshold) else int(score >= threshold)
+                writer.writerow([relative.as_posix(), Path(image).parent.name, label, repr(score),
+                                 "" if math.isnan(threshold) else repr(threshold), decided])
+        os.replace(temporary, path)
+        return path
 
     # ------------------------------------------------------------------ internals
 

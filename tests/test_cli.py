@@ -61,7 +61,7 @@ def test_bad_config_value_is_reported(tmp_path: Path, embedded_root: Path) -> No
 
 def test_console_script_lists_models() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", "models"], capture_output=True, text=True, check=True, cwd=REPO
+        [sys.executable, "-m", "adbench", "models"], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert "stpm" in result.stdout.split()
 

@@ -56,6 +56,6 @@ def test_torchscript_export_and_cli(tmp_path: Path, embedded_root: Path) -> None
     torch.testing.assert_close(traced_map, eager_map, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(traced_score, eager_score, rtol=1e-5, atol=1e-6)
 
-    result = subprocess.run([sys.executable, "-m", "benchmark.cli", "export", "--ckpt_path", str(tmp_path / "none.ckpt")],
+    result = subprocess.run([sys.executable, "-m", "adbench", "export", "--ckpt_path", str(tmp_path / "none.ckpt")],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode != 0 and "does not exist" in result.stderr

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import adbench
-from benchmark.cli import AnomalyCLI, expand_model_names
+from benchmark.cli import TEST_SCORES_FILE, AnomalyCLI, expand_model_names
 from benchmark.runner import device_slots, run_jobs
 from benchmark.sweep import SweepConfig
 
@@ -61,7 +61,7 @@ def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Pa
     spec = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
                        overrides=dict(TINY_OVERRIDES)).jobs()[0]
     result = subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", "test", *spec.cli_args(), f"--trainer.default_root_dir={job_dir}",
+        [sys.executable, "-m", "adbench", "test", *spec.cli_args(), f"--trainer.default_root_dir={job_dir}",
          "--ckpt_path=best"], capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -69,6 +69,10 @@ def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Pa
     for metric in ("image_auroc", "pixel_auroc", "pro"):
         assert float(printed[metric]) == pytest.approx(record["metrics"][metric], abs=1e-6), metric
     assert f"run folder: {job_dir}" in result.stdout
+    # ... and writes the job's per-image scores into the run folder.
+    ours, sweeps = pd.read_csv(job_dir / TEST_SCORES_FILE), pd.read_csv(tmp_path / "results" / record["image_scores"])
+    assert list(ours.path) == list(sweeps.path) and ours.score.to_numpy() == pytest.approx(sweeps.score.to_numpy(), rel=1e-5)
+    assert (ours.predicted_anomalous == sweeps.predicted_anomalous).all()
 
 
 def test_python_api_and_predict_on_a_folder_of_mixed_images(tmp_path: Path, embedded_root: Path) -> None:
@@ -93,7 +97,7 @@ def test_python_api_and_predict_on_a_folder_of_mixed_images(tmp_path: Path, embe
     (folder / "notes.txt").write_text("not an image")
     output = tmp_path / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmark.cli", "predict", f"--ckpt_path={checkpoint}",
+        [sys.executable, "-m", "adbench", "predict", f"--ckpt_path={checkpoint}",
          f"--data.path={folder.parent}", f"--output={output}"], capture_output=True, text=True, cwd=REPO, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -111,8 +115,20 @@ def test_python_api_and_predict_on_a_folder_of_mixed_images(tmp_path: Path, embe
         adbench.predict_folder(detector, tmp_path / "missing", tmp_path / "o")
 
 
+def test_top_level_help_lists_every_command_without_importing_torch() -> None:
+    probe = ("import sys; from adbench.__main__ import main; main(['--help']); "
+             "print('heavy:', sorted(m for m in ('torch', 'lightning', 'models') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
+    assert result.stdout.startswith("usage: adbench <command>")
+    for command in ("fit", "validate", "test", "predict", "export", "models"):
+        assert re.search(rf"^  {command} ", result.stdout, re.MULTILINE), command
+    assert "heavy: []" in result.stdout
+    unknown = subprocess.run([sys.executable, "-m", "adbench", "fitt"], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert unknown.returncode != 0 and "unknown command 'fitt'" in unknown.stderr
+
+
 def test_cli_help_says_adbench() -> None:
-    result = subprocess.run([sys.executable, "-m", "benchmark.cli", "fit", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "adbench", "fit", "--help"], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0 and re.search(r"usage: adbench (\[options\] )?fit", result.stdout), result.stdout[:300]
 
