@@ -28,6 +28,7 @@ from typing import Any
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_warn
 
 import models
 from callbacks.allocator import ReuseFreedMemory
@@ -54,11 +55,24 @@ class SelectionCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | Path | None = None) -> None:
         super().__init__(dirpath=dirpath, monitor=SELECTION_MONITOR, mode="max", save_top_k=1,
                          save_last=False, filename="best")
+        self._warned_no_score = False
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         super().setup(trainer, pl_module, stage)
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
+        # Lightning raises when the monitored key is missing. A validation split with one label only
+        # (e.g. 2 held-out images, neither given a synthetic anomaly) has no selection score: then
+        # there is no best epoch to keep, and last.ckpt (always written) is the run's checkpoint.
+        if self.monitor not in monitor_candidates:
+            if not self._warned_no_score:
+                rank_zero_warn(f"validation gave no {self.monitor} (its split needs normal and anomalous "
+                               "images: raise data.val_fraction?); best.ckpt is not written, last.ckpt is")
+                self._warned_no_score = True
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     @property
     def last_model_path_on_disk(self) -> Path:

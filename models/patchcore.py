@@ -62,6 +62,11 @@ Choices the paper leaves open (constructor arguments, with why):
   float16 kept 99.5 % of the picks (bfloat16: 91 %) with the same covering radius, so
   half storage would be acceptable, but on this CPU a half-precision product is not
   faster (bfloat16) or ~10x slower (float16), and on a GPU the loop is already short.
+* ``coreset_method="partitioned"`` (ours, off by default): exact greedy within random parts
+  of ``coreset_partition_size`` patches, the union being the coreset
+  (:func:`partitioned_coreset`). For large banks (hundreds of thousands of patches) it is
+  ~``N / coreset_partition_size`` times cheaper and uses every core; the paper's greedy stays
+  the default. Its cost in metrics is measured in ``results/patchcore_scale.md``.
 * ``N_b(m*)`` contains ``m*`` itself (its own nearest neighbour), so the weight is a
   softmax over ``b`` distances whose first is ``s*``; ``b`` must be at least 2.
 * Inputs: the suite's resize to ``image_size`` (no 224 centre crop as in the paper's
@@ -89,6 +94,8 @@ from .base import AnomalyModule, AnomalyOutput
 from .losses import gaussian_blur
 from .registry import register_model
 
+#: ``coreset_method`` values: exact greedy k-center (the paper's), or greedy within random partitions.
+CORESET_METHODS = ("greedy", "partitioned")
 #: Distance-matrix entries computed at once in the nearest-neighbour search (~64 MiB).
 _NN_CHUNK_ELEMENTS = 1 << 24
 
@@ -120,36 +127,99 @@ def greedy_coreset(features: Tensor, size: int, seed: int = 0, cpu_threads: int 
     n = features.shape[0]
     if not 0 < size <= n:
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
-    with torch.autocast(device_type=features.device.type, enabled=False):
-        points = features.float()
-        d = points.shape[1]
-        sq_norms = points.pow(2).sum(dim=1)
+    start = torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed))
+    picks = _batched_farthest_points(features[None], torch.tensor([size]), start[None], cpu_threads)
+    return picks[0]
+
+
+@torch.no_grad()
+def partitioned_coreset(
+    features: Tensor, size: int, partition_size: int = 50_000, seed: int = 0, cpu_threads: int | None = None
+) -> Tensor:
+    """Indices (``size``,) of an approximate greedy coreset: exact greedy within random partitions.
+
+    The bank is shuffled (seeded) into ``P = ceil(N / partition_size)`` near-equal parts
+    and each part gets its share of ``size`` (largest remainder), picked by exact greedy
+    farthest-point selection within the part; the union is the coreset. This is the
+    first round of the composable k-center coresets of distributed clustering (each part's
+    greedy set is a 2-approximation for that part). It costs ``size * N / P`` distance
+    evaluations instead of ``size * N``, i.e. ``P`` times less, and all parts advance
+    together: a step is one batched product over the parts, which torch spreads over every
+    core (``cpu_threads``: None = torch's setting). Its covering radius is larger than the
+    exact one's; ``benchmark/bench_patchcore.py`` measures what that costs in metrics.
+    Indices are returned part by part, each part in its selection order.
+    """
+    n = features.shape[0]
+    if not 0 < size <= n:
+        raise ValueError(f"coreset size must be in [1, {n}], got {size}")
+    if partition_size < 1:
+        raise ValueError(f"partition_size must be positive, got {partition_size}")
+    parts = math.ceil(n / partition_size)
+    if parts == 1:
+        return greedy_coreset(features, size, seed, cpu_threads)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=generator).to(features.device)
+    lengths = torch.full((parts,), n // parts)
+    lengths[: n % parts] += 1
+    # Each part's share of the picks, by largest remainder, so that the shares add up to `size`.
+    exact = lengths.double() * size / n
+    shares = exact.floor().long()
+    shares[torch.argsort(exact - shares, descending=True)[: size - int(shares.sum())]] += 1
+    shares = torch.minimum(torch.maximum(shares, torch.ones_like(shares)), lengths)
+    longest = int(lengths.max())
+    padded = order.new_full((parts, longest), -1)  # -1: padding, never picked
+    for p, chunk in enumerate(order.split(lengths.tolist())):
+        padded[p, : chunk.numel()] = chunk
+    starts = torch.stack([torch.randint(int(length), (1,), generator=generator) for length in lengths])
+    local = _batched_farthest_points(features[padded.clamp(min=0)], shares, starts, cpu_threads,
+                                     valid=padded >= 0)
+    return torch.cat([padded[p, local[p, : int(k)]] for p, k in enumerate(shares)])
+
+
+def _batched_farthest_points(
+    points: Tensor, sizes: Tensor, starts: Tensor, cpu_threads: int | None, valid: Tensor | None = None
+) -> Tensor:
+    """Greedy farthest-point selection in each of ``B`` point sets at once.
+
+    ``points`` (B, N, D); ``sizes`` (B,) picks per set; ``starts`` (B, 1) first picks;
+    ``valid`` (B, N) marks real points (padding is never picked). Returns (B, max(sizes))
+    indices into each set (entries past a set's size are to be ignored).
+    """
+    b, n, d = points.shape
+    device = points.device
+    steps = int(sizes.max())
+    with torch.autocast(device_type=device.type, enabled=False):
+        points = points.float()
+        sq_norms = points.pow(2).sum(dim=2)  # (B, N)
         # Augmented coordinates: x' = [x, |x|^2, 1] and c' = [-2c, 1, |c|^2] give
-        # x'.c' = ||x - c||^2, so a step's distances are a single product. Both are
-        # written straight into their transposed (D + 2, N) buffers: no (N, D + 2)
+        # x'.c' = ||x - c||^2, so a step's distances are a single (batched) product. Both are
+        # written straight into their transposed (B, D + 2, N) buffers: no (N, D + 2)
         # temporaries, each as large as the features.
-        points_t = points.new_empty(d + 2, n)
-        points_t[:d] = points.t()
-        points_t[d], points_t[d + 1] = sq_norms, 1.0
-        centers_t = points.new_empty(d + 2, n)
-        torch.mul(points.t(), -2.0, out=centers_t[:d])
-        centers_t[d], centers_t[d + 1] = 1.0, sq_norms
-        generator = torch.Generator().manual_seed(seed)
-        index = torch.randint(n, (1,), generator=generator).to(features.device)
-        selected = torch.empty(size, dtype=torch.long, device=features.device)
-        min_sq_dist = torch.full((1, n), math.inf, device=features.device)
+        points_t = points.new_empty(b, d + 2, n)
+        points_t[:, :d] = points.transpose(1, 2)
+        points_t[:, d], points_t[:, d + 1] = sq_norms, 1.0
+        centers_t = points.new_empty(b, d + 2, n)
+        torch.mul(points.transpose(1, 2), -2.0, out=centers_t[:, :d])
+        centers_t[:, d], centers_t[:, d + 1] = 1.0, sq_norms
+        del points, sq_norms
+        index = starts.to(device).view(b, 1)
+        selected = torch.empty(b, steps, dtype=torch.long, device=device)
+        min_sq_dist = torch.full((b, 1, n), math.inf, device=device)
+        if valid is not None:
+            min_sq_dist[~valid.to(device)[:, None, :]] = -math.inf
+        gather = torch.arange(b, device=device)
         threads = torch.get_num_threads()
-        if features.device.type == "cpu" and cpu_threads:
+        if device.type == "cpu" and cpu_threads:
             torch.set_num_threads(cpu_threads)
         try:
             # A large bank takes minutes: a bar with the ETA (updated at most every 2 s, no per-step cost).
-            steps = tqdm(range(size), desc="PatchCore coreset", unit="pick", mininterval=2.0, leave=False,
-                         disable=size < 1000)
-            for step in steps:
-                selected[step : step + 1] = index
-                sq_dist = centers_t.index_select(1, index).t() @ points_t  # (1, N)
-                torch.minimum(min_sq_dist, sq_dist, out=min_sq_dist)
-                index = min_sq_dist.argmax(dim=1)
+            bar = tqdm(range(steps), desc="PatchCore coreset", unit="pick", mininterval=2.0, leave=False,
+                       disable=steps < 1000)
+            for step in bar:
+                selected[:, step] = index[:, 0]
+                center = centers_t[gather, :, index[:, 0]][:, None, :]  # (B, 1, D + 2)
+                torch.minimum(min_sq_dist, torch.bmm(center, points_t), out=min_sq_dist)
+                index = min_sq_dist[:, 0].argmax(dim=1, keepdim=True)
         finally:
             torch.set_num_threads(threads)
     return selected
@@ -193,6 +263,8 @@ class PatchCore(AnomalyModule):
         pretrain_embed_dimension: int = 1024,
         target_embed_dimension: int = 1024,
         coreset_ratio: float = 0.1,
+        coreset_method: str = "greedy",
+        coreset_partition_size: int = 50_000,
         projection_dim: int | None = 128,
         num_neighbors: int = 9,
         reweight: bool = True,
@@ -202,6 +274,8 @@ class PatchCore(AnomalyModule):
         super().__init__()
         if not 0.0 < coreset_ratio <= 1.0:
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
+        if coreset_method not in CORESET_METHODS:
+            raise ValueError(f"coreset_method must be one of {sorted(CORESET_METHODS)}, got {coreset_method!r}")
         if reweight and num_neighbors < 2:
             raise ValueError(f"reweighting needs num_neighbors >= 2, got {num_neighbors}")
         if min(pretrain_embed_dimension, target_embed_dimension) < 1:
@@ -252,7 +326,10 @@ class PatchCore(AnomalyModule):
             if hp.projection_dim and features.shape[1] > hp.projection_dim:
                 matrix = random_projection(features.shape[1], hp.projection_dim, hp.seed, features.device)
                 projected = features @ matrix
-            selected = greedy_coreset(projected, size, hp.seed)
+            if hp.coreset_method == "partitioned":
+                selected = partitioned_coreset(projected, size, hp.coreset_partition_size, hp.seed)
+            else:
+                selected = greedy_coreset(projected, size, hp.seed)
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(selected, src=0)  # identical banks on every process, by construction
             bank = features[selected]
@@ -261,8 +338,8 @@ class PatchCore(AnomalyModule):
         self.coreset_seconds = time.perf_counter() - start
         self.memory_bank = bank.contiguous()
         rank_zero_info(
-            f"PatchCore: memory bank of {features.shape[0]} patches -> coreset of {size} "
-            f"({hp.coreset_ratio:.1%}) in {self.coreset_seconds:.1f} s"
+            f"PatchCore: memory bank of {features.shape[0]} patches -> {hp.coreset_method} coreset of "
+            f"{bank.shape[0]} ({hp.coreset_ratio:.1%}) in {self.coreset_seconds:.1f} s"
         )
 
     def _finish_memory_bank(self) -> None:

@@ -13,7 +13,7 @@ from torch import Tensor
 from callbacks.evaluation import AnomalyEvaluator
 from datamodules import MVTecDataModule
 from models import create_model
-from models.patchcore import PatchCore, greedy_coreset, nearest_neighbors
+from models.patchcore import PatchCore, greedy_coreset, nearest_neighbors, partitioned_coreset
 
 SIZE = 64  # lite0 layer 2 -> an 8 x 8 patch grid
 
@@ -100,6 +100,47 @@ def test_projection_keeps_the_coreset_close_to_the_unprojected_one() -> None:
     model.build_memory_bank(features)
     projected = torch.cdist(features, model.memory_bank).min(dim=1).values.max().item()
     assert projected < 1.25 * exact
+
+
+def test_partitioned_coreset_is_greedy_within_each_part_and_covers_nearly_as_well() -> None:
+    generator = torch.Generator().manual_seed(5)
+    dense = 0.05 * torch.randn(6000, 2, generator=generator)
+    rare = 4.0 * torch.rand(150, 2, generator=generator) - 2.0
+    points = torch.cat([dense, rare])  # 6150 points -> 4 parts of 1537-1538
+    selected = partitioned_coreset(points, 200, partition_size=1600, seed=0)
+    assert selected.shape == (200,) and selected.unique().numel() == 200, "the shares add up, no repeats"
+    assert torch.equal(partitioned_coreset(points, 200, partition_size=1600, seed=0), selected), "seeded"
+    assert selected.max() < len(points) and selected.min() >= 0
+    exact = _covering_radius(points, greedy_coreset(points, 200))
+    partitioned = _covering_radius(points, selected)
+    random = _covering_radius(points, torch.randperm(len(points), generator=generator)[:200])
+    # Each part's greedy set is a 2-approximation for its part, so the union stays near the exact radius.
+    assert exact <= partitioned < 2.5 * exact < random, (exact, partitioned, random)
+    # A part larger than the bank: exactly the paper's greedy selection.
+    assert torch.equal(partitioned_coreset(points, 50, partition_size=10_000), greedy_coreset(points, 50))
+
+
+def test_partitioned_picks_are_farthest_points_within_their_part() -> None:
+    points = torch.rand(900, 3, generator=torch.Generator().manual_seed(6))
+    selected = partitioned_coreset(points, 60, partition_size=300, seed=1).tolist()
+    order = torch.randperm(900, generator=torch.Generator().manual_seed(1))
+    part_of = {int(i): p for p, chunk in enumerate(order.split(300)) for i in chunk}
+    for p in range(3):
+        picks = [i for i in selected if part_of[i] == p]
+        members = torch.tensor([i for i in range(900) if part_of[i] == p])
+        assert len(picks) == 20
+        for step in range(1, len(picks)):
+            distances = torch.cdist(points[members], points[picks[:step]]).min(dim=1).values
+            chosen = torch.cdist(points[picks[step]][None], points[picks[:step]]).min().item()
+            assert chosen == pytest.approx(distances.max().item(), rel=1e-5)
+
+
+def test_coreset_method_is_checked_and_the_partitioned_bank_has_the_asked_size() -> None:
+    with pytest.raises(ValueError, match="coreset_method must be one of"):
+        _model(coreset_method="fast")
+    model = _model(coreset_ratio=0.1, coreset_method="partitioned", coreset_partition_size=500)
+    model.build_memory_bank(torch.randn(2000, 256))
+    assert model.memory_bank.shape == (200, 256)
 
 
 # --------------------------------------------------------------------------- scoring

@@ -99,6 +99,28 @@ def test_pixel_intervals_hold_the_estimate_and_degenerate_splits_give_nan() -> N
     assert all(math.isnan(v) for bounds in one_class.values() for v in bounds)
 
 
+def test_thinned_pixel_sweep_bounds_memory_and_barely_moves_the_intervals() -> None:
+    scores, labels, maps, masks = _category(12, 10, size=64, seed=3)
+    rng = np.random.default_rng(3)
+    for i in range(12, 22):  # large defects: thousands of anomalous pixels, as on real categories
+        top, left = rng.integers(0, 30, 2)
+        masks[i, top : top + 30, left : left + 25] = True
+        maps[i][masks[i]] += 1.0
+    full = M._pixel_sweep(maps, masks)
+    exact_counts = M._PerImageCounts(maps, masks, full, max_thresholds=10**9)
+    thinned_counts = M._PerImageCounts(maps, masks, full, max_thresholds=500)
+    assert exact_counts.thresholds.size > 1000 and thinned_counts.thresholds.size <= 500
+    assert thinned_counts.thresholds[0] == exact_counts.thresholds[0]
+    assert thinned_counts.thresholds[-1] == exact_counts.thresholds[-1]
+    exact = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=100, max_thresholds=10**9)
+    thinned = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=100, max_thresholds=500)
+    for metric in M.PIXEL_METRICS:  # 500 of >1000 vertices: bounds within a few 1e-3
+        assert thinned[metric] == pytest.approx(exact[metric], abs=5e-3), metric
+        assert thinned[metric] != exact[metric] or metric == "pixel_f1max", "the cap was in effect"
+    for metric in M.IMAGE_METRICS:
+        assert thinned[metric] == exact[metric]
+
+
 # --------------------------------------------------------------------------- warnings
 
 
