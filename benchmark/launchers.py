@@ -86,7 +86,8 @@ def run_spec(spec_path: str, record_path_: str) -> str:
 
 def run_local(jobs: list[JobSpec], results_dir: Path, sweep: Any, **_: Any) -> list[dict[str, Any]]:
     slots = device_slots(sweep.devices_per_job, sweep.parallel, sweep.accelerator)
-    return run_jobs(jobs, results_dir, slots, retry_failed=sweep.retry_failed)
+    return run_jobs(jobs, results_dir, slots, retry_failed=sweep.retry_failed,
+                    job_timeout_min=sweep.job_timeout_min)
 
 
 def run_slurm(jobs: list[JobSpec], results_dir: Path, sweep: Any, wait: bool = True,

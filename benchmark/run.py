@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "paper: all of train/good, last epoch")
     parser.add_argument("--devices", dest="devices_per_job", type=int, help="devices per job (>1: DDP)")
     parser.add_argument("--parallel", type=int, help="jobs at once (default: one per GPU group, else 1)")
+    parser.add_argument("--job-timeout-min", type=float,
+                        help="local launcher: stop a job after this many minutes and record it as failed")
     parser.add_argument("--wandb", choices=("off", "offline", "online"), help="log jobs to Weights & Biases")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override for every job (dotted CLI key), repeatable")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("methods", "categories", "seeds", "profile", "root", "texture_root",
-                    "precision", "protocol", "devices_per_job", "parallel")
+                    "precision", "protocol", "devices_per_job", "parallel", "job_timeout_min")
     }  # fmt: skip
     try:
         sweep = SweepConfig.from_yaml(args.sweep, **overrides, launcher=args.launcher)

@@ -146,6 +146,7 @@ class _Running:
     tail: deque = field(default_factory=lambda: deque(maxlen=60))
     log: IO[bytes] | None = None
     token: str = ""
+    timed_out_after: float | None = None  # seconds, when the runner stopped it for its time limit
 
 
 def _pump(stream: IO[bytes], log: IO[bytes], tail: deque, echo: bool) -> None:
@@ -173,8 +174,14 @@ def run_jobs(
     slots: list[dict[str, str]],
     retry_failed: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
+    job_timeout_min: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the unfinished jobs; return the records of the jobs run now."""
+    """Run the unfinished jobs; return the records of the jobs run now.
+
+    ``job_timeout_min``: a job still running after that many minutes is stopped (SIGTERM,
+    then SIGKILL 10 s later) and recorded as failed with that reason, so one hung job
+    cannot hang the sweep; None: no limit.
+    """
     results_dir = Path(results_dir)
     # Every slot of a sweep is of one kind (same GPU model, same share of the cores).
     jobs = [replace(j, execution=execution_of(slots[0])) for j in jobs]
@@ -222,6 +229,9 @@ def run_jobs(
                 running.append(job)
                 bar.set_postfix_str(f"running {', '.join(r.spec.job_id for r in running)}")
             time.sleep(0.2)
+            if job_timeout_min is not None:
+                for job in running:
+                    _enforce_time_limit(job, job_timeout_min * 60.0)
             for job in [r for r in running if r.process.poll() is not None]:
                 running.remove(job)
                 free.append(job.env)
@@ -245,15 +255,30 @@ def run_jobs(
     return finished
 
 
+def _enforce_time_limit(job: _Running, limit_s: float) -> None:
+    elapsed = time.time() - job.started
+    if job.timed_out_after is None and elapsed > limit_s:
+        job.timed_out_after = elapsed
+        tqdm.write(f"[sweep] {job.spec.job_id}: past its {limit_s / 60:g} min limit (job_timeout_min): stopping it")
+        job.process.terminate()
+    elif job.timed_out_after is not None and elapsed > job.timed_out_after + 10.0:
+        job.process.kill()  # SIGTERM was ignored (e.g. stuck in native code)
+
+
 def _collect(results_dir: Path, job: _Running) -> dict[str, Any]:
     path = record_path(results_dir, job.spec)
     record = read_record(path)
-    if record is not None and record.get("launch_token") == job.token:  # written by this launch
+    if job.timed_out_after is not None:
+        error = (f"timed out: stopped after {job.timed_out_after / 60:.1f} min "
+                 f"(job_timeout_min; {_describe_exit(job.process.returncode)})")
+    elif record is not None and record.get("launch_token") == job.token:  # written by this launch
         return record
-    # The process died without a record (segfault, OOM kill): record the failure ourselves.
+    else:  # the process died without a record (segfault, OOM kill)
+        error = _describe_exit(job.process.returncode)
+    # Record the failure ourselves (a timed-out job's own partial record, if any, is replaced).
     record = {
         **asdict(job.spec), "job_id": job.spec.job_id, "fingerprint": job.spec.fingerprint(),
-        "status": "failed", "error": _describe_exit(job.process.returncode),
+        "status": "failed", "error": error,
         "traceback": "\n".join(job.tail), "log": str(job.log_path),
     }
     write_json_atomic(path, record)

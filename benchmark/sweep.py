@@ -59,6 +59,9 @@ class SweepConfig:
     #: A variant name can be listed in ``methods`` like a method and gets its own leaderboard row.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     retry_failed: bool = True
+    #: local launcher: stop (and record as failed) a job running longer than this; None: no limit.
+    #: On SLURM the array's time limit is ``slurm.time_min``.
+    job_timeout_min: float | None = None
     wandb: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
     #: ``local``: this machine's process pool; ``slurm``: a job array through submitit.
     launcher: str = "local"
@@ -88,6 +91,8 @@ class SweepConfig:
             raise SweepConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.devices_per_job < 1:
             raise SweepConfigError(f"devices_per_job must be >= 1, got {self.devices_per_job}")
+        if self.job_timeout_min is not None and not self.job_timeout_min > 0:
+            raise SweepConfigError(f"job_timeout_min must be > 0 minutes (or null), got {self.job_timeout_min}")
         if self.parallel is not None and self.parallel < 1:
             raise SweepConfigError(f"parallel must be >= 1, got {self.parallel}")
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):

@@ -49,7 +49,8 @@ def _sweep_file(tmp_path: Path, embedded_root: Path, **fields: object) -> Path:
 def _run(tmp_path: Path, embedded_root: Path, results: Path, **fields: object) -> list[dict]:
     sweep = SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, **fields))
     slots = device_slots(sweep.devices_per_job, sweep.parallel, sweep.accelerator)
-    return run_jobs(sweep.jobs(), results, slots, retry_failed=sweep.retry_failed)
+    return run_jobs(sweep.jobs(), results, slots, retry_failed=sweep.retry_failed,
+                    job_timeout_min=sweep.job_timeout_min)
 
 
 # --------------------------------------------------------------------------- sweep config
@@ -211,6 +212,19 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path: Path, embedde
     for name, record in first.items():  # finished before the kill: kept, not rerun
         assert final[name]["launch_token"] == record["launch_token"]
     assert len(pd.read_csv(results / "runs.csv")) == len(categories)
+
+
+def test_a_job_past_its_time_limit_is_stopped_and_recorded_as_failed(tmp_path: Path, embedded_root: Path) -> None:
+    results = tmp_path / "results"
+    endless = {**TINY, "trainer.max_epochs": 100_000, "trainer.limit_train_batches": 1.0}
+    started = time.time()
+    [record] = _run(tmp_path, embedded_root, results, overrides=endless, job_timeout_min=0.25)
+    assert time.time() - started < 120, "a hung job must not hang the sweep"
+    assert record["status"] == "failed" and record["error"].startswith("timed out: stopped after 0.")
+    assert "job_timeout_min" in record["error"]
+    assert read_record(results / "runs" / f"{record['job_id']}.json")["error"] == record["error"]
+    with pytest.raises(SweepConfigError, match="job_timeout_min must be > 0"):
+        SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, job_timeout_min=0))
 
 
 def test_two_jobs_in_parallel_on_cpu(tmp_path: Path, embedded_root: Path) -> None:
