@@ -58,11 +58,13 @@ EFFICIENCY = {
     "parameters_m": "params M",
 }
 FINISHED = ("ok", "warning")
+#: A row whose mean pixel AUROC is below this is flagged: its maps say little at its budget.
+MEANINGFUL_PIXEL_AUROC = 0.70
 RUN_COLUMNS = [
     "name", "method", "profile", "category", "seed", "status", *METRICS,
     *(f"{m}_{end}" for m in METRICS for end in ("low", "high")), "val_saturated", "warnings",
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
-    "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices",
+    "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices", "max_epochs",
     "error", "job_id", "sweep", "root", "git_commit", "stale", "device", "host", "finished", "image_scores",
 ]  # fmt: skip
 
@@ -99,6 +101,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             **{k: timing.get(k) for k in ("fit_seconds", "test_seconds", "test_images_per_second",
                                           "train_steps_per_second", "fit_peak_memory_mb",
                                           "test_peak_memory_mb")},
+            "max_epochs": ((r.get("config") or {}).get("trainer") or {}).get("max_epochs"),
             "git_commit": env.get("git_commit"),
             "stale": _is_stale(r),
             "device": env.get("device"),
@@ -166,6 +169,19 @@ def metric_table(runs: pd.DataFrame, metric: str, expected: pd.DataFrame) -> pd.
         parameters_m=done.parameters / 1e6,
     ).groupby("row")[list(EFFICIENCY)].mean()
     return table.join(efficiency)
+
+
+def weak_rows(pixel_auroc: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
+    """A warning per row whose (partial) mean pixel AUROC is below MEANINGFUL_PIXEL_AUROC, with its budget."""
+    lines = []
+    mean = pixel_auroc["mean"].fillna(pixel_auroc["partial_mean"])
+    for row, value in mean[mean < MEANINGFUL_PIXEL_AUROC].items():
+        epochs = sorted({int(e) for e in runs.loc[runs.row == row, "max_epochs"].dropna()})
+        budget = f"{'/'.join(map(str, epochs))} epoch(s)" if epochs else "this sweep's budget"
+        lines.append(f"Read with care: {row} has a mean pixel AUROC of {_percent(value)} % (< "
+                     f"{_percent(MEANINGFUL_PIXEL_AUROC)}): at {budget} its maps are barely better than "
+                     "chance, so its row checks the pipeline, not the method (its quick profile trains longer).")
+    return lines
 
 
 def sort_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -463,6 +479,8 @@ def build_leaderboard(
                    f" >= 0.995 or tied epochs: the synthetic validation anomalies could not rank them): "
                    f"{', '.join(sorted(set(saturated.row)))}.")
     report.text(footer)
+    for line in weak_rows(tables["pixel_auroc"], runs):
+        report.text(line)
     if chosen:
         _published_section(report, tables, runs)
         _significance_section(report, runs, results_dir)

@@ -317,3 +317,16 @@ def test_editing_a_methods_file_reruns_its_jobs_only(tmp_path: Path, embedded_ro
     finally:
         source.write_bytes(original)
     assert [r["job_id"] for r in rerun] == ["patchcore__quick__weave__seed0"]
+
+
+def test_rows_whose_maps_are_near_chance_are_flagged_with_their_budget() -> None:
+    from benchmark.leaderboard import weak_rows
+
+    table = pd.DataFrame({"mean": [0.95, np.nan, 0.62], "partial_mean": [np.nan, 0.55, np.nan]},
+                         index=["patchcore (quick)", "draem (quick)", "pouta (quick)"])
+    runs = pd.DataFrame({"row": ["patchcore (quick)", "draem (quick)", "pouta (quick)", "pouta (quick)"],
+                         "max_epochs": [1, 2, 3, 3]})
+    lines = weak_rows(table, runs)
+    assert len(lines) == 2
+    assert lines[0].startswith("Read with care: draem (quick) has a mean pixel AUROC of 55.0 %") and "2 epoch(s)" in lines[0]
+    assert "pouta (quick)" in lines[1] and "62.0 %" in lines[1] and "3 epoch(s)" in lines[1]
