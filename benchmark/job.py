@@ -122,18 +122,39 @@ def result_warnings(metrics: dict[str, float], images: dict[str, list[Any]], los
     return warnings
 
 
+#: Written when SLURM warns of preemption or the time limit (save_for_requeue); the next attempt resumes from it.
+REQUEUE_CHECKPOINT = "requeue.ckpt"
+#: The job running in this process (for save_for_requeue, called from submitit's signal handler).
+_ACTIVE: dict[str, Any] = {}
+
+
+def save_for_requeue() -> None:
+    """Save the running fit's full state (weights, optimiser, loops) for the requeued attempt."""
+    trainer, job_dir = _ACTIVE.get("trainer"), _ACTIVE.get("job_dir")
+    _ACTIVE["requeued"] = True
+    if trainer is not None and trainer.state.fn == "fit":
+        trainer.save_checkpoint(job_dir / "checkpoints" / REQUEUE_CHECKPOINT)
+        print(f"[job] preempted or near the time limit: training state saved at epoch {trainer.current_epoch}")
+
+
 def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> dict[str, Any]:
     """Fit, select, test with the CLI's protocol (benchmark.cli.protocol_callbacks); return the record's measured part."""
-    if "LOCAL_RANK" not in os.environ:  # the launching process only, never a DDP worker mid-run
+    resume = job_dir / "checkpoints" / REQUEUE_CHECKPOINT
+    if "LOCAL_RANK" not in os.environ and not resume.is_file():  # the launcher, never a DDP worker mid-run
         # A rerun (changed code or config) must not find the previous run's best.ckpt beside its own.
         shutil.rmtree(job_dir / "checkpoints", ignore_errors=True)
+    trainer_defaults: dict[str, Any] = {"default_root_dir": str(job_dir), "logger": _logger(spec, job_dir)}
+    if "SLURM_JOB_ID" in os.environ:  # submitit requeues (launchers.SlurmTask): not Lightning as well
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        trainer_defaults["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     parse_errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(parse_errors):
             cli = AnomalyCLI(
                 args=spec.cli_args(),
                 run=False,
-                trainer_defaults={"default_root_dir": str(job_dir), "logger": _logger(spec, job_dir)},
+                trainer_defaults=trainer_defaults,
             )
     except SystemExit as error:  # the argument parser's message, not a bare "SystemExit: 2"
         lines = [line for line in parse_errors.getvalue().splitlines() if line.strip()]
@@ -142,7 +163,15 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
         sys.stderr.write(parse_errors.getvalue())
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     checkpoint, timing, losses = cli.checkpoint, cli.timing, cli.losses
-    trainer.fit(model, datamodule=data)
+    resumed = None
+    if resume.is_file():
+        resumed = {"checkpoint": str(resume), "epoch": int(torch.load(resume, map_location="cpu",
+                                                                      weights_only=False)["epoch"])}
+        print(f"[job] resuming training from {resume} (epoch {resumed['epoch']})")
+    _ACTIVE.update(trainer=trainer, job_dir=job_dir)
+    trainer.fit(model, datamodule=data, ckpt_path=str(resume) if resumed else None, weights_only=False)
+    _ACTIVE.pop("trainer", None)
+    resume.unlink(missing_ok=True)
     best = checkpoint.best_model_path
     trainer.test(model, datamodule=data, ckpt_path=best or None, weights_only=False)
     best_score = float(checkpoint.best_model_score) if checkpoint.best_model_score is not None else None
@@ -170,6 +199,7 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "selection": selection,
+        "resumed_from": resumed,
         "config": json.loads(json.dumps(cli.config.as_dict(), default=str)),
         "is_global_zero": trainer.is_global_zero,
     }
@@ -193,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         # "warning": finished, but its figures are degenerate (see result_warnings); shown as such.
         record["status"] = "warning" if record["warnings"] else "ok"
     except BaseException as error:  # noqa: BLE001 - every failure must become a record
+        if _ACTIVE.get("requeued") and isinstance(error, SystemExit):
+            raise  # submitit ends this attempt after requeueing it: the next one writes the record
         record.update(status="failed", error=f"{type(error).__name__}: {error}", traceback=traceback.format_exc())
         if isinstance(error, torch.cuda.OutOfMemoryError):
             record["error"] = f"out of memory: {error}"

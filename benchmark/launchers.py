@@ -76,12 +76,31 @@ class SlurmSettings:
         return {"device": "slurm", "partition": self.partition, "gpus": self.gpus_per_job, "threads": self.cpus_per_job}
 
 
-def run_spec(spec_path: str, record_path_: str) -> str:
-    """One array task: the job, exactly as the local runner starts it (in this process)."""
-    from benchmark import job
+class SlurmTask:
+    """One array task: the job, exactly as the local runner starts it (in this process).
 
-    job.main([spec_path, record_path_])
-    return record_path_
+    Preemption and time limits: submitit asks SLURM for a warning signal (USR2, 90 s before
+    the limit, and on preemption); on it, submitit calls :meth:`checkpoint`, which saves the
+    running job's full training state (:func:`benchmark.job.save_for_requeue`), then requeues
+    the task with the same arguments and ends this attempt. The next attempt resumes
+    training from that file and writes the job's one record. Lightning's own SLURM
+    auto-requeue is switched off in the job (only one of the two may act). A task past its
+    limit too often, or killed, ends with a failed record naming SLURM's reason.
+    """
+
+    def __call__(self, spec_path: str, record_path_: str) -> str:
+        from benchmark import job
+
+        job.main([spec_path, record_path_])
+        return record_path_
+
+    def checkpoint(self, spec_path: str, record_path_: str) -> Any:
+        import submitit
+
+        from benchmark import job
+
+        job.save_for_requeue()
+        return submitit.helpers.DelayedSubmission(self, spec_path, record_path_)
 
 
 def run_local(jobs: list[JobSpec], results_dir: Path, sweep: Any, **_: Any) -> list[dict[str, Any]]:
@@ -113,7 +132,7 @@ def run_slurm(jobs: list[JobSpec], results_dir: Path, sweep: Any, wait: bool = T
     executor = submitit.AutoExecutor(folder=results_dir / "slurm" / "%j", cluster="slurm")
     executor.update_parameters(name=f"adbench-{sweep.name}", **settings.executor_parameters())
     submitted_at = time.time()
-    tasks = executor.map_array(run_spec, spec_paths, record_paths)
+    tasks = executor.map_array(SlurmTask(), spec_paths, record_paths)
     print(f"[slurm] submitted array {tasks[0].job_id.split('_')[0]} ({len(tasks)} task(s)); "
           f"logs under {results_dir / 'slurm'}")
     if not wait:
@@ -157,4 +176,4 @@ def _failed_without_record(spec: JobSpec, task: Any, results_dir: Path) -> dict[
 
 LAUNCHERS: dict[str, Callable[..., list[dict[str, Any]]]] = {"local": run_local, "slurm": run_slurm}
 
-__all__ = ["LAUNCHERS", "SlurmSettings", "run_local", "run_slurm", "run_spec"]
+__all__ = ["LAUNCHERS", "SlurmSettings", "SlurmTask", "run_local", "run_slurm"]

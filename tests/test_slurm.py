@@ -87,3 +87,44 @@ def test_leaderboard_only_and_dry_run(tmp_path: Path, embedded_root: Path, capsy
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert run.main(["--sweep", str(sweep), "--slurm", "gpus=1"]) == 2
     assert "unknown slurm setting(s) ['gpus']" in capsys.readouterr().err
+
+
+def test_a_preempted_task_checkpoints_requeues_resumes_and_ends_with_one_record(
+    slurm_cluster: None, tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    path = tmp_path / "sweep.yaml"
+    long_enough = {**TINY, "trainer.max_epochs": 200, "trainer.check_val_every_n_epoch": 20}
+    path.write_text(json.dumps({
+        "name": "slurm-preempt", "methods": ["stpm"], "profile": "quick", "categories": ["weave"], "seeds": [0],
+        "root": str(embedded_root), "overrides": long_enough, "launcher": "slurm",
+        "slurm": {"cpus_per_job": 1, "mem_gb": 3, "time_min": 20},
+    }))  # fmt: skip
+    assert run.main(["--sweep", str(path), "--results-dir", str(results), "--no-wait"]) == 0
+    array = next(line for line in capsys.readouterr().out.splitlines() if "submitted array" in line).split()[3]
+    checkpoints = results / "jobs" / "stpm__quick__weave__seed0" / "checkpoints"
+    deadline = time.time() + 900
+    # Training is under way once the first validation (epoch 19) has written best.ckpt.
+    while not (checkpoints / "best.ckpt").is_file() and time.time() < deadline:
+        time.sleep(0.5)
+    assert (checkpoints / "best.ckpt").is_file(), "the task never started training"
+    subprocess.run(["scancel", "--signal=USR2", array], check=True)  # what SLURM sends before preempting
+    released = False
+    while time.time() < deadline:
+        state = subprocess.run(["scontrol", "show", "job", array], capture_output=True, text=True).stdout
+        if not released and "Restarts=1" in state and "JobState=PENDING" in state:
+            # SLURM holds a requeued job for ~2 minutes; the test, as administrator, lets it start now.
+            subprocess.run(["scontrol", "update", f"JobId={array}", "StartTime=now"], check=True)
+            released = True
+        record = next(iter(iter_records(results)), None)
+        queued = subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True).stdout.strip()
+        if record is not None and not queued:
+            break
+        time.sleep(1)
+    records = iter_records(results)
+    assert len(records) == 1 and records[0]["status"] == "ok", records[0].get("error") if records else "no record"
+    resumed = records[0]["resumed_from"]
+    assert resumed is not None and resumed["epoch"] >= 19, resumed
+    assert records[0]["config"]["trainer"]["max_epochs"] == 200
+    assert not (checkpoints / "requeue.ckpt").exists(), "the resumed attempt removes its resume file"
+    assert released, "the task was never requeued"
