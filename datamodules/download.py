@@ -5,14 +5,21 @@ Only for users with internet access: nothing in the suite downloads unless asked
 The archive is streamed to a ``.part`` file, checked against its published
 SHA-256 before anything is extracted, and extracted member by member with
 tarfile's ``data`` filter (no absolute paths, no links out of the target).
+
+Extraction never half-fills a category: members go to a temporary folder beside the
+target, a completion marker is written into each category folder, and only then is the
+folder renamed into place (atomic on one file system). A run killed mid-way leaves only
+the temporary folder, which the next run removes; a refused archive leaves nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import urllib.request
+import uuid
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -24,6 +31,11 @@ MVTEC_URL = (
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
 
 _CHUNK = 1 << 20
+#: The archive's file name in the dataset root.
+ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
+#: Written into a category folder once its extraction is complete (before it is moved into place).
+COMPLETE_MARKER = ".adbench-extracted"
+_TEMPORARY_PREFIX = ".adbench-extract-"
 
 
 class ChecksumError(RuntimeError):
@@ -75,15 +87,39 @@ def _top_folder(member_name: str) -> str:
     return parts[0] if parts else ""
 
 
+def is_extracted(folder: str | Path) -> bool:
+    """Whether ``folder`` is a category this module extracted completely."""
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
 def extract_category(archive: str | Path, root: str | Path, category: str | None = None) -> Path:
-    """Extract one category (or all, when ``category`` is None) of an MVTec archive into ``root``."""
+    """Extract one category (or all, when ``category`` is None) of an MVTec archive into ``root``.
+
+    Each category lands in ``root`` complete (with :data:`COMPLETE_MARKER`) or not at all. A
+    folder already there is kept, unless it has no marker and ``root`` holds the archive
+    (an older, possibly half, extraction of it): then it is replaced.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        members = [m for m in tar.getmembers() if category is None or _top_folder(m.name) == category]
-        if not members:
-            raise FileNotFoundError(f"category {category!r} is not in archive {archive}")
-        tar.extractall(root, members=members, filter="data")
+    for leftover in root.glob(_TEMPORARY_PREFIX + "*"):  # a killed extraction's
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary = root / f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if category is None or _top_folder(m.name) == category]
+            if not members:
+                raise FileNotFoundError(f"category {category!r} is not in archive {archive}")
+            tar.extractall(temporary, members=members, filter="data")
+        for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
+            (extracted / COMPLETE_MARKER).write_text(f"extracted from {Path(archive).name}\n")
+            target = root / extracted.name
+            if target.exists() and not is_extracted(target) and (root / ARCHIVE_NAME).is_file():
+                # Extracted from this root's archive by an older version, possibly half: replace it.
+                shutil.rmtree(target)
+            if not target.exists():
+                os.replace(extracted, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
     return root / category if category else root
 
 
@@ -99,5 +135,5 @@ def download_mvtec(
     read at call time so a mirror can be configured by setting them.
     """
     root = Path(root)
-    archive = download_file(url or MVTEC_URL, root / "mvtec_anomaly_detection.tar.xz", sha256 or MVTEC_SHA256)
+    archive = download_file(url or MVTEC_URL, root / ARCHIVE_NAME, sha256 or MVTEC_SHA256)
     return extract_category(archive, root, category)

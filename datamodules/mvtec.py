@@ -40,7 +40,7 @@ from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .download import download_mvtec
+from .download import ARCHIVE_NAME, download_mvtec, is_extracted
 from .embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
 from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
 
@@ -127,6 +127,9 @@ def _open(path: Path) -> Image.Image:
     try:
         image = Image.open(path)
         image.load()
+    except Image.DecompressionBombError as error:  # not an OSError: PIL's message names no file
+        raise DatasetError(f"image {str(path)!r} is too large to decode safely ({error}); if it is "
+                           "trusted, raise PIL.Image.MAX_IMAGE_PIXELS") from error
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise DatasetError(f"cannot read image {str(path)!r}: {error}") from error
     return image
@@ -338,8 +341,12 @@ class MVTecDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         if self.root is None:
             ensure_embedded_dataset()
-        elif self.download and not (Path(self.root) / self.category).is_dir():
-            download_mvtec(self.root, self.category)
+        elif self.download:
+            folder = Path(self.root) / self.category
+            # Absent, or extracted from the archive here without the completion marker (a killed
+            # older run: maybe half). A folder of the user's own, without the archive, is used as is.
+            if not folder.is_dir() or ((Path(self.root) / ARCHIVE_NAME).is_file() and not is_extracted(folder)):
+                download_mvtec(self.root, self.category)
 
     def _model_asks(self, attribute: str, default: bool) -> bool:
         """What the model being trained declares it needs (see models.base.AnomalyModule)."""

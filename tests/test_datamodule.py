@@ -316,6 +316,52 @@ def test_datamodule_download_flag(
     assert len(data.test_set) == 2
 
 
+def test_a_killed_extraction_is_never_used_as_a_complete_category(
+    tmp_path: Path, served_archive: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, sha256 = served_archive
+    monkeypatch.setattr(download_module, "MVTEC_URL", url)
+    monkeypatch.setattr(download_module, "MVTEC_SHA256", sha256)
+    root = tmp_path / "mvtec"
+    download_mvtec(root, "widget", url=url, sha256=sha256)  # the archive is now in root
+    full = len(list((root / "widget").rglob("*.png")))
+    # An older version extracted in place and was killed: half the files, no completion marker.
+    (root / "widget" / download_module.COMPLETE_MARKER).unlink()
+    for png in sorted((root / "widget" / "test").rglob("*.png"))[1:]:
+        png.unlink()
+    (root / ".adbench-extract-killed").mkdir()  # and a killed new-style run's temporary folder
+    data = MVTecDataModule(root=str(root), category="widget", image_size=32, download=True)
+    data.prepare_data()
+    assert len(list((root / "widget").rglob("*.png"))) == full, "re-extracted whole"
+    assert download_module.is_extracted(root / "widget")
+    assert not list(root.glob(".adbench-extract-*")), "temporary folders are cleaned up"
+    # A refused archive leaves nothing behind.
+    with pytest.raises(FileNotFoundError, match="'gadget' is not in archive"):
+        download_mvtec(root, "gadget", url=url, sha256=sha256)
+    assert sorted(p.name for p in root.iterdir()) == ["mvtec_anomaly_detection.tar.xz", "widget"]
+
+
+def test_a_folder_of_the_users_own_is_never_replaced(tmp_path: Path, tiny_root: Path,
+                                                     served_archive: tuple[str, str]) -> None:
+    url, sha256 = served_archive
+    data = MVTecDataModule(root=str(tiny_root), category="widget", image_size=32, download=True)
+    before = sorted(p.relative_to(tiny_root) for p in (tiny_root / "widget").rglob("*"))
+    data.prepare_data()  # no archive in that root: the folder is the user's, used as is
+    assert sorted(p.relative_to(tiny_root) for p in (tiny_root / "widget").rglob("*")) == before
+
+
+def test_a_decompression_bomb_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from datamodules.mvtec import read_image
+
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000: PIL refuses it
+    with pytest.raises(DatasetError, match=r"image '.*huge.png' is too large to decode safely"):
+        read_image(path, 32)
+
+
 def test_download_reports_unreachable_server(tmp_path: Path) -> None:
     with pytest.raises(ConnectionError, match="could not download http://127.0.0.1:9/"):
         download_mvtec(tmp_path, "bottle", url="http://127.0.0.1:9/x.tar.xz", sha256="0" * 64)
