@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="adbench export", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", required=True)
     parser.add_argument("--format", choices=FORMATS, default="onnx")
-    parser.add_argument("--output", help="file to write (default: beside the checkpoint, model.onnx / model.pt)")
+    parser.add_argument("--output", help="file to write (default: beside the checkpoint, <checkpoint name>.onnx / .pt)")
     args = parser.parse_args(argv)
     checkpoint = Path(args.ckpt_path)
     output = Path(args.output) if args.output else checkpoint.with_name(

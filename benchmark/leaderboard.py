@@ -179,8 +179,8 @@ def weak_rows(pixel_auroc: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
         epochs = sorted({int(e) for e in runs.loc[runs.row == row, "max_epochs"].dropna()})
         budget = f"{'/'.join(map(str, epochs))} epoch(s)" if epochs else "this sweep's budget"
         lines.append(f"Read with care: {row} has a mean pixel AUROC of {_percent(value)} % (< "
-                     f"{_percent(MEANINGFUL_PIXEL_AUROC)}): at {budget} its maps are barely better than "
-                     "chance, so its row checks the pipeline, not the method (its quick profile trains longer).")
+                     f"{_percent(MEANINGFUL_PIXEL_AUROC)}): at {budget} its maps are far from what "
+                     "the method reaches with training: the row checks the pipeline, not the method.")
     return lines
 
 

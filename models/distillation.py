@@ -37,6 +37,7 @@ class StudentTeacherPair(nn.Module):
         layers: Sequence[int] = (1, 2, 3),
         weights: str = "auto",
         extra_teacher_layers: Sequence[int] = (),
+        weights_sha256: str | None = None,
     ) -> None:
         super().__init__()
         self.layers = tuple(int(i) for i in layers)
@@ -45,7 +46,8 @@ class StudentTeacherPair(nn.Module):
             raise ValueError(
                 f"extra_teacher_layers {self.extra_layers} must be deeper than the distilled layers {self.layers}"
             )
-        self.teacher = FeatureExtractor(backbone, self.layers + self.extra_layers, weights, frozen=True)
+        self.teacher = FeatureExtractor(backbone, self.layers + self.extra_layers, weights, weights_sha256,
+                                        frozen=True)
         self.student = FeatureExtractor.random_like(self.teacher, layers=self.layers)
 
     def teacher_features(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:

@@ -260,6 +260,7 @@ class PatchCore(AnomalyModule):
         backbone: str = "wide_resnet50_2",
         layers: Sequence[int] = (2, 3),
         weights: str = "auto",
+        weights_sha256: str | None = None,
         pretrain_embed_dimension: int = 1024,
         target_embed_dimension: int = 1024,
         coreset_ratio: float = 0.1,
@@ -282,7 +283,7 @@ class PatchCore(AnomalyModule):
             raise ValueError("embedding dimensions must be positive")
         self.save_hyperparameters()
         self.automatic_optimization = False  # nothing is trained
-        self.backbone = FeatureExtractor(backbone, layers, weights, frozen=True)
+        self.backbone = FeatureExtractor(backbone, layers, weights, weights_sha256, frozen=True)
         # A buffer, so that the bank travels with the checkpoint and with .to(device).
         self.register_buffer("memory_bank", torch.empty(0, target_embed_dimension))
         # A parameter with no elements that takes part in no computation. DDP refuses to

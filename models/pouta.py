@@ -208,6 +208,7 @@ class POUTA(AnomalyModule):
         head_prior: float | None = None,
         encoder: str = "unet",
         encoder_weights: str = "auto",
+        encoder_weights_sha256: str | None = None,
         encoder_frozen: bool = True,
     ) -> None:
         super().__init__()
@@ -236,7 +237,7 @@ class POUTA(AnomalyModule):
             if encoder == "unet":
                 return Encoder(3, recon_widths)
             # Short-budget option: ImageNet features (projected to the stage widths) as the encoder.
-            return BackboneEncoder(recon_widths, encoder, encoder_weights, encoder_frozen)
+            return BackboneEncoder(recon_widths, encoder, encoder_weights, encoder_frozen, encoder_weights_sha256)
 
         if encoder != "unet":
             self.reconstructive.encoder = make_encoder()

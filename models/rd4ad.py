@@ -191,6 +191,7 @@ class RD4AD(AnomalyModule):
         backbone: str = "wide_resnet50_2",
         layers: Sequence[int] = (1, 2, 3),
         weights: str = "auto",
+        weights_sha256: str | None = None,
         oce_blocks: int = 3,
         decoder_blocks: Sequence[int] = (3, 4, 6),
         student_output_relu: bool | None = None,
@@ -203,7 +204,7 @@ class RD4AD(AnomalyModule):
         if map_fusion not in ("sum", "product", "mean"):
             raise ValueError(f"map_fusion must be 'sum', 'product' or 'mean', got {map_fusion!r}")
         self.save_hyperparameters()
-        self.teacher = FeatureExtractor(backbone, layers, weights, frozen=True)
+        self.teacher = FeatureExtractor(backbone, layers, weights, weights_sha256, frozen=True)
         reductions = self.teacher.reductions
         if any(b != 2 * a for a, b in zip(reductions, reductions[1:], strict=False)):
             raise ValueError(f"RD4AD needs levels whose strides double ({reductions} for layers {list(layers)})")

@@ -176,6 +176,8 @@ class RSTPM(AnomalyModule):
         layers: Sequence[int] = (1, 2, 3),
         weights1: str = "auto",
         weights2: str = "auto",
+        weights1_sha256: str | None = None,
+        weights2_sha256: str | None = None,
         second_pair: bool = True,
         attention: bool = True,
         discriminator: bool = True,
@@ -208,11 +210,12 @@ class RSTPM(AnomalyModule):
         self.final_map = ("product" if discriminator else "pairs") if final_map == "auto" else final_map
 
         deepest = (max(layers) + 1,) if second_pair else ()
-        self.pair1 = StudentTeacherPair(teacher1, layers, weights1, extra_teacher_layers=deepest)
+        self.pair1 = StudentTeacherPair(teacher1, layers, weights1, extra_teacher_layers=deepest,
+                                        weights_sha256=weights1_sha256)
         self.teacher2: FeatureExtractor | None = None
         self.student2: DecoderStudent | None = None
         if second_pair:
-            self.teacher2 = FeatureExtractor(teacher2, layers, weights2, frozen=True)
+            self.teacher2 = FeatureExtractor(teacher2, layers, weights2, weights2_sha256, frozen=True)
             self.student2 = DecoderStudent(self.pair1.teacher.channels[-1], self.teacher2.channels, attention)
         self.discriminative: UNet | None = None
         if discriminator:

@@ -50,6 +50,7 @@ class STPM(AnomalyModule):
         backbone: str = "resnet18",
         layers: Sequence[int] = (1, 2, 3),
         weights: str = "auto",
+        weights_sha256: str | None = None,
         optimizer: str = "sgd",
         lr: float = 0.4,
         momentum: float = 0.9,
@@ -61,7 +62,7 @@ class STPM(AnomalyModule):
         if map_fusion not in ("product", "sum"):
             raise ValueError(f"map_fusion must be 'product' or 'sum', got {map_fusion!r}")
         self.save_hyperparameters()
-        self.pair = StudentTeacherPair(backbone, layers, weights)
+        self.pair = StudentTeacherPair(backbone, layers, weights, weights_sha256=weights_sha256)
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         anomaly_map = self.pair.anomaly_map(images, self.hparams.map_fusion)

@@ -150,6 +150,7 @@ class TSDN(AnomalyModule):
         depth: int = 5,
         encoder: str = "unet",
         encoder_weights: str = "auto",
+        encoder_weights_sha256: str | None = None,
         encoder_frozen: bool = True,
         use_fne: bool = True,
         two_stream: bool = True,
@@ -186,7 +187,8 @@ class TSDN(AnomalyModule):
         if encoder == "unet":
             self.encoder: nn.Module = Encoder(3, widths)
         else:
-            self.encoder = BackboneEncoder(widths, encoder, encoder_weights, frozen=encoder_frozen)
+            self.encoder = BackboneEncoder(widths, encoder, encoder_weights, frozen=encoder_frozen,
+                                           weights_sha256=encoder_weights_sha256)
         # One estimator per skip level (all encoder stages but the bottleneck).
         self.fne = (
             nn.ModuleList(FeatureNormalityEstimator(w, fne_init_bias) for w in widths[:-1]) if use_fne else None

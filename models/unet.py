@@ -117,11 +117,13 @@ class BackboneEncoder(nn.Module):
         backbone: str = "tf_efficientnet_lite0",
         weights: str = "auto",
         frozen: bool = True,
+        weights_sha256: str | None = None,
     ) -> None:
         super().__init__()
         self.widths = list(widths)
         self.stem = double_conv(3, widths[0])
-        self.backbone = FeatureExtractor(backbone, tuple(range(len(widths) - 1)), weights, frozen=frozen)
+        self.backbone = FeatureExtractor(backbone, tuple(range(len(widths) - 1)), weights, weights_sha256,
+                                         frozen=frozen)
         expected = [2 ** (i + 1) for i in range(len(widths) - 1)]
         if self.backbone.reductions != expected:
             raise ValueError(

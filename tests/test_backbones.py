@@ -33,6 +33,7 @@ from models.backbones import (
     WeightsUnavailableError,
     list_offline_backbones,
     resolve_state_dict,
+    sha256_file,
 )
 
 _SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -380,3 +381,26 @@ def test_hub_urls_and_key_names_are_torchvision_s() -> None:
         for name in ("resnet18", "wide_resnet50_2"):
             tv_keys = getattr(torchvision.models, name)().state_dict().keys()
             assert list(tv_keys) == list(timm.create_model(name).state_dict().keys()), name
+
+
+def test_every_weights_argument_of_every_method_has_its_sha256_and_a_config_checks_it(tmp_path: Path) -> None:
+    import inspect
+    import shutil
+
+    import models
+
+    for name in models.list_models():
+        parameters = inspect.signature(models.get_model_class(name).__init__).parameters
+        # A weights *file* argument: "auto" by default (level_weights and the like are loss weights).
+        files = (p for p, v in parameters.items() if "weights" in p and v.default == "auto")
+        for weights in files:
+            expected = f"{weights}_sha256"  # weights, weights1, encoder_weights: the same rule
+            assert expected in parameters, f"{name}: {weights} has no {expected}"
+    # A file under a name nobody knows is checked only against what the config says.
+    path = tmp_path / "my_teacher.pth"
+    shutil.copy(_needs_package("tf_efficientnet_lite0"), path)
+    stpm = models.get_model_class("stpm")
+    with pytest.raises(WeightsIntegrityError, match=f"SHA-256 mismatch for weights file {path}"):
+        stpm(backbone="tf_efficientnet_lite0", weights=str(path), weights_sha256="0" * 64)
+    good = stpm(backbone="tf_efficientnet_lite0", weights=str(path), weights_sha256=sha256_file(path)[:12])
+    assert str(path) in good.pair.teacher.weights_source

@@ -94,7 +94,7 @@ def test_a_preempted_task_checkpoints_requeues_resumes_and_ends_with_one_record(
 ) -> None:
     results = tmp_path / "results"
     path = tmp_path / "sweep.yaml"
-    long_enough = {**TINY, "trainer.max_epochs": 200, "trainer.check_val_every_n_epoch": 20}
+    long_enough = {**TINY, "trainer.max_epochs": 100, "trainer.check_val_every_n_epoch": 10}
     path.write_text(json.dumps({
         "name": "slurm-preempt", "methods": ["stpm"], "profile": "quick", "categories": ["weave"], "seeds": [0],
         "root": str(embedded_root), "overrides": long_enough, "launcher": "slurm",
@@ -104,7 +104,7 @@ def test_a_preempted_task_checkpoints_requeues_resumes_and_ends_with_one_record(
     array = next(line for line in capsys.readouterr().out.splitlines() if "submitted array" in line).split()[3]
     checkpoints = results / "jobs" / "stpm__quick__weave__seed0" / "checkpoints"
     deadline = time.time() + 900
-    # Training is under way once the first validation (epoch 19) has written best.ckpt.
+    # Training is under way once the first validation (epoch 9) has written best.ckpt.
     while not (checkpoints / "best.ckpt").is_file() and time.time() < deadline:
         time.sleep(0.5)
     assert (checkpoints / "best.ckpt").is_file(), "the task never started training"
@@ -124,7 +124,7 @@ def test_a_preempted_task_checkpoints_requeues_resumes_and_ends_with_one_record(
     records = iter_records(results)
     assert len(records) == 1 and records[0]["status"] == "ok", records[0].get("error") if records else "no record"
     resumed = records[0]["resumed_from"]
-    assert resumed is not None and resumed["epoch"] >= 19, resumed
-    assert records[0]["config"]["trainer"]["max_epochs"] == 200
+    assert resumed is not None and resumed["epoch"] >= 9, resumed
+    assert records[0]["config"]["trainer"]["max_epochs"] == 100
     assert not (checkpoints / "requeue.ckpt").exists(), "the resumed attempt removes its resume file"
     assert released, "the task was never requeued"
