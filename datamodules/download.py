@@ -92,6 +92,14 @@ def is_extracted(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
+def needs_extraction(folder: str | Path) -> bool:
+    """Whether the category ``folder`` must be (re-)extracted: it is absent, or it has no completion
+    marker while its root holds the archive (extracted in place by an older, killed run: maybe
+    half). A folder of the user's own, without the archive beside it, never needs it."""
+    folder = Path(folder)
+    return not folder.is_dir() or (not is_extracted(folder) and (folder.parent / ARCHIVE_NAME).is_file())
+
+
 def extract_category(archive: str | Path, root: str | Path, category: str | None = None) -> Path:
     """Extract one category (or all, when ``category`` is None) of an MVTec archive into ``root``.
 
@@ -113,9 +121,8 @@ def extract_category(archive: str | Path, root: str | Path, category: str | None
         for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
             (extracted / COMPLETE_MARKER).write_text(f"extracted from {Path(archive).name}\n")
             target = root / extracted.name
-            if target.exists() and not is_extracted(target) and (root / ARCHIVE_NAME).is_file():
-                # Extracted from this root's archive by an older version, possibly half: replace it.
-                shutil.rmtree(target)
+            if target.exists() and needs_extraction(target):
+                shutil.rmtree(target)  # an older, possibly half, extraction of this root's archive
             if not target.exists():
                 os.replace(extracted, target)
     finally:

@@ -40,7 +40,7 @@ from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
-from .download import ARCHIVE_NAME, download_mvtec, is_extracted
+from .download import download_mvtec, needs_extraction
 from .embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
 from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
 
@@ -341,12 +341,8 @@ class MVTecDataModule(LightningDataModule):
     def prepare_data(self) -> None:
         if self.root is None:
             ensure_embedded_dataset()
-        elif self.download:
-            folder = Path(self.root) / self.category
-            # Absent, or extracted from the archive here without the completion marker (a killed
-            # older run: maybe half). A folder of the user's own, without the archive, is used as is.
-            if not folder.is_dir() or ((Path(self.root) / ARCHIVE_NAME).is_file() and not is_extracted(folder)):
-                download_mvtec(self.root, self.category)
+        elif self.download and needs_extraction(Path(self.root) / self.category):
+            download_mvtec(self.root, self.category)
 
     def _model_asks(self, attribute: str, default: bool) -> bool:
         """What the model being trained declares it needs (see models.base.AnomalyModule)."""

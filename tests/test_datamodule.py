@@ -304,12 +304,16 @@ def test_download_rejects_a_wrong_checksum(tmp_path: Path, served_archive: tuple
     assert not list((tmp_path / "mvtec").glob("*.tar.xz*")), "a bad download must not be kept"
 
 
-def test_datamodule_download_flag(
-    tmp_path: Path, served_archive: tuple[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def official_source(served_archive: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """The local server's archive as the module's official URL and SHA-256: (url, sha256)."""
     url, sha256 = served_archive
     monkeypatch.setattr(download_module, "MVTEC_URL", url)
     monkeypatch.setattr(download_module, "MVTEC_SHA256", sha256)
+    return url, sha256
+
+
+def test_datamodule_download_flag(tmp_path: Path, official_source: tuple[str, str]) -> None:
     data = MVTecDataModule(root=str(tmp_path / "mvtec"), category="widget", image_size=32, download=True)
     data.prepare_data()
     data.setup("test")
@@ -317,11 +321,9 @@ def test_datamodule_download_flag(
 
 
 def test_a_killed_extraction_is_never_used_as_a_complete_category(
-    tmp_path: Path, served_archive: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, official_source: tuple[str, str]
 ) -> None:
-    url, sha256 = served_archive
-    monkeypatch.setattr(download_module, "MVTEC_URL", url)
-    monkeypatch.setattr(download_module, "MVTEC_SHA256", sha256)
+    url, sha256 = official_source
     root = tmp_path / "mvtec"
     download_mvtec(root, "widget", url=url, sha256=sha256)  # the archive is now in root
     full = len(list((root / "widget").rglob("*.png")))
