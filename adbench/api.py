@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 import models
 from callbacks.visualization import heat_overlay
-from datamodules.mvtec import IMAGE_SUFFIXES, DatasetError, read_image
+from datamodules.base import IMAGE_SUFFIXES, DatasetError, read_image
 
 #: Key of the checkpoint entry adbench writes (see AnomalyModule / AnomalyEvaluator on_save_checkpoint).
 CHECKPOINT_KEY = "adbench"

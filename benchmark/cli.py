@@ -30,13 +30,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
+import datamodules
 import models
 from callbacks.allocator import ReuseFreedMemory
 from callbacks.evaluation import SELECTION_MONITOR, AnomalyEvaluator
 from callbacks.guards import LossHistory, NonFiniteLossGuard
 from callbacks.timing import TimingCallback
 from callbacks.visualization import AnomalyMapVisualizer
-from datamodules import MVTecDataModule
+from datamodules import AnomalyDataModule, MVTecDataModule
 from models.base import AnomalyModule
 
 RUNS_FOLDER = "runs"
@@ -98,22 +99,35 @@ def _registered_class(name: str) -> type[AnomalyModule] | None:
     return None
 
 
+def _dataset_class(class_path: str) -> type | None:
+    return next((datamodules.get_dataset_class(n) for n in datamodules.list_datasets()
+                 if datamodules.dataset_class_path(n) == class_path), None)
+
+
 def _class_path(name: str) -> str:
     """A registry name (``stpm``) or class name (``STPM``) -> the class path LightningCLI wants."""
     cls = _registered_class(name)
     return name if cls is None else f"{cls.__module__}.{cls.__name__}"
 
 
+def _data_class_path(name: str) -> str:
+    """A registered dataset name (``visa``) -> its datamodule's class path; anything else unchanged."""
+    return datamodules.dataset_class_path(name) if name in datamodules.list_datasets() else name
+
+
 def expand_model_names(argv: Sequence[str]) -> list[str]:
-    """``--model stpm`` / ``--model=stpm`` -> the class path; anything else unchanged."""
-    out, expand_next = [], False
+    """``--model stpm`` / ``--model=stpm`` and ``--data visa`` / ``--data=visa`` -> the class
+    paths LightningCLI wants; anything else unchanged."""
+    expanders = {"--model": _class_path, "--data": _data_class_path}
+    out, expand_next = [], None
     for arg in argv:
-        if expand_next:
-            arg, expand_next = _class_path(arg), False
-        elif arg == "--model":
-            expand_next = True
-        elif arg.startswith("--model="):
-            arg = "--model=" + _class_path(arg.split("=", 1)[1])
+        if expand_next is not None:
+            arg, expand_next = expand_next(arg), None
+        elif arg in expanders:
+            expand_next = expanders[arg]
+        elif arg.split("=", 1)[0] in expanders and "=" in arg:
+            flag, value = arg.split("=", 1)
+            arg = f"{flag}={expanders[flag](value)}"
         out.append(arg)
     return out
 
@@ -131,8 +145,9 @@ class AnomalyCLI(LightningCLI):
     ) -> None:
         super().__init__(
             AnomalyModule,
-            MVTecDataModule,
+            AnomalyDataModule,
             subclass_mode_model=True,
+            subclass_mode_data=True,
             seed_everything_default=0,
             trainer_defaults={
                 "enable_model_summary": False,  # "Total Flops 0" and a table nobody reads per run
@@ -145,6 +160,10 @@ class AnomalyCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # A config or command line that names no dataset gets MVTec AD (``--data visa`` picks another).
+        parser.set_defaults({"data": {"class_path": f"{MVTecDataModule.__module__}.{MVTecDataModule.__name__}"}})
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -163,7 +182,14 @@ class AnomalyCLI(LightningCLI):
     def run_folder(config: Any) -> Path:
         class_path = str(config.model.class_path) if "class_path" in config.model else "model"
         name = getattr(_registered_class(class_path), "registry_name", class_path.rsplit(".", 1)[-1].lower())
-        return Path(RUNS_FOLDER) / name / str(config.data.category) / f"seed{config.seed_everything}"
+        data = config.data.init_args
+        dataset = str(config.data.class_path).rsplit(".", 1)[-1]
+        folder = Path(RUNS_FOLDER) / name
+        if dataset != MVTecDataModule.__name__:  # runs on other datasets get their own level
+            folder /= getattr(_dataset_class(str(config.data.class_path)), "dataset_name", None) or dataset.lower()
+        category = str(data.category).replace(",", "+")
+        shots = f"-shots{data.train_shots}" if data.get("train_shots") else ""
+        return folder / category / f"seed{config.seed_everything}{shots}"
 
     def _callback(self, kind: type) -> Any:
         return next(c for c in self.trainer.callbacks if isinstance(c, kind))

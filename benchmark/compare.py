@@ -393,7 +393,7 @@ def _layer_names(backbone: str, layers: list[int]) -> list[str]:
 
 
 def _restrict_ours(dataset: Any, keep: list[str] | None) -> None:
-    """Keep only the images of ``dataset`` (an ``MVTecDataset``) whose path is in ``keep``."""
+    """Keep only the images of ``dataset`` (an ``AnomalyDataset``) whose path is in ``keep``."""
     if dataset is None or keep is None:
         return
     wanted = {os.path.realpath(p) for p in keep}
@@ -768,7 +768,8 @@ def load_ground_truth(
     """Labels and masks (at ``image_size``, nearest) of the test images, as our DataModule reads them."""
     import numpy as np
 
-    from datamodules.mvtec import list_test_samples, read_mask, resolve_category
+    from datamodules.base import read_mask
+    from datamodules.mvtec import list_test_samples, resolve_category
 
     samples = list_test_samples(resolve_category(root, category))
     if keep is not None:

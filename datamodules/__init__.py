@@ -1,16 +1,30 @@
-"""Data: MVTec AD folders -> items, DRAEM-style pseudo-anomalies, the embedded default dataset."""
+"""Data: datasets on disk -> items, DRAEM-style pseudo-anomalies, the embedded default dataset.
 
+Each dataset is an ``AnomalyDataModule`` subclass in its own file, registered by name;
+importing it here registers it.
+"""
+
+from . import mvtec  # noqa: F401  (registers the dataset)
+from .base import ALL_CATEGORIES, AnomalyDataModule, AnomalyDataset, DatasetError, Sample
 from .embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
-from .mvtec import MVTEC_CATEGORIES, DatasetError, MVTecDataModule, MVTecDataset
+from .mvtec import MVTEC_CATEGORIES, MVTecDataModule
+from .registry import dataset_class_path, get_dataset_class, list_datasets, register_dataset
 from .synthesis import PseudoAnomalySynthesizer, make_texture_source
 
 __all__ = [
+    "ALL_CATEGORIES",
     "EMBEDDED_CATEGORIES",
     "MVTEC_CATEGORIES",
+    "AnomalyDataModule",
+    "AnomalyDataset",
     "DatasetError",
     "MVTecDataModule",
-    "MVTecDataset",
     "PseudoAnomalySynthesizer",
+    "Sample",
+    "dataset_class_path",
     "ensure_embedded_dataset",
+    "get_dataset_class",
+    "list_datasets",
     "make_texture_source",
+    "register_dataset",
 ]

@@ -92,12 +92,12 @@ def is_extracted(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE_MARKER).is_file()
 
 
-def needs_extraction(folder: str | Path) -> bool:
+def needs_extraction(folder: str | Path, archive_name: str = ARCHIVE_NAME) -> bool:
     """Whether the category ``folder`` must be (re-)extracted: it is absent, or it has no completion
-    marker while its root holds the archive (extracted in place by an older, killed run: maybe
-    half). A folder of the user's own, without the archive beside it, never needs it."""
+    marker while its root holds the archive ``archive_name`` (extracted in place by an older,
+    killed run: maybe half). A folder of the user's own, without the archive beside it, never needs it."""
     folder = Path(folder)
-    return not folder.is_dir() or (not is_extracted(folder) and (folder.parent / ARCHIVE_NAME).is_file())
+    return not folder.is_dir() or (not is_extracted(folder) and (folder.parent / archive_name).is_file())
 
 
 def extract_category(archive: str | Path, root: str | Path, category: str | None = None) -> Path:
@@ -121,13 +121,20 @@ def extract_category(archive: str | Path, root: str | Path, category: str | None
         for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
             (extracted / COMPLETE_MARKER).write_text(f"extracted from {Path(archive).name}\n")
             target = root / extracted.name
-            if target.exists() and needs_extraction(target):
+            if target.exists() and needs_extraction(target, Path(archive).name):
                 shutil.rmtree(target)  # an older, possibly half, extraction of this root's archive
             if not target.exists():
                 os.replace(extracted, target)
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
     return root / category if category else root
+
+
+def download_category(root: str | Path, category: str | None, url: str, sha256: str, archive_name: str) -> Path:
+    """Fetch a tar archive whose top-level folders are categories into ``root`` (verified, as
+    ``archive_name``), then extract ``category`` (all when ``None``) atomically."""
+    archive = download_file(url, Path(root) / archive_name, sha256)
+    return extract_category(archive, root, category)
 
 
 def download_mvtec(
@@ -141,6 +148,4 @@ def download_mvtec(
     ``url``/``sha256`` default to the module's :data:`MVTEC_URL`/:data:`MVTEC_SHA256`,
     read at call time so a mirror can be configured by setting them.
     """
-    root = Path(root)
-    archive = download_file(url or MVTEC_URL, root / ARCHIVE_NAME, sha256 or MVTEC_SHA256)
-    return extract_category(archive, root, category)
+    return download_category(root, category, url or MVTEC_URL, sha256 or MVTEC_SHA256, ARCHIVE_NAME)

@@ -35,7 +35,8 @@ from benchmark.compare import (
     table_markdown,
     write_timm_hf_cache,
 )
-from datamodules.mvtec import MVTecDataset, list_test_samples
+from datamodules.base import AnomalyDataset
+from datamodules.mvtec import list_test_samples
 
 REPO = Path(__file__).resolve().parents[1]
 LITE0 = "tf_efficientnet_lite0"
@@ -146,7 +147,7 @@ def test_metrics_use_our_ground_truth_matched_by_path(embedded_root: Path, tmp_p
 
 def test_restricting_our_dataset_keeps_the_chosen_images(embedded_root: Path) -> None:
     samples = list_test_samples(embedded_root / "weave")
-    dataset = MVTecDataset(samples, 32)
+    dataset = AnomalyDataset(samples, 32)
     keep = pick_evenly([str(s.image_path) for s in samples], 5)
     compare._restrict_ours(dataset, keep)
     assert [str(s.image_path) for s in dataset.samples] == keep

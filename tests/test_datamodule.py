@@ -17,11 +17,12 @@ import torch
 from lightning import seed_everything
 from PIL import Image
 
-from datamodules import MVTecDataModule, MVTecDataset
+from datamodules import AnomalyDataset, MVTecDataModule
 from datamodules import download as download_module
+from datamodules.base import DatasetError
 from datamodules.download import ChecksumError, download_mvtec
 from datamodules.embedded import EMBEDDED_CATEGORIES
-from datamodules.mvtec import DatasetError, list_test_samples, list_train_samples
+from datamodules.mvtec import list_test_samples, list_train_samples
 
 from .conftest import MVTEC_ROOT, REPO, requires_mvtec
 
@@ -236,7 +237,7 @@ def test_grayscale_rgba_palette_and_16bit_images_are_converted(tiny_root: Path) 
     Image.fromarray(np.full((40, 40), 128, dtype=np.uint8)).convert("P").save(folder / "012.png")
     Image.fromarray(np.full((40, 40), 65535, dtype=np.uint16)).save(folder / "013.png")  # I;16
     samples = [s for s in list_train_samples(tiny_root / "widget") if s.image_path.stem >= "010"]
-    dataset = MVTecDataset(samples, image_size=32)
+    dataset = AnomalyDataset(samples, image_size=32)
     assert dataset.images.shape == (4, 32, 32, 3)
     assert np.all(dataset.images[0] == 128) and np.all(dataset.images[1] == 200)
     assert np.all(dataset.images[3] == 255), "16-bit images are rescaled, not clipped"
@@ -355,7 +356,7 @@ def test_a_folder_of_the_users_own_is_never_replaced(tmp_path: Path, tiny_root: 
 def test_a_decompression_bomb_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from datamodules.mvtec import read_image
+    from datamodules.base import read_image
 
     path = tmp_path / "huge.png"
     Image.new("RGB", (64, 64)).save(path)

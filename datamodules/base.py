@@ -1,0 +1,480 @@
+"""Dataset items and the ``LightningDataModule`` every dataset shares; each dataset adds its layout.
+
+A dataset is a subclass of :class:`AnomalyDataModule` in its own file, registered by
+name (:func:`datamodules.registry.register_dataset`): it says which categories it has
+and how to list a category's training images and its test images with their masks
+(:meth:`AnomalyDataModule.train_samples`, :meth:`AnomalyDataModule.test_samples`).
+Everything else (decoding, validation split, pseudo-anomalies, few-shot selection, the
+unified multi-category setting, loaders) is here, the same for every dataset.
+
+Every item is a dict with the same keys for every split, so methods, the
+evaluator and the visualiser read one format:
+
+* ``image``: float32 (3, H, W) in [0, 1], the network input
+* ``mask``: float32 (1, H, W) in {0, 1}, the anomalous pixels of ``image``
+* ``label``: int64, 1 if ``image`` is anomalous
+* ``defect_type``: str (``good``, a defect folder, or ``synthetic``)
+* ``category``: str, the category the image belongs to
+* ``path``: str, the source image file
+
+Training items of methods that learn from DRAEM-style pseudo-anomalies also
+carry ``clean_image`` (the original); ``image``/``mask``/``label`` then describe
+the synthesised anomaly. Normalisation for a backbone is the model's business:
+the data stays in [0, 1].
+
+Protocol: the validation split is carved from the training images (seeded), and gets
+fixed synthetic anomalies so that checkpoint selection has something to rank
+without ever looking at the test set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
+
+#: ``texture_source`` of the paper profiles: a texture folder must be supplied.
+TEXTURES_REQUIRED = "required"
+VALIDATION_TEXTURES = ("shared", "held-out")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DatasetError(ValueError):
+    """A dataset folder or file that cannot be used as it is; the message names it."""
+
+
+# --------------------------------------------------------------------------- files
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image on disk and what is known about it."""
+
+    image_path: Path
+    mask_path: Path | None  # None for good images
+    label: int
+    defect_type: str
+    category: str = ""
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except Image.DecompressionBombError as error:  # not an OSError: PIL's message names no file
+        raise DatasetError(f"image {str(path)!r} is too large to decode safely ({error}); if it is "
+                           "trusted, raise PIL.Image.MAX_IMAGE_PIXELS") from error
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"cannot read image {str(path)!r}: {error}") from error
+    return image
+
+
+def read_image(path: Path, size: int) -> np.ndarray:
+    """Decode to uint8 RGB (H, W, 3) at ``size`` x ``size``; grayscale, 16-bit, palette, RGBA converted."""
+    image = _open(path)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's convert("RGB") clips 16-bit values instead of rescaling them.
+        array = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).astype(np.uint8))
+    image = image.convert("RGB")  # alpha is dropped, gray replicated
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def read_mask(path: Path, size: int, image_path: Path) -> np.ndarray:
+    """Binary uint8 (H, W) mask at ``size``; must match its image's size on disk."""
+    mask = _open(path)
+    with Image.open(image_path) as image:
+        if mask.size != image.size:
+            raise DatasetError(
+                f"mask {str(path)!r} is {mask.size[0]}x{mask.size[1]} but its image "
+                f"{str(image_path)!r} is {image.size[0]}x{image.size[1]}"
+            )
+    mask = mask.convert("L")
+    if mask.size != (size, size):
+        mask = mask.resize((size, size), Image.Resampling.NEAREST)
+    array = np.asarray(mask)
+    return (array > (127 if array.max() > 1 else 0)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- dataset
+
+
+class AnomalyDataset(Dataset):
+    """Images decoded once into memory, served as float tensors.
+
+    Decoding and resizing happen once, at construction (in threads): the hot
+    training loop only converts uint8 to float, and synthesises a pseudo-anomaly
+    when a ``synthesizer`` is given. Its randomness is drawn from torch's RNG of
+    the process (seeded by ``lightning.seed_everything(workers=True)`` per worker),
+    so a seed reproduces the same batches for the same number of workers.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        image_size: int,
+        synthesizer: PseudoAnomalySynthesizer | None = None,
+    ) -> None:
+        if not samples:
+            raise DatasetError("a dataset needs at least one image")
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.synthesizer = synthesizer
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            self.images = np.stack(list(pool.map(lambda s: read_image(s.image_path, image_size), self.samples)))
+            self.masks = np.stack(list(pool.map(self._read_mask, self.samples)))
+        self.labels = np.array([s.label for s in self.samples], dtype=np.int64)
+        self.defect_types = [s.defect_type for s in self.samples]
+        self.categories = [s.category for s in self.samples]
+
+    def _read_mask(self, sample: Sample) -> np.ndarray:
+        if sample.mask_path is None:
+            return np.zeros((self.image_size, self.image_size), dtype=np.uint8)
+        return read_mask(sample.mask_path, self.image_size, sample.image_path)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = self.images[index].astype(np.float32) / 255.0
+        item: dict[str, Any] = {"path": str(self.samples[index].image_path), "category": self.categories[index]}
+        if self.synthesizer is None:
+            item.update(
+                image=_to_chw(image),
+                mask=torch.from_numpy(self.masks[index]).float()[None],
+                label=torch.tensor(self.labels[index]),
+                defect_type=self.defect_types[index],
+            )
+            return item
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item()))
+        result = self.synthesizer(image, rng)
+        item.update(
+            image=_to_chw(result.image),
+            clean_image=_to_chw(image),
+            mask=torch.from_numpy(np.ascontiguousarray(result.mask, dtype=np.float32))[None],
+            label=torch.tensor(int(result.has_anomaly)),
+            defect_type="synthetic" if result.has_anomaly else "good",
+        )
+        return item
+
+    def bake_pseudo_anomalies(self, synthesizer: PseudoAnomalySynthesizer, seed: int) -> None:
+        """Replace images by fixed synthetic anomalies (validation): same seed, same set."""
+        for index in range(len(self)):
+            image = self.images[index].astype(np.float32) / 255.0
+            result = synthesizer(image, np.random.default_rng([seed, index]))
+            self.images[index] = np.clip(np.rint(result.image * 255.0), 0, 255).astype(np.uint8)
+            self.masks[index] = result.mask > 0.5
+            self.labels[index] = int(result.has_anomaly)
+            self.defect_types[index] = "synthetic" if result.has_anomaly else "good"
+
+
+def _to_chw(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32))
+
+
+def split_train_validation(
+    samples: Sequence[Sample], val_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Seeded random split of ``train/good`` into train and validation."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(len(samples) * val_fraction))
+    order = np.random.default_rng(seed).permutation(len(samples))
+    val = [samples[i] for i in sorted(order[:n_val])]
+    train = [samples[i] for i in sorted(order[n_val:])]
+    if not train:
+        raise DatasetError(f"val_fraction={val_fraction} leaves no training images")
+    return train, val
+
+
+# --------------------------------------------------------------------------- datamodule
+
+
+#: ``category`` value of the unified (multi-class) setting: one model for every category present.
+ALL_CATEGORIES = "all"
+
+
+def select_shots(samples: Sequence[Sample], shots: int, seed: int) -> list[Sample]:
+    """``shots`` training images drawn at random (seeded), kept in file order."""
+    if shots < 1:
+        raise ValueError(f"train_shots must be a positive number of images (or null for all), got {shots}")
+    if shots > len(samples):
+        folder = samples[0].image_path.parent if samples else "?"
+        raise DatasetError(f"train_shots={shots} but only {len(samples)} training images are left in {str(folder)!r}")
+    order = np.random.default_rng([seed, shots]).permutation(len(samples))
+    return [samples[i] for i in sorted(order[:shots])]
+
+
+class AnomalyDataModule(LightningDataModule):
+    """One category of a dataset (or several, in the unified setting) for training and evaluation.
+
+    A dataset subclass sets :attr:`categories` and implements :meth:`train_samples` and
+    :meth:`test_samples`; it may add arguments of its own (a layout option, a download).
+
+    Args:
+        root: dataset root (each dataset documents its layout under it).
+        category: the category to train and test on. Several, comma-separated, or
+            ``"all"`` (every category present under ``root``): the unified setting, one
+            model trained on the union of their training images and tested on each
+            (items carry their ``category``; metrics are reported per category).
+        image_size: images and masks are resized to ``image_size`` x ``image_size``.
+        batch_size: training batch size.
+        eval_batch_size: validation/test/predict batch size.
+        num_workers: DataLoader worker processes.
+        val_fraction: share of the training images held out for validation (never the test set).
+        split_seed: seed of that split, of the few-shot draw and of the validation set's
+            synthetic anomalies.
+        train_shots: few-shot training: ``k`` normal images per category, drawn (seeded by
+            ``split_seed``) from what the validation split leaves; ``None``: all of them.
+            The drawn files are listed by :attr:`shot_files`. With ``val_fraction=0`` the
+            model sees exactly ``k`` normal images per category and nothing else.
+        pseudo_anomalies: supply DRAEM-style pseudo-anomalies in training batches.
+            ``None`` asks the model (its ``needs_pseudo_anomalies``).
+        texture_source: anomaly-source textures: a DTD-style folder, ``"procedural"``
+            (no files needed) or ``"self"`` (the training images themselves).
+            ``"required"`` (the paper profiles): a texture folder must be given
+            (``--data.texture_source=/path/to/dtd``, the sweep's ``texture_root``);
+            the run fails instead of silently using procedural textures.
+        validation_anomalies: give validation images fixed synthetic anomalies, so
+            that validation metrics can rank checkpoints.
+        validation_textures: ``"shared"``: validation anomalies are drawn from the
+            same textures as training's; ``"held-out"``: from texture classes that
+            training never sees (20 % of a texture folder's classes, seeded by
+            ``split_seed``), so validation measures generalisation of the synthesis
+            rather than its memorisation. Needs a texture folder.
+        download: download the official archive (SHA-256 verified) if the category is
+            missing under ``root`` (datasets that publish one).
+    """
+
+    #: Registry name (``--data <name>``, ``dataset: <name>`` in a sweep); set by ``register_dataset``.
+    dataset_name: ClassVar[str] = ""
+    #: The official categories, in the order papers tabulate them.
+    categories: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        root: str | None = None,
+        category: str | None = None,
+        image_size: int = 256,
+        batch_size: int = 8,
+        eval_batch_size: int = 32,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        train_shots: int | None = None,
+        pseudo_anomalies: bool | None = None,
+        texture_source: str = "procedural",
+        validation_anomalies: bool = True,
+        validation_textures: str = "shared",
+        download: bool = False,
+    ) -> None:
+        super().__init__()
+        if image_size < 32:
+            raise ValueError(f"image_size must be at least 32, got {image_size}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if train_shots is not None and train_shots < 1:
+            raise ValueError(f"train_shots must be a positive number of images (or null for all), got {train_shots}")
+        if validation_textures not in VALIDATION_TEXTURES:
+            raise ValueError(f"validation_textures must be one of {VALIDATION_TEXTURES}, got {validation_textures!r}")
+        self.save_hyperparameters()
+        self.root = root
+        self.category = category or self.default_category()
+        if not self.category:
+            raise ValueError(f"category is required ({self.dataset_name or type(self).__name__}: "
+                             f"{', '.join(self.categories) or 'a category folder under root'}, or 'all')")
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.split_seed = split_seed
+        self.train_shots = train_shots
+        self.pseudo_anomalies = pseudo_anomalies
+        self.texture_source = texture_source
+        self.validation_anomalies = validation_anomalies
+        self.validation_textures = validation_textures
+        self.download = download
+        self.train_set: AnomalyDataset | None = None
+        self.val_set: AnomalyDataset | None = None
+        self.test_set: AnomalyDataset | None = None
+        #: The training files of a few-shot run (``train_shots``), for the record.
+        self.shot_files: list[str] = []
+
+    # ------------------------------------------------------------------ the dataset's layout
+
+    def default_category(self) -> str | None:
+        """The category used when none is given (``None``: one must be)."""
+        return None
+
+    @property
+    def dataset_root(self) -> Path:
+        """The folder the layout is read from."""
+        if self.root is None:
+            raise ValueError(f"root is required for the {self.dataset_name or type(self).__name__} dataset")
+        return Path(self.root).expanduser()
+
+    def find_categories(self) -> list[str]:
+        """The categories present under :attr:`dataset_root`, official ones first. Default: the
+        official categories whose folder exists, then any other folder that lists training images."""
+        root = self.dataset_root
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
+        present = [c for c in self.categories if (root / c).is_dir()]
+        return present + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in present
+                                and not p.name.startswith(".") and self._looks_like_category(p))
+
+    def _looks_like_category(self, folder: Path) -> bool:
+        return False
+
+    def train_samples(self, category: str) -> list[Sample]:
+        """The normal training images of ``category`` (all of them; the split is done here)."""
+        raise NotImplementedError
+
+    def test_samples(self, category: str) -> list[Sample]:
+        """The test images of ``category``, defective ones with their masks."""
+        raise NotImplementedError
+
+    def download_category(self, category: str) -> None:
+        """Fetch ``category`` (SHA-256 verified) into :attr:`dataset_root`."""
+        raise DatasetError(f"the {self.dataset_name} dataset cannot be downloaded by the suite: "
+                           "get it from its publisher and point root at it")
+
+    def category_missing(self, category: str) -> bool:
+        """Whether ``category`` must be downloaded before use (``download=True``)."""
+        return not (self.dataset_root / category).is_dir()
+
+    # ------------------------------------------------------------------ categories and setup
+
+    @property
+    def category_names(self) -> list[str]:
+        """The categories this module loads: one, or several in the unified setting."""
+        if self.category == ALL_CATEGORIES:
+            found = self.find_categories()
+            if not found:
+                raise DatasetError(f"category 'all': no {self.dataset_name} category under {str(self.dataset_root)!r}")
+            return found
+        return [c.strip() for c in str(self.category).split(",") if c.strip()]
+
+    @property
+    def unified(self) -> bool:
+        """One model for several categories (the multi-class setting)."""
+        return len(self.category_names) > 1
+
+    def prepare_data(self) -> None:
+        if not self.download:
+            return
+        for category in self.category_names:
+            if self.category_missing(category):
+                self.download_category(category)
+
+    def _model_asks(self, attribute: str, default: bool) -> bool:
+        """What the model being trained declares it needs (see models.base.AnomalyModule)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(module, attribute, default))
+
+    def _wants_pseudo_anomalies(self) -> bool:
+        if self.pseudo_anomalies is not None:
+            return self.pseudo_anomalies
+        return self._model_asks("needs_pseudo_anomalies", False)
+
+    def _synthesizers(self, train_images: np.ndarray) -> tuple[PseudoAnomalySynthesizer, PseudoAnomalySynthesizer]:
+        """The training synthesizer and the validation one (the same, or on held-out textures)."""
+        if self.texture_source == TEXTURES_REQUIRED:
+            raise DatasetError(
+                "this profile needs a texture folder for its pseudo-anomalies (DRAEM uses DTD) and got none: "
+                "set texture_root in the sweep (--texture-root, DTD_ROOT) or --data.texture_source=/path/to/dtd; "
+                "--data.texture_source=procedural uses procedural textures deliberately"
+            )
+        source = make_texture_source(self.texture_source, images=train_images)
+        if self.validation_textures == "shared":
+            synthesizer = PseudoAnomalySynthesizer(source)
+            return synthesizer, synthesizer
+        if not isinstance(source, FolderTextures):
+            raise DatasetError(
+                f"validation_textures='held-out' needs a texture folder, got texture_source={self.texture_source!r}"
+            )
+        kept, held_out = source.split(0.2, seed=self.split_seed)
+        return PseudoAnomalySynthesizer(kept), PseudoAnomalySynthesizer(held_out)
+
+    def _split(self, category: str) -> tuple[list[Sample], list[Sample]]:
+        """``category``'s training and validation images (seeded split, then the few-shot draw)."""
+        samples = [replace(s, category=category) for s in self.train_samples(category)]
+        if not samples:
+            raise DatasetError(f"no training images for category {category!r} under {str(self.dataset_root)!r}")
+        train, val = split_train_validation(samples, self.val_fraction, self.split_seed)
+        if self.train_shots is not None:
+            train = select_shots(train, self.train_shots, self.split_seed)
+        return train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        categories = self.category_names
+        if stage in ("fit", "validate", None) and self.train_set is None:
+            train, val = [], []
+            for category in categories:
+                category_train, category_val = self._split(category)
+                train += category_train
+                val += category_val
+            self.shot_files = [str(s.image_path) for s in train] if self.train_shots is not None else []
+            self.train_set = AnomalyDataset(train, self.image_size)
+            wants = self._wants_pseudo_anomalies()
+            if wants or (val and self.validation_anomalies):
+                train_synthesis, val_synthesis = self._synthesizers(self.train_set.images)
+                if wants:
+                    self.train_set.synthesizer = train_synthesis
+            if val:
+                self.val_set = AnomalyDataset(val, self.image_size)
+                if self.validation_anomalies:
+                    self.val_set.bake_pseudo_anomalies(val_synthesis, self.split_seed)
+        if stage in ("test", "predict", None) and self.test_set is None:
+            test = []
+            for category in categories:
+                samples = self.test_samples(category)
+                if not samples:
+                    raise DatasetError(f"no test images for category {category!r} under {str(self.dataset_root)!r}")
+                test += [replace(s, category=category) for s in samples]
+            self.test_set = AnomalyDataset(test, self.image_size)
+
+    def _loader(self, dataset: Dataset, batch_size: int, train: bool = False) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            # Never drop the only batch; otherwise as the model asks.
+            drop_last=train and len(dataset) > batch_size and self._model_asks("drop_incomplete_batches", True),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, self.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, self.eval_batch_size) if self.val_set is not None else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, self.eval_batch_size)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
