@@ -189,6 +189,10 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
         evaluator.save_test_scores(scores_path, spec.root)
     return {
         "metrics": evaluator.test_metrics,
+        # Unified setting: the leaderboard reads one row per category from here.
+        "metrics_by_category": evaluator.test_metrics_by_category,
+        "metrics_by_defect_type": evaluator.test_metrics_by_defect_type,
+        "shot_files": data.shot_files,  # few-shot: the training images drawn (seeded)
         "intervals": evaluator.test_intervals,
         "bootstrap": evaluator.bootstrap,
         "warnings": result_warnings(evaluator.test_metrics, evaluator.test_images, losses),

@@ -61,7 +61,7 @@ FINISHED = ("ok", "warning")
 #: A row whose mean pixel AUROC is below this is flagged: its maps say little at its budget.
 MEANINGFUL_PIXEL_AUROC = 0.70
 RUN_COLUMNS = [
-    "name", "method", "profile", "category", "seed", "status", *METRICS,
+    "name", "method", "profile", "dataset", "setting", "shots", "category", "seed", "status", *METRICS,
     *(f"{m}_{end}" for m in METRICS for end in ("low", "high")), "val_saturated", "warnings",
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
     "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices", "max_epochs",
@@ -82,17 +82,20 @@ def _is_stale(record: dict[str, Any]) -> bool | None:
 
 
 def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per job, flat."""
+    """One row per job and category, flat (a unified job tested on n categories gives n rows)."""
     rows = []
     for r in records:
         timing, env, intervals = r.get("timing") or {}, r.get("environment") or {}, r.get("intervals") or {}
-        rows.append({
+        row = {
             "name": r.get("name") or r.get("method"),
             **{k: r.get(k) for k in ("method", "category", "seed", "status", "precision", "sweep",
                                      "devices", "error", "job_id", "finished", "parameters", "image_scores",
-                                     "root")},
-            # Which protocol produced the row is part of its name (see benchmark/sweep.py PROTOCOLS).
-            "profile": _profile_label(r.get("profile") or "", r.get("protocol")),
+                                     "root", "shots")},
+            "dataset": r.get("dataset") or "mvtec",
+            "setting": r.get("setting") or "per-category",
+            # Which protocol, dataset, setting and shots produced the row is part of its name.
+            "profile": _profile_label(r.get("profile") or "", r.get("protocol"), r.get("dataset"),
+                                      r.get("shots"), r.get("setting")),
             "val_saturated": ((r.get("selection") or {}).get("saturation") or {}).get("saturated"),
             "warnings": "; ".join(r.get("warnings") or []) or None,
             **{m: (r.get("metrics") or {}).get(m) for m in METRICS},
@@ -106,14 +109,34 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "stale": _is_stale(r),
             "device": env.get("device"),
             "host": env.get("host"),
-        })  # fmt: skip
+        }  # fmt: skip
+        categories = str(r.get("category") or "").split(",")
+        if len(categories) == 1:
+            rows.append(row)
+            continue
+        # Unified: the job's own metrics and intervals are over all categories; each category's row
+        # gets that category's metrics (no interval: the bootstrap resampled the union).
+        by_category = r.get("metrics_by_category") or {}
+        for category in categories:
+            rows.append({**row, "category": category,
+                         **{m: (by_category.get(category) or {}).get(m) for m in METRICS},
+                         **{f"{m}_{end}": None for m in METRICS for end in ("low", "high")}})
     frame = pd.DataFrame(rows, columns=RUN_COLUMNS)
     frame["row"] = [_row_name(m, p) for m, p in zip(frame.name, frame.profile, strict=True)]
     return frame.sort_values(["name", "profile", "category", "seed"], ignore_index=True)
 
 
-def _profile_label(profile: str, protocol: str | None) -> str:
-    return profile + (", paper protocol" if protocol == "paper" else "")
+def _profile_label(profile: str, protocol: str | None, dataset: str | None = None, shots: int | None = None,
+                   setting: str | None = None) -> str:
+    parts = [profile]
+    if protocol == "paper":
+        parts.append("paper protocol")
+    if setting == "unified":
+        parts.append("unified")
+    if shots is not None:
+        parts.append(f"{shots}-shot")
+    label = ", ".join(parts)
+    return label if dataset in (None, "mvtec") else f"{label}; {dataset}"
 
 
 def _row_name(method: str, profile: str) -> str:
@@ -450,13 +473,17 @@ def build_leaderboard(
     runs = runs_frame(chosen)
     runs.drop(columns=["row"]).to_csv(results_dir / "runs.csv", index=False)
     if jobs is not None:
-        expected = pd.DataFrame({"row": [_row_name(j.name, _profile_label(j.profile, j.protocol)) for j in jobs],
-                                 "category": [j.category for j in jobs]})
-    else:  # every row is expected in every category of the sweep, with the seeds it was run with
-        categories = list(dict.fromkeys(runs.category))
-        seeds = runs.groupby("row").seed.unique()
         expected = pd.DataFrame(
-            [{"row": row, "category": c} for row in dict.fromkeys(runs.row) for c in categories for _ in seeds[row]],
+            [{"row": _row_name(j.name, _profile_label(j.profile, j.protocol, j.dataset, j.shots, j.setting)),
+              "category": category} for j in jobs for category in j.categories],
+            columns=["row", "category"],
+        )
+    else:  # every row is expected in every category of its dataset in the sweep, with the seeds it was run with
+        categories = runs.groupby("dataset", sort=False).category.unique()
+        seeds, datasets = runs.groupby("row").seed.unique(), runs.groupby("row").dataset.first()
+        expected = pd.DataFrame(
+            [{"row": row, "category": c} for row in dict.fromkeys(runs.row)
+             for c in categories[datasets[row]] for _ in seeds[row]],
             columns=["row", "category"],
         )
     tables = {metric: metric_table(runs, metric, expected) for metric in METRICS}

@@ -19,14 +19,20 @@ from typing import Any
 
 import yaml
 
+import datamodules
 import models
-from datamodules import EMBEDDED_CATEGORIES, MVTEC_CATEGORIES, ensure_embedded_dataset
+from datamodules import ensure_embedded_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "configs"
 #: Code every job runs whatever the method (with what these files import, found by code_files).
 PIPELINE_FILES = ("benchmark/job.py", "benchmark/cli.py", "callbacks/*.py", "datamodules/*.py")
 PROTOCOLS = ("selected", "paper")
+#: ``per-category``: one model per category (the papers' setting); ``unified``: one model trained on
+#: the union of the sweep's categories and tested on each (the multi-class setting).
+SETTINGS = ("per-category", "unified")
+#: ``shots`` entry meaning every training image.
+FULL_SHOTS = "full"
 LAUNCHER_NAMES = ("local", "slurm")  # benchmark.launchers.LAUNCHERS
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -44,7 +50,12 @@ class SweepConfig:
     profile: str = "quick"
     categories: list[str] | str = "all"
     seeds: list[int] = field(default_factory=lambda: [0])
-    root: str | None = None  # None: the embedded procedural dataset
+    #: A registered dataset (datamodules.list_datasets()); its layout is read under ``root``.
+    dataset: str = "mvtec"
+    root: str | None = None  # None: the embedded procedural dataset (mvtec only)
+    #: Few-shot: normal training images per category, e.g. [1, 2, 4, 8, full]; ``full``: all of them.
+    shots: list[int | str] = field(default_factory=lambda: [FULL_SHOTS])
+    setting: str = "per-category"
     texture_root: str | None = None  # None: procedural textures
     precision: str = "32-true"
     #: ``selected``: hold out part of train/good, test the checkpoint chosen on it (our default);
@@ -87,6 +98,17 @@ class SweepConfig:
             raise SweepConfigError(f"launcher {self.launcher!r} is not one of {LAUNCHER_NAMES}")
         if self.protocol not in PROTOCOLS:
             raise SweepConfigError(f"protocol {self.protocol!r} is not one of {PROTOCOLS}")
+        if self.setting not in SETTINGS:
+            raise SweepConfigError(f"setting {self.setting!r} is not one of {SETTINGS}")
+        if self.dataset not in datamodules.list_datasets():
+            raise SweepConfigError(f"dataset {self.dataset!r} is not registered; registered: "
+                                   f"{', '.join(datamodules.list_datasets())}")
+        if self.root is None and self.dataset != "mvtec":
+            raise SweepConfigError(f"dataset {self.dataset!r} needs a root (the embedded data is in MVTec layout)")
+        self.shots = _as_list(self.shots) if isinstance(self.shots, str) else list(self.shots)
+        bad = [s for s in self.shots if s != FULL_SHOTS and not (isinstance(s, int) and s > 0)]
+        if not self.shots or bad:
+            raise SweepConfigError(f"shots must list positive integers or {FULL_SHOTS!r}, got {self.shots!r}")
         if self.precision not in PRECISIONS:
             raise SweepConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.devices_per_job < 1:
@@ -125,17 +147,27 @@ class SweepConfig:
                 )
         return requested
 
+    def _datamodule(self) -> datamodules.AnomalyDataModule:
+        """The sweep's dataset, built with its data arguments, to list what is present."""
+        arguments = {k.removeprefix("data."): v for k, v in self.overrides.items() if k.startswith("data.")}
+        arguments.update(root=self.root, category=datamodules.ALL_CATEGORIES)
+        try:
+            return datamodules.get_dataset_class(self.dataset)(**arguments)
+        except (TypeError, ValueError) as error:
+            raise SweepConfigError(f"dataset {self.dataset!r}: {error}") from error
+
     def resolve_categories(self) -> list[str]:
         root = Path(self.root).expanduser() if self.root else ensure_embedded_dataset()
         if not root.is_dir():
             raise SweepConfigError(f"dataset root {str(root)!r} does not exist")
-        present = sorted(p.name for p in root.iterdir() if (p / "train" / "good").is_dir())
+        try:
+            present = self._datamodule().find_categories()
+        except (OSError, datamodules.DatasetError) as error:
+            raise SweepConfigError(str(error)) from error
         if self.categories == "all":
             if not present:
-                raise SweepConfigError(f"no category folders in MVTec layout under {str(root)!r}")
-            # Official order first, then any extra folders in the same layout.
-            known = [c for c in (*MVTEC_CATEGORIES, *EMBEDDED_CATEGORIES) if c in present]
-            return known + [c for c in present if c not in known]
+                raise SweepConfigError(f"no {self.dataset} category folders under {str(root)!r}")
+            return present
         requested = _as_list(self.categories)
         missing = [c for c in requested if c not in present]
         if missing:
@@ -146,6 +178,8 @@ class SweepConfig:
 
     def jobs(self) -> list[JobSpec]:
         categories = self.resolve_categories()
+        # Unified: one job per method and seed, trained on all the categories, tested on each.
+        groups = [",".join(categories)] if self.setting == "unified" else categories
         return [
             JobSpec(
                 sweep=self.name,
@@ -166,9 +200,13 @@ class SweepConfig:
                     **self.variants.get(name, {}).get("overrides", {}),
                 },
                 wandb=self.wandb,
+                dataset=self.dataset,
+                shots=None if shots == FULL_SHOTS else int(shots),
+                setting=self.setting,
             )
             for name in self.resolve_methods()
-            for category in categories
+            for category in groups
+            for shots in self.shots
             for seed in self.seeds
         ]
 
@@ -191,12 +229,24 @@ class JobSpec:
     overrides: dict[str, Any]
     wandb: dict[str, Any]
     protocol: str = "selected"
+    dataset: str = "mvtec"
+    shots: int | None = None  # few-shot: normal training images per category; None: all
+    setting: str = "per-category"  # or "unified": ``category`` lists every category, comma-separated
     #: Where the job runs, as the runner's slot sets it: {"device": ..., "threads": ...}.
     execution: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def categories(self) -> list[str]:
+        """The categories the job covers: one, or all of them in the unified setting."""
+        return self.category.split(",")
+
+    @property
     def job_id(self) -> str:
-        return f"{self.name}__{self.profile}__{self.category}__seed{self.seed}"
+        data = "unified" if self.setting == "unified" else self.category
+        if self.dataset != "mvtec":
+            data = f"{self.dataset}-{data}"
+        shots = "" if self.shots is None else f"__shots{self.shots}"
+        return f"{self.name}__{self.profile}__{data}__seed{self.seed}{shots}"
 
     @property
     def config_file(self) -> Path:
@@ -207,6 +257,10 @@ class JobSpec:
         method's YAML, the source of the code it runs (:func:`code_hash`) and where it runs
         (device kind, CPU threads). A record whose fingerprint differs is rerun, never reused."""
         content = {k: v for k, v in asdict(self).items() if k not in ("sweep", "wandb")}
+        # Fields added later count only when set, so older records of the default stay comparable.
+        for key, default in (("dataset", "mvtec"), ("shots", None), ("setting", "per-category")):
+            if content.get(key) == default:
+                content.pop(key)
         content["config_text"] = self.config_file.read_text() if self.config_file.is_file() else None
         content["code"] = code_hash(self.method)
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -215,6 +269,8 @@ class JobSpec:
         """The Lightning CLI arguments that realise this job."""
         args = [
             f"--config={self.config_file}",
+            # Before any --data.* argument: naming the class after them would reset them.
+            *([f"--data={datamodules.dataset_class_path(self.dataset)}"] if self.dataset != "mvtec" else []),
             f"--seed_everything={self.seed}",
             f"--data.category={self.category}",
             f"--trainer.precision={self.precision}",
@@ -225,6 +281,8 @@ class JobSpec:
             args.append(f"--trainer.strategy={models.get_model_class(self.method).ddp_strategy}")
         if self.protocol == "paper":  # all of train/good for training; no validation, the last epoch is tested
             args.append("--data.val_fraction=0")
+        if self.shots is not None:
+            args.append(f"--data.train_shots={self.shots}")
         if self.root:
             args.append(f"--data.root={self.root}")
         if self.texture_root:

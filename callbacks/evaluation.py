@@ -43,6 +43,8 @@ class _Collected:
     maps: list[Tensor] = field(default_factory=list)  # (B, H, W) float32, if pixel metrics
     masks: list[Tensor] = field(default_factory=list)  # (B, H, W) bool, if pixel metrics
     paths: list[str] = field(default_factory=list)
+    categories: list[str] = field(default_factory=list)
+    defect_types: list[str] = field(default_factory=list)
 
     def concatenate(self) -> dict[str, Any]:
         """One tensor per field (empties the lists as it goes, to not hold two copies)."""
@@ -60,6 +62,8 @@ class _Collected:
             "maps": cat(self.maps),
             "masks": cat(self.masks),
             "paths": self.paths,
+            "categories": self.categories,
+            "defect_types": self.defect_types,
         }
 
 
@@ -70,7 +74,8 @@ def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     that every process gets as many; counting them twice would bias every metric.
     """
     paths = [p for part in per_rank for p in part["paths"]]
-    merged: dict[str, Any] = {"paths": paths}
+    merged: dict[str, Any] = {key: [v for part in per_rank for v in part[key]]
+                              for key in ("paths", "categories", "defect_types")}
     for key in ("scores", "labels", "maps", "masks"):
         parts = [part[key] for part in per_rank if part[key] is not None]
         merged[key] = torch.cat(parts) if parts else None
@@ -88,7 +93,8 @@ def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         for key in ("scores", "labels", "maps", "masks"):
             if merged[key] is not None:
                 merged[key] = merged[key][index]
-        merged["paths"] = [paths[i] for i in keep]
+        for key in ("paths", "categories", "defect_types"):
+            merged[key] = [merged[key][i] for i in keep]
     return merged
 
 
@@ -148,6 +154,13 @@ class AnomalyEvaluator(Callback):
         self.val_image_threshold = math.nan
         self.val_pixel_threshold = math.nan
         self.test_metrics: dict[str, float] = {}
+        #: Unified setting (test images of several categories): category -> its test metrics.
+        self.test_metrics_by_category: dict[str, dict[str, float]] = {}
+        #: Datasets that report per anomaly type (``report_per_defect_type``, e.g. MVTec LOCO's
+        #: logical vs structural anomalies): "category/defect type" -> metrics on that type's
+        #: images and the category's good images.
+        self.test_metrics_by_defect_type: dict[str, dict[str, float]] = {}
+        self._per_defect_type = False
         self._collected = {stage: _Collected() for stage in _STAGES}
         self._warned_no_path = False
 
@@ -182,6 +195,7 @@ class AnomalyEvaluator(Callback):
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collected["test"] = _Collected()
+        self._per_defect_type = bool(getattr(trainer.datamodule, "report_per_defect_type", False))
 
     def on_test_batch_end(
         self,
@@ -219,13 +233,16 @@ class AnomalyEvaluator(Callback):
         temporary = path.with_suffix(".csv.tmp")
         with open(temporary, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["path", "defect_type", "label", "score", "val_f1_threshold", "predicted_anomalous"])
-            for image, label, score in zip(images["path"], images["label"], images["score"], strict=True):
+            writer.writerow(["path", "category", "defect_type", "label", "score", "val_f1_threshold",
+                             "predicted_anomalous"])
+            defects = [d or Path(image).parent.name for d, image in zip(images["defect_type"], images["path"], strict=True)]
+            for image, category, defect, label, score in zip(images["path"], images["category"], defects,
+                                                             images["label"], images["score"], strict=True):
                 relative = Path(image)
                 if root and relative.is_relative_to(Path(root)):
                     relative = relative.relative_to(Path(root))
                 decided = "" if math.isnan(threshold) else int(score >= threshold)
-                writer.writerow([relative.as_posix(), Path(image).parent.name, label, repr(score),
+                writer.writerow([relative.as_posix(), category, defect, label, repr(score),
                                  "" if math.isnan(threshold) else repr(threshold), decided])
         os.replace(temporary, path)
         return path
@@ -261,6 +278,9 @@ class AnomalyEvaluator(Callback):
             start = len(collected.paths)
             paths = [f"rank{trainer.global_rank}/{start + i}" for i in range(scores.numel())]
         collected.paths.extend(str(p) for p in paths)
+        for key, store in (("category", collected.categories), ("defect_type", collected.defect_types)):
+            values = batch.get(key)
+            store.extend([str(v) for v in values] if values is not None else [""] * scores.numel())
 
         if stage in self.pixel_stages:
             # Binarise on the device: 1 byte per pixel crosses to the host instead of 4.
@@ -299,8 +319,11 @@ class AnomalyEvaluator(Callback):
         )
         extras: dict[str, Any] = {}
         if stage == "test":
+            extras["by_category"], extras["by_defect_type"] = self._grouped_metrics(data)
             extras["images"] = {
                 "path": list(data["paths"]),
+                "category": list(data["categories"]),
+                "defect_type": list(data["defect_types"]),
                 "label": data["labels"].tolist(),
                 "score": data["scores"].tolist(),
             }
@@ -311,6 +334,33 @@ class AnomalyEvaluator(Callback):
                     confidence_level=self.bootstrap["confidence_level"], fpr_limit=self.fpr_limit,
                 )
         return metrics, extras
+
+    def _subset_metrics(self, data: dict[str, Any], keep: list[int]) -> dict[str, float]:
+        index = torch.tensor(keep, dtype=torch.long)
+        pick = {k: None if data[k] is None else data[k][index] for k in ("scores", "labels", "maps", "masks")}
+        return compute_anomaly_metrics(pick["scores"], pick["labels"], pick["maps"], pick["masks"],
+                                       fpr_limit=self.fpr_limit)
+
+    def _grouped_metrics(self, data: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+        """Per category (when there are several: the unified setting) and, when the dataset asks,
+        per category and defect type (that type's images against the category's good ones)."""
+        categories, defects = data["categories"], data["defect_types"]
+        names = sorted(set(categories))
+        by_category = {}
+        if len(names) > 1:
+            by_category = {c: self._subset_metrics(data, [i for i, x in enumerate(categories) if x == c])
+                           for c in names}
+        by_defect = {}
+        if self._per_defect_type:
+            labels = data["labels"].tolist()
+            for category in names:
+                members = [i for i, x in enumerate(categories) if x == category]
+                good = [i for i in members if labels[i] == 0]
+                for defect in sorted({defects[i] for i in members if labels[i] == 1}):
+                    chosen = sorted(good + [i for i in members if labels[i] == 1 and defects[i] == defect])
+                    key = f"{category}/{defect}" if category else defect
+                    by_defect[key] = self._subset_metrics(data, chosen)
+        return by_category, by_defect
 
     def _evaluate(
         self, stage: str, trainer: Trainer, pl_module: LightningModule
@@ -340,6 +390,8 @@ class AnomalyEvaluator(Callback):
         if stage == "test":
             self.test_intervals = extras.get("intervals", {})
             self.test_images = extras.get("images", {})
+            self.test_metrics_by_category = extras.get("by_category", {})
+            self.test_metrics_by_defect_type = extras.get("by_defect_type", {})
 
         thresholds = {k: metrics.pop(k, math.nan) for k in ("image_threshold", "pixel_threshold")}
         if stage == "val":

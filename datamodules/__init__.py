@@ -4,7 +4,15 @@ Each dataset is an ``AnomalyDataModule`` subclass in its own file, registered by
 importing it here registers it.
 """
 
-from . import mvtec  # noqa: F401  (registers the dataset)
+from . import (  # one line per dataset, each imported to register it
+    btad,  # noqa: F401
+    folder,  # noqa: F401
+    loco,  # noqa: F401
+    mpdd,  # noqa: F401
+    mvtec,  # noqa: F401
+    mvtec3d,  # noqa: F401
+    visa,  # noqa: F401
+)
 from .base import ALL_CATEGORIES, AnomalyDataModule, AnomalyDataset, DatasetError, Sample
 from .embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
 from .mvtec import MVTEC_CATEGORIES, MVTecDataModule

@@ -99,7 +99,17 @@ def read_image(path: Path, size: int) -> np.ndarray:
 
 
 def read_mask(path: Path, size: int, image_path: Path) -> np.ndarray:
-    """Binary uint8 (H, W) mask at ``size``; must match its image's size on disk."""
+    """Binary uint8 (H, W) mask at ``size``; must match its image's size on disk.
+
+    ``path`` may be a folder: the mask is then the union of the image files directly in it,
+    for datasets that annotate each defect of an image in a file of its own (MVTec LOCO AD's
+    ``ground_truth/<type>/<stem>/000.png, 001.png, ...``). Each file is binarised as below.
+    """
+    if path.is_dir():
+        files = image_files(path)
+        if not files:
+            raise DatasetError(f"mask folder {str(path)!r} of image {str(image_path)!r} holds no mask image")
+        return np.bitwise_or.reduce([read_mask(file, size, image_path) for file in files])
     mask = _open(path)
     with Image.open(image_path) as image:
         if mask.size != image.size:
@@ -107,11 +117,14 @@ def read_mask(path: Path, size: int, image_path: Path) -> np.ndarray:
                 f"mask {str(path)!r} is {mask.size[0]}x{mask.size[1]} but its image "
                 f"{str(image_path)!r} is {image.size[0]}x{image.size[1]}"
             )
-    mask = mask.convert("L")
+    if mask.mode != "P":  # a palette mask's values are its labels; the palette only colours them
+        mask = mask.convert("L")
     if mask.size != (size, size):
         mask = mask.resize((size, size), Image.Resampling.NEAREST)
     array = np.asarray(mask)
-    return (array > (127 if array.max() > 1 else 0)).astype(np.uint8)
+    # Label masks (0/1, or VisA's instance ids 1, 2, 3...) mark every nonzero pixel; a mask drawn
+    # in 0..255 (MVTec's 0/255) is cut at mid-grey so that faint compression noise is no defect.
+    return (array > (127 if array.max() > 127 else 0)).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- dataset
@@ -268,6 +281,9 @@ class AnomalyDataModule(LightningDataModule):
     dataset_name: ClassVar[str] = ""
     #: The official categories, in the order papers tabulate them.
     categories: ClassVar[tuple[str, ...]] = ()
+    #: Report test metrics per defect type too (each type against the good images), for datasets
+    #: whose anomaly kinds are compared separately (MVTec LOCO AD: logical vs structural).
+    report_per_defect_type: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -20,7 +20,8 @@ import shutil
 import tarfile
 import urllib.request
 import uuid
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
 
@@ -135,6 +136,63 @@ def download_category(root: str | Path, category: str | None, url: str, sha256: 
     ``archive_name``), then extract ``category`` (all when ``None``) atomically."""
     archive = download_file(url, Path(root) / archive_name, sha256)
     return extract_category(archive, root, category)
+
+
+#: Folders of a ZIP archive that hold no data: macOS resource forks.
+_ZIP_IGNORED = ("__MACOSX",)
+
+
+def _zip_member_parts(archive: Path, name: str) -> tuple[str, ...]:
+    """A ZIP member's path parts, refused when it could land outside the target (zip slip)."""
+    posix = name.replace("\\", "/")  # ZIPs written on Windows may use backslashes
+    parts = PurePosixPath(posix).parts
+    if posix.startswith("/") or (parts and ":" in parts[0]) or ".." in parts:
+        raise ValueError(f"refusing archive {str(archive)!r}: member {name!r} has an absolute path or '..'")
+    return tuple(p for p in parts if p != ".")
+
+
+def extract_zip_category(archive: str | Path, root: str | Path, category: str | None = None) -> Path:
+    """Extract one category (or all, when ``category`` is None) of a ZIP archive into ``root``.
+
+    The rules of :func:`extract_category`: each category lands complete (with
+    :data:`COMPLETE_MARKER`) or not at all, by way of a temporary folder and an atomic move;
+    an unsafe member (absolute path, ``..``) refuses the whole archive before anything is
+    written. Many ZIPs wrap their content in one folder (BTAD's ``BTech_Dataset_transformed/``):
+    a single top folder that is not ``category`` itself is stripped.
+    """
+    archive, root = Path(archive), Path(root)
+    with zipfile.ZipFile(archive) as zf:
+        members = [(info, _zip_member_parts(archive, info.filename)) for info in zf.infolist()]
+        members = [(info, parts) for info, parts in members if parts and parts[0] not in _ZIP_IGNORED]
+        tops = {parts[0] for _, parts in members}
+        if len(tops) == 1 and category not in tops:
+            members = [(info, parts[1:]) for info, parts in members if len(parts) > 1]
+        members = [(info, parts) for info, parts in members if category is None or parts[0] == category]
+        if not any(not info.is_dir() for info, _ in members):
+            raise FileNotFoundError(f"category {category!r} is not in archive {archive}")
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in root.glob(_TEMPORARY_PREFIX + "*"):  # a killed extraction's
+            shutil.rmtree(leftover, ignore_errors=True)
+        temporary = root / f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+        try:
+            for info, parts in members:
+                target = temporary.joinpath(*parts)
+                if info.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(info) as source, open(target, "wb") as out:
+                    shutil.copyfileobj(source, out, _CHUNK)
+            for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
+                (extracted / COMPLETE_MARKER).write_text(f"extracted from {archive.name}\n")
+                target = root / extracted.name
+                if target.exists() and needs_extraction(target, archive.name):
+                    shutil.rmtree(target)  # an older, possibly half, extraction of this root's archive
+                if not target.exists():
+                    os.replace(extracted, target)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+    return root / category if category else root
 
 
 def download_mvtec(

@@ -123,7 +123,7 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     assert record["timing"]["test_images_per_second"] > 0 and record["timing"]["fit_seconds"] > 0
     assert record["parameters"] > 0 and record["environment"]["torch"]
     assert record["selection"]["checkpoint"] == "best validation"
-    assert record["config"]["data"]["category"] in ("weave", "disc")
+    assert record["config"]["data"]["init_args"]["category"] in ("weave", "disc")
 
     tables = build_leaderboard(results)
     runs = pd.read_csv(results / "runs.csv")
@@ -139,7 +139,8 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
         low, high = record["intervals"][metric]
         assert low <= record["metrics"][metric] <= high, metric
     scores = pd.read_csv(results / record["image_scores"])
-    assert list(scores.columns) == ["path", "defect_type", "label", "score", "val_f1_threshold", "predicted_anomalous"]
+    assert list(scores.columns) == ["path", "category", "defect_type", "label", "score", "val_f1_threshold",
+                                    "predicted_anomalous"]
     assert len(scores) == record["timing"]["test_images"] and set(scores.label) == {0, 1}
     assert not scores.path.str.startswith("/").any(), "paths are relative to the dataset root"
     assert set(scores.defect_type[scores.label == 0]) == {"good"}

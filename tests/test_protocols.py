@@ -1,0 +1,130 @@
+"""Protocols beyond one category of MVTec AD: datasets by name in the sweep, few-shot
+training (``train_shots`` / ``shots``) and the unified multi-class setting (``setting``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmark.cli import AnomalyCLI
+from benchmark.leaderboard import build_leaderboard
+from benchmark.runner import device_slots, run_jobs
+from benchmark.sweep import SweepConfig, SweepConfigError
+from datamodules import MVTecDataModule, get_dataset_class
+from datamodules.base import DatasetError
+
+from .dataset_layouts import BUILDERS
+
+TINY = {
+    "data.image_size": 64,
+    "data.batch_size": 4,
+    "trainer.max_epochs": 1,
+    "trainer.limit_train_batches": 2,
+    "trainer.enable_progress_bar": False,
+}
+
+
+def _sweep(tmp_path: Path, **fields: object) -> SweepConfig:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps({"name": "protocols", "methods": ["stpm"], "profile": "quick", "seeds": [0],
+                                "overrides": TINY, **fields}))
+    return SweepConfig.from_yaml(path)
+
+
+# --------------------------------------------------------------------------- few-shot
+
+
+def test_few_shot_draws_k_images_per_category_seeded_and_keeps_the_validation_split(embedded_root: Path) -> None:
+    def fit_files(**kwargs: object) -> tuple[list[str], list[str]]:
+        data = MVTecDataModule(root=str(embedded_root), category="weave,disc", image_size=32, **kwargs)
+        data.setup("fit")
+        return [s.image_path.as_posix() for s in data.train_set.samples], data.val_set.samples
+
+    full, full_val = fit_files()
+    four, four_val = fit_files(train_shots=4)
+    again, _ = fit_files(train_shots=4)
+    other_seed, _ = fit_files(train_shots=4, split_seed=1)
+    assert [Path(p).parts[-4] for p in four].count("weave") == 4 and len(four) == 8
+    assert four == again, "the same seed draws the same shots"
+    assert set(four) <= set(full) and set(four) != set(other_seed), "drawn from the training part, by the seed"
+    assert four_val == full_val, "few-shot training leaves the validation images as they are"
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=32, train_shots=2)
+    data.setup("fit")
+    assert len(data.shot_files) == 2 and all(Path(p).is_file() for p in data.shot_files)
+
+
+def test_few_shot_beyond_the_training_images_is_a_clear_error(embedded_root: Path) -> None:
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=32, train_shots=10_000)
+    with pytest.raises(DatasetError, match="train_shots=10000 but only"):
+        data.setup("fit")
+    with pytest.raises(ValueError, match="train_shots must be a positive"):
+        MVTecDataModule(root=str(embedded_root), category="weave", train_shots=0)
+
+
+# --------------------------------------------------------------------------- datasets by name
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_the_sweep_selects_a_dataset_by_name_and_its_jobs_load_it(tmp_path: Path, name: str) -> None:
+    root = tmp_path / name
+    counts = BUILDERS[name](root)
+    sweep = _sweep(tmp_path, dataset=name, root=str(root), categories="all")
+    jobs = sweep.jobs()
+    assert [j.category for j in jobs] == [counts.category]
+    assert jobs[0].job_id == f"stpm__quick__{name}-{counts.category}__seed0"
+    cli = AnomalyCLI(args=jobs[0].cli_args(), run=False)
+    assert type(cli.datamodule) is get_dataset_class(name)
+    data = cli.datamodule
+    data.setup()
+    assert len(data.train_set) + len(data.val_set or []) == counts.train
+    assert int(data.test_set.labels.sum()) == counts.test_anomalous
+    assert len(data.test_set) == counts.test_good + counts.test_anomalous
+
+
+def test_sweep_dataset_errors_name_the_value(tmp_path: Path) -> None:
+    with pytest.raises(SweepConfigError, match="dataset 'nosuch' is not registered"):
+        _sweep(tmp_path, dataset="nosuch", root=str(tmp_path))
+    with pytest.raises(SweepConfigError, match="needs a root"):
+        _sweep(tmp_path, dataset="visa")
+    with pytest.raises(SweepConfigError, match="setting 'joint'"):
+        _sweep(tmp_path, setting="joint")
+    with pytest.raises(SweepConfigError, match="shots must list positive integers"):
+        _sweep(tmp_path, shots=[0, "full"])
+
+
+# --------------------------------------------------------------------------- shots x unified, end to end
+
+
+def test_shots_and_unified_sweep_expand_and_the_leaderboard_has_their_columns(
+    tmp_path: Path, embedded_root: Path
+) -> None:
+    sweep = _sweep(tmp_path, root=str(embedded_root), categories=["weave", "disc"], shots=[1, 4])
+    assert [(j.category, j.shots) for j in sweep.jobs()] == [("weave", 1), ("weave", 4), ("disc", 1), ("disc", 4)]
+    assert "--data.train_shots=4" in sweep.jobs()[1].cli_args()
+
+    unified = _sweep(tmp_path, root=str(embedded_root), categories=["weave", "disc"], setting="unified",
+                     shots=[2])
+    jobs = unified.jobs()
+    assert [(j.category, j.job_id) for j in jobs] == [("weave,disc", "stpm__quick__unified__seed0__shots2")]
+    results = tmp_path / "results"
+    records = run_jobs(jobs, results, device_slots(1, None, "auto"))
+    record = records[0]
+    assert record["status"] in ("ok", "warning"), record.get("error")
+    assert set(record["metrics_by_category"]) == {"weave", "disc"}
+    assert len(record["shot_files"]) == 4, "2 shots in each of the 2 categories"
+    scores = pd.read_csv(results / record["image_scores"])
+    assert set(scores.category) == {"weave", "disc"}
+    for category, metrics in record["metrics_by_category"].items():
+        assert 0.0 <= metrics["pixel_auroc"] <= 1.0, category
+    # The union's image AUROC is not the mean of the categories' (scores are ranked across them).
+    build_leaderboard(results, jobs=jobs)
+    runs = pd.read_csv(results / "runs.csv")
+    assert list(runs.category) == ["disc", "weave"] and set(runs.setting) == {"unified"}
+    assert set(runs.shots) == {2}
+    for row in runs.itertuples():
+        assert row.pixel_auroc == pytest.approx(record["metrics_by_category"][row.category]["pixel_auroc"])
+    text = (results / "leaderboard.md").read_text()
+    assert "stpm (quick, unified, 2-shot)" in text
