@@ -194,6 +194,22 @@ def metric_table(runs: pd.DataFrame, metric: str, expected: pd.DataFrame) -> pd.
     return table.join(efficiency)
 
 
+def by_dataset(runs: pd.DataFrame, table: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """The table split by dataset (rows and category columns of each), or ``[(None, table)]``
+    when the sweep covers one dataset: a mean over categories never mixes datasets."""
+    datasets = runs.groupby("row").dataset.first()
+    names = list(dict.fromkeys(datasets.reindex(table.index).fillna("mvtec")))
+    if len(names) < 2:
+        return [(None, table)]
+    parts = []
+    for name in names:
+        others = set(runs.category[runs.dataset != name]) - set(runs.category[runs.dataset == name])
+        drop = [f"{c}{suffix}" for c in others for suffix in ("", "_std", "_low", "_high")]
+        rows = [r for r in table.index if datasets.get(r, "mvtec") == name]
+        parts.append((name, table.loc[rows].drop(columns=[c for c in drop if c in table.columns])))
+    return parts
+
+
 def weak_rows(pixel_auroc: pd.DataFrame, runs: pd.DataFrame) -> list[str]:
     """A warning per row whose (partial) mean pixel AUROC is below MEANINGFUL_PIXEL_AUROC, with its budget."""
     lines = []
@@ -497,7 +513,10 @@ def build_leaderboard(
     for metric, table in tables.items():
         table.to_csv(results_dir / f"leaderboard_{metric}.csv", float_format="%.6f")
         report.heading(f"{METRICS[metric]} (%)")
-        report.table(display_table(runs, table))
+        for dataset, part in by_dataset(runs, table):
+            if dataset is not None:
+                report.text(f"Dataset: {dataset}")
+            report.table(display_table(runs, part))
     done = int(runs.status.isin(FINISHED).sum())
     footer = f"{done} of {len(expected)} jobs finished ({int((runs.status == 'warning').sum())} with warnings)."
     saturated = runs[runs.val_saturated.fillna(False).astype(bool)]

@@ -41,7 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--categories", help="comma-separated categories, or 'all'")
     parser.add_argument("--seeds", type=_int_list)
     parser.add_argument("--profile", help="config profile of every method (quick, paper)")
-    parser.add_argument("--root", help="MVTec AD root (default: the embedded dataset)")
+    parser.add_argument("--dataset", help="a registered dataset (mvtec, visa, mvtec3d, btad, mpdd, loco, folder)")
+    parser.add_argument("--root", help="dataset root (default: the embedded dataset, MVTec layout)")
+    parser.add_argument("--shots", type=_shots_list, help="few-shot: comma-separated, e.g. 1,4,full")
+    parser.add_argument("--setting", choices=("per-category", "unified"), help="one model per category, or one for all")
     parser.add_argument("--texture-root", help="DTD-style texture folder for pseudo-anomalies")
     parser.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed")
     parser.add_argument("--protocol", choices=("selected", "paper"),
@@ -64,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _shots_list(text: str) -> list[int | str]:
+    return [item.strip() if item.strip() == "full" else int(item) for item in text.split(",") if item.strip()]
+
+
 def _pairs(items: list[str], flag: str) -> dict[str, object]:
     pairs = {}
     for item in items:
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {
         key: getattr(args, key)
-        for key in ("methods", "categories", "seeds", "profile", "root", "texture_root",
+        for key in ("methods", "categories", "seeds", "profile", "dataset", "root", "shots", "setting", "texture_root",
                     "precision", "protocol", "devices_per_job", "parallel", "job_timeout_min")
     }  # fmt: skip
     try:

@@ -128,3 +128,25 @@ def test_shots_and_unified_sweep_expand_and_the_leaderboard_has_their_columns(
         assert row.pixel_auroc == pytest.approx(record["metrics_by_category"][row.category]["pixel_auroc"])
     text = (results / "leaderboard.md").read_text()
     assert "stpm (quick, unified, 2-shot)" in text
+
+
+def test_the_leaderboard_groups_rows_by_dataset_and_never_averages_across_them(tmp_path: Path) -> None:
+    from benchmark.records import write_json_atomic
+
+    metrics = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.7, "image_f1max": 0.6, "pixel_f1max": 0.5}
+    for dataset, category, value in (("mvtec", "weave", 0.9), ("visa", "candle", 0.5), ("visa", "pcb1", 0.7)):
+        job = f"stpm__quick__{dataset}-{category}__seed0"
+        write_json_atomic(tmp_path / "runs" / f"{job}.json", {
+            "sweep": "grouped", "name": "stpm", "method": "stpm", "profile": "quick", "dataset": dataset,
+            "category": category, "seed": 0, "status": "ok", "job_id": job, "finished_unix": 1.0,
+            "metrics": {**metrics, "image_auroc": value},
+        })
+    tables = build_leaderboard(tmp_path, sweep_name="grouped")
+    image = tables["image_auroc"]
+    assert image.loc["stpm (quick)", "mean"] == pytest.approx(0.9)
+    assert image.loc["stpm (quick; visa)", "mean"] == pytest.approx(0.6), "visa's mean is over visa's categories"
+    text = (tmp_path / "leaderboard.md").read_text()
+    section = text[text.index("## Image AUROC"):text.index("## Pixel AUROC")]
+    mvtec_part, visa_part = section.split("Dataset: visa")
+    assert "Dataset: mvtec" in mvtec_part and "weave" in mvtec_part and "candle" not in mvtec_part
+    assert "candle" in visa_part and "pcb1" in visa_part and "weave" not in visa_part
