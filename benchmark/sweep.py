@@ -150,7 +150,9 @@ class SweepConfig:
     def _datamodule(self) -> datamodules.AnomalyDataModule:
         """The sweep's dataset, built with its data arguments, to list what is present."""
         arguments = {k.removeprefix("data."): v for k, v in self.overrides.items() if k.startswith("data.")}
-        arguments.update(root=self.root, category=datamodules.ALL_CATEGORIES)
+        # A named category, when there is one: a dataset whose category is only a name (folder) has no "all".
+        first = None if self.categories == "all" else (_as_list(self.categories) or [None])[0]
+        arguments.update(root=self.root, category=first or datamodules.ALL_CATEGORIES)
         try:
             return datamodules.get_dataset_class(self.dataset)(**arguments)
         except (TypeError, ValueError) as error:

@@ -150,3 +150,49 @@ def test_the_leaderboard_groups_rows_by_dataset_and_never_averages_across_them(t
     mvtec_part, visa_part = section.split("Dataset: visa")
     assert "Dataset: mvtec" in mvtec_part and "weave" in mvtec_part and "candle" not in mvtec_part
     assert "candle" in visa_part and "pcb1" in visa_part and "weave" not in visa_part
+
+
+def test_loco_and_folder_load_through_the_sweep(tmp_path: Path) -> None:
+    from PIL import Image
+
+    def image(path: Path, value: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (48, 40), (value, 100, 200 - value)).save(path)
+
+    def mask(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = Image.new("L", (48, 40), 0)
+        array.paste(255, (4, 4, 20, 20))
+        array.save(path)
+
+    # MVTec LOCO AD: official validation, several masks per defective image.
+    loco = tmp_path / "loco" / "pushpins"
+    for i in range(4):
+        image(loco / "train" / "good" / f"{i:03d}.png", i)
+    for i in range(2):
+        image(loco / "validation" / "good" / f"{i:03d}.png", 10 + i)
+        image(loco / "test" / "good" / f"{i:03d}.png", 20 + i)
+    image(loco / "test" / "logical_anomalies" / "000.png", 30)
+    mask(loco / "ground_truth" / "logical_anomalies" / "000" / "000.png")
+    mask(loco / "ground_truth" / "logical_anomalies" / "000" / "001.png")
+    jobs = _sweep(tmp_path, dataset="loco", root=str(tmp_path / "loco"), categories="all").jobs()
+    assert [j.job_id for j in jobs] == ["stpm__quick__loco-pushpins__seed0"]
+    data = AnomalyCLI(args=jobs[0].cli_args(), run=False).datamodule
+    data.setup()
+    assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (4, 2, 3)
+    assert type(data).report_per_defect_type
+
+    # folder: the user's layout, given as sweep data overrides only.
+    own = tmp_path / "own"
+    for i in range(5):
+        image(own / "ok" / f"{i}.jpg", i)
+    image(own / "test_ok" / "0.jpg", 50)
+    image(own / "defects" / "dent" / "0.jpg", 60)
+    mask(own / "defects" / "dent" / "0.png")
+    overrides = {**TINY, "data.normal": "ok", "data.test_normal": "test_ok",
+                 "data.test_abnormal": "defects/*/*.jpg", "data.mask": "{parent}/{stem}.png"}
+    jobs = _sweep(tmp_path, dataset="folder", root=str(own), categories=["my-part"], overrides=overrides).jobs()
+    assert [j.job_id for j in jobs] == ["stpm__quick__folder-my-part__seed0"]
+    data = AnomalyCLI(args=jobs[0].cli_args(), run=False).datamodule
+    data.setup()
+    assert len(data.train_set) + len(data.val_set or []) == 5 and sorted(data.test_set.defect_types) == ["dent", "good"]
