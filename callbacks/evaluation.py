@@ -74,7 +74,8 @@ def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     that every process gets as many; counting them twice would bias every metric.
     """
     paths = [p for part in per_rank for p in part["paths"]]
-    merged: dict[str, Any] = {key: [v for part in per_rank for v in part[key]]
+    # Category and defect type lists may be absent (outputs collected without them): blanks, one per image.
+    merged: dict[str, Any] = {key: [v for part in per_rank for v in part.get(key, [""] * len(part["paths"]))]
                               for key in ("paths", "categories", "defect_types")}
     for key in ("scores", "labels", "maps", "masks"):
         parts = [part[key] for part in per_rank if part[key] is not None]
