@@ -32,7 +32,8 @@ CATEGORY = "weave"
 IMAGE_SIZE = 256
 CONFIG = "configs/patchcore/quick.yaml"
 _CORESET_LINE = re.compile(r"PatchCore: memory bank of (\d+) patches -> \w+ coreset of (\d+) .* in ([0-9.]+) s")
-_METRIC_LINE = re.compile(r"test/(image_auroc|pixel_auroc)\s+([0-9.]+)")
+# Lightning prints test metrics as a table, plain or with box-drawing borders (rich).
+_METRIC_LINE = re.compile(r"test/(image_auroc|pixel_auroc)[\s│┃|]+([0-9.]+)")
 
 
 def make_category(root: Path, count: int) -> Path:
@@ -64,6 +65,11 @@ def run_measured(command: list[str]) -> tuple[float, float, str]:
     return time.perf_counter() - start, usage.ru_maxrss / 1024, output
 
 
+def printed_test_metrics(output: str) -> dict[str, str]:
+    """The image and pixel AUROC that ``adbench test`` printed in ``output``."""
+    return dict(_METRIC_LINE.findall(output))
+
+
 def measure(root: Path, method: str, run_dir: Path) -> dict[str, float]:
     common = [sys.executable, "-m", "adbench"]
     data = ["--config", CONFIG, f"--data.root={root}", f"--data.category={CATEGORY}",
@@ -72,7 +78,7 @@ def measure(root: Path, method: str, run_dir: Path) -> dict[str, float]:
     fit_s, fit_mib, fit_out = run_measured([*common, "fit", *data])
     test_s, test_mib, test_out = run_measured([*common, "test", *data, "--ckpt_path=last"])
     coreset = _CORESET_LINE.search(fit_out)
-    metrics = dict(_METRIC_LINE.findall(test_out))
+    metrics = printed_test_metrics(test_out)
     return {
         "patches": int(coreset.group(1)) if coreset else np.nan,
         "bank": int(coreset.group(2)) if coreset else np.nan,

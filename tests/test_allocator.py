@@ -69,3 +69,61 @@ def test_callback_applies_only_to_cpu_runs_that_train(monkeypatch: pytest.Monkey
     callback.setup(trainer("cpu"), trains, "fit")
     callback.setup(trainer("cpu"), trains, "test")  # once per process is enough
     assert calls == [64] and callback.applied
+
+
+# Four threads allocate with malloc; glibc's malloc_stats() then prints one "Arena N:"
+# block per arena on stderr. Fresh process each time: the setting is process-wide.
+_ARENA_SCRIPT = """
+import ctypes, sys, threading
+from callbacks.allocator import single_malloc_arena
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+if sys.argv[1] == "single":
+    assert single_malloc_arena()
+barrier = threading.Barrier(4)
+
+def allocate():
+    barrier.wait()  # all four at once, so that the default hands out several arenas
+    blocks = [libc.malloc(4096) for _ in range(2000)]
+    for block in blocks:
+        libc.free(block)
+
+threads = [threading.Thread(target=allocate) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.malloc_stats()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
+def test_single_malloc_arena_keeps_every_thread_in_one_arena() -> None:
+    def arenas(mode: str) -> int:
+        result = subprocess.run([sys.executable, "-c", _ARENA_SCRIPT, mode], cwd=REPO, capture_output=True,
+                                text=True, check=True)
+        return sum(line.startswith("Arena ") for line in result.stderr.splitlines())
+
+    assert arenas("default") > 1  # glibc: an arena per contending thread
+    assert arenas("single") == 1
+
+
+def test_callback_sets_one_arena_on_every_cpu_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    import torch
+
+    import callbacks.allocator as allocator
+
+    calls: list[str] = []
+    monkeypatch.setattr(allocator, "single_malloc_arena", lambda: calls.append("arena") or True)
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda mb: True)
+    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
+    meta = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    ReuseFreedMemory().setup(meta, frozen, "test")
+    assert calls == []
+    callback = ReuseFreedMemory()
+    callback.setup(cpu, frozen, "test")  # PatchCore's test: nothing trains, the arena still applies
+    callback.setup(cpu, frozen, "test")
+    assert calls == ["arena"] and callback.single_arena and not callback.applied

@@ -341,3 +341,18 @@ def test_two_sweeps_on_one_results_folder_run_each_job_once(tmp_path: Path, embe
     assert ours | theirs == {f"stpm__quick__{c}__seed0" for c in categories}
     assert all(r["status"] == "ok" for r in iter_records(results)), "no false failure"
     assert not list((results / "runs" / ".locks").glob("*.lock")), "locks released"
+
+
+def test_bench_patchcore_reads_the_metrics_lightning_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    # Lightning prints a plain table, or a rich one with box-drawing borders when rich is
+    # installed (memray brings it): the benchmark must read both.
+    from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
+
+    from benchmark.bench_patchcore import printed_test_metrics
+
+    _EvaluationLoop._print_results([{"test/image_auroc": 0.875, "test/pixel_auroc": 0.9979014992713928}], "test")
+    printed = capsys.readouterr().out
+    assert printed_test_metrics(printed) == {"image_auroc": "0.875", "pixel_auroc": "0.9979014992713928"}
+    rich_row = "│     test/pixel_auroc      │    0.9979014992713928     │"
+    assert printed_test_metrics(rich_row) == {"pixel_auroc": "0.9979014992713928"}
+    assert printed_test_metrics("test/pro 0.5") == {}
