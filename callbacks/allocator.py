@@ -18,10 +18,10 @@ DataLoader workers; it changes no number the model computes.
 Second, on every CPU run, one malloc arena (:func:`single_malloc_arena`). glibc gives
 each thread that allocates its own arena and never moves freed memory between them: a
 PatchCore test on the embedded weave (bank of 36,864 patches, 2 cores) had 0.9 GB of
-live heap at its peak (memray) but grew to 5.3-6.7 GB RSS, and 1.8 GB in other runs of
-the same command: how much each arena kept depended on which thread happened to free
-what, i.e. on the machine's load. With one arena the same test peaked at 2.0 GB, and
-ran faster (29 s against 45-74 s).
+live heap at its peak (memray) but reached 4.5 and 6.2 GB RSS beside two training jobs,
+and 1.8 GB on the idle machine: how much each arena kept depended on which thread
+happened to free what, i.e. on the machine's load. With one arena the same loaded test
+peaked at 1.9-2.0 GB and ran faster (33-37 s against 45-56 s).
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ class ReuseFreedMemory(Callback):
 
     GPU runs are left alone: their activations live in CUDA's caching allocator,
     which already reuses memory. Methods with nothing to train (PatchCore) get the
-    single arena only: their fit is one pass of feature extraction, where keeping freed memory saved
-    16 % of the fit time (18.7 -> 15.7 s on bottle) but raised the peak RSS by
+    single arena only: their fit is one pass of feature extraction, where keeping freed
+    memory saved 16 % of the fit time (18.7 -> 15.7 s on bottle) but raised the peak RSS by
     about 10 % (1700 -> 1880 MiB); the setting pays off in training loops, where
     every step frees and reallocates its activations and their gradients.
     """

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from callbacks.allocator import ReuseFreedMemory
 
 from .conftest import REPO
+
+
+def _trainer(device: str) -> SimpleNamespace:
+    """What ReuseFreedMemory reads of a Trainer: the strategy's root device."""
+    return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
 
 # Allocates, touches and frees a 64 MiB tensor ten times and prints the page faults
 # of those cycles, before and after keep_freed_memory(); run in a fresh process
@@ -49,25 +56,17 @@ def test_callback_rejects_a_negative_threshold() -> None:
 
 
 def test_callback_applies_only_to_cpu_runs_that_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
-    import torch
-
     import callbacks.allocator as allocator
 
     calls: list[int] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda mb: calls.append(mb) or True)
-
-    def trainer(device: str) -> SimpleNamespace:
-        return SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)))
-
     trains, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
-    ReuseFreedMemory().setup(trainer("cpu"), frozen, "fit")  # PatchCore-like: nothing to train
-    ReuseFreedMemory().setup(trainer("meta"), trains, "fit")  # not the CPU
+    ReuseFreedMemory().setup(_trainer("cpu"), frozen, "fit")  # PatchCore-like: nothing to train
+    ReuseFreedMemory().setup(_trainer("meta"), trains, "fit")  # not the CPU
     assert calls == []
     callback = ReuseFreedMemory(trim_threshold_mb=64)
-    callback.setup(trainer("cpu"), trains, "fit")
-    callback.setup(trainer("cpu"), trains, "test")  # once per process is enough
+    callback.setup(_trainer("cpu"), trains, "fit")
+    callback.setup(_trainer("cpu"), trains, "test")  # once per process is enough
     assert calls == [64] and callback.applied
 
 
@@ -109,21 +108,15 @@ def test_single_malloc_arena_keeps_every_thread_in_one_arena() -> None:
 
 
 def test_callback_sets_one_arena_on_every_cpu_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    from types import SimpleNamespace
-
-    import torch
-
     import callbacks.allocator as allocator
 
     calls: list[str] = []
     monkeypatch.setattr(allocator, "single_malloc_arena", lambda: calls.append("arena") or True)
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda mb: True)
-    cpu = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")))
-    meta = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")))
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
-    ReuseFreedMemory().setup(meta, frozen, "test")
+    ReuseFreedMemory().setup(_trainer("meta"), frozen, "test")
     assert calls == []
     callback = ReuseFreedMemory()
-    callback.setup(cpu, frozen, "test")  # PatchCore's test: nothing trains, the arena still applies
-    callback.setup(cpu, frozen, "test")
+    callback.setup(_trainer("cpu"), frozen, "test")  # PatchCore's test: nothing trains, the arena still applies
+    callback.setup(_trainer("cpu"), frozen, "test")
     assert calls == ["arena"] and callback.single_arena and not callback.applied
