@@ -1,6 +1,7 @@
 """The ablation study's table: each arm beside its full method, paired by category and seed.
 
     python -m benchmark.ablation_table results/ablations_quick [--metrics image_auroc,pixel_auroc,pro]
+                                       [--plot results/ablations_quick/ablation_deltas.png]
 
 For every row (a method, a variant of it, or a baseline) and category: mean +- std
 over seeds of each metric (in %), and for a variant its delta to the full method
@@ -9,7 +10,8 @@ those paired deltas. Baselines (``BASELINES``) get the delta of the method built
 on them, so "full minus baseline" reads the same way as "full minus ablation":
 positive = the full method is better. Rows come from the records of one results
 folder (``runs/*.json``); only ``ok`` records count, and the seeds each mean
-covers are printed.
+covers are printed. ``--plot`` draws the same paired deltas as a forest plot, one
+panel per metric: each seed as a dot, the mean with its std as a bar, per category.
 """
 
 from __future__ import annotations
@@ -17,13 +19,39 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
+import matplotlib
 
-from benchmark.leaderboard import METRICS, runs_frame
-from benchmark.records import iter_records
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from benchmark.leaderboard import METRICS, runs_frame  # noqa: E402
+from benchmark.records import iter_records  # noqa: E402
 
 #: The baseline each seed method builds on (methods.md): its row gets "method minus baseline".
 BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem"}
+
+
+def paired_deltas(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """Long form, one row per comparison, category, seed and metric: ``delta`` = full minus other, in points.
+
+    ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation") or the baseline
+    ``vs`` builds on (``kind`` "baseline"). Only seeds both sides ran are paired.
+    """
+    ok = runs[runs.status.isin(("ok", "warning"))]
+    pairs = [(name, method, "ablation") for name, method in ok[["name", "method"]].drop_duplicates().itertuples(
+        index=False) if name != method]  # fmt: skip
+    pairs += [(baseline, method, "baseline") for method, baseline in BASELINES.items()]
+    out = []
+    for row, full_name, kind in pairs:
+        for category in sorted(ok.category.unique()):
+            full = ok[(ok.name == full_name) & (ok.category == category)].set_index("seed")
+            other = ok[(ok.name == row) & (ok.category == category)].set_index("seed")
+            for metric in metrics:
+                delta = full[metric].sub(other[metric]).dropna() * 100
+                out += [{"category": category, "row": row, "vs": full_name, "kind": kind, "seed": seed,
+                         "metric": metric, "delta": value} for seed, value in delta.items()]  # fmt: skip
+    return pd.DataFrame(out, columns=["category", "row", "vs", "kind", "seed", "metric", "delta"])
 
 
 def _cell(values: pd.Series) -> str:
@@ -33,42 +61,7 @@ def _cell(values: pd.Series) -> str:
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
 
 
-def ablation_table(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """One row per (category, row name): mean ± std per metric and the paired delta to the full method."""
-    ok = runs[runs.status.isin(("ok", "warning"))]
-    rows = []
-    for (category, name), group in ok.groupby(["category", "name"], sort=True):
-        method = group.method.iloc[0]
-        # A variant is compared with the full method it ablates (baselines: below).
-        full = ok[(ok.name == method) & (ok.category == category)] if name != method else None
-        row = {"category": category, "row": name, "seeds": ",".join(str(s) for s in sorted(group.seed))}
-        for metric in metrics:
-            row[metric] = _cell(group[metric])
-            if full is not None and len(full):
-                paired = full.set_index("seed")[metric].sub(group.set_index("seed")[metric]).dropna()
-                row[f"Δ {metric}"] = _delta(paired)  # full minus arm, seed by seed
-                row["vs"] = method
-        rows.append(row)
-    for method, baseline in BASELINES.items():
-        for category in sorted(ok.category.unique()):
-            full = ok[(ok.name == method) & (ok.category == category)].set_index("seed")
-            base = ok[(ok.name == baseline) & (ok.category == category)].set_index("seed")
-            if full.empty or base.empty:
-                continue
-            for row in rows:
-                if row["category"] == category and row["row"] == baseline:
-                    row.setdefault("vs", "")
-                    row["vs"] = ",".join(filter(None, [row["vs"], method]))
-                    for metric in metrics:
-                        key = f"Δ {metric}"
-                        delta = _delta(full[metric].sub(base[metric]).dropna())
-                        row[key] = ", ".join(filter(None, [row.get(key), f"{method}: {delta}"]))
-    columns = ["category", "row", "seeds", *metrics, "vs", *(f"Δ {m}" for m in metrics)]
-    return pd.DataFrame(rows).reindex(columns=columns).fillna("")
-
-
 def _delta(paired: pd.Series) -> str:
-    paired = paired * 100
     if paired.empty:
         return "-"
     if len(paired) == 1:
@@ -76,10 +69,72 @@ def _delta(paired: pd.Series) -> str:
     return f"{paired.mean():+.1f} ± {paired.std(ddof=1):.1f}"
 
 
+def ablation_table(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+    """One row per (category, row name): mean ± std per metric and the paired delta to the full method."""
+    ok = runs[runs.status.isin(("ok", "warning"))]
+    deltas = paired_deltas(runs, metrics)
+    rows = []
+    for (category, name), group in ok.groupby(["category", "name"], sort=True):
+        row = {"category": category, "row": name, "seeds": ",".join(str(s) for s in sorted(group.seed))}
+        for metric in metrics:
+            row[metric] = _cell(group[metric])
+        mine = deltas[(deltas.category == category) & (deltas.row == name)]
+        if not mine.empty:
+            # An arm has one full method; a baseline lists every method built on it ("pouta: ..., tsdn: ...").
+            baseline = (mine.kind == "baseline").all()
+            row["vs"] = ",".join(dict.fromkeys(mine.vs))
+            for metric in metrics:
+                cells = [(f"{vs}: " if baseline else "") + _delta(g.delta)
+                         for vs, g in mine[mine.metric == metric].groupby("vs", sort=False)]  # fmt: skip
+                row[f"Δ {metric}"] = ", ".join(cells)
+        rows.append(row)
+    columns = ["category", "row", "seeds", *metrics, "vs", *(f"Δ {m}" for m in metrics)]
+    return pd.DataFrame(rows).reindex(columns=columns).fillna("")
+
+
+def plot_deltas(deltas: pd.DataFrame, path: Path) -> Path:
+    """Forest plot of the paired deltas: one panel per metric, one line per comparison, one colour per category."""
+    metrics = list(dict.fromkeys(deltas.metric))
+    label_of = {
+        (vs, row): f"{vs} vs {row} (baseline)" if kind == "baseline" else f"{vs} vs {row.removeprefix(vs + '-')}"
+        for vs, row, kind in deltas[["vs", "row", "kind"]].drop_duplicates().itertuples(index=False)
+    }
+    # Each method's comparisons together, its baseline first.
+    order = sorted(label_of.values(), key=lambda label: (label.split(" vs ")[0], "(baseline)" not in label, label))
+    y_of = {label: i for i, label in enumerate(order)}
+    categories = sorted(deltas.category.unique())
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics) + 2.5, 0.32 * len(order) + 1.5),
+                             sharey=True, squeeze=False)  # fmt: skip
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        ax.axvline(0, color="0.4", lw=0.8)
+        for k, category in enumerate(categories):
+            offset = (k - (len(categories) - 1) / 2) * 0.3
+            part = deltas[(deltas.metric == metric) & (deltas.category == category)]
+            for (vs, row), group in part.groupby(["vs", "row"], sort=False):
+                y = y_of[label_of[(vs, row)]] + offset
+                std = group.delta.std(ddof=1) if len(group) > 1 else 0.0
+                ax.errorbar(group.delta.mean(), y, xerr=std, fmt="o", ms=4, color=colours(k), capsize=2)
+                ax.scatter(group.delta, [y] * len(group), s=6, color=colours(k), alpha=0.45, lw=0)
+        ax.set_title(f"Δ {METRICS.get(metric, metric)} (points)", fontsize=9)
+        ax.grid(axis="x", lw=0.3)
+    axes[0, 0].set_yticks(range(len(order)), order, fontsize=8)
+    axes[0, 0].invert_yaxis()
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours(k)) for k in range(len(categories))]
+    fig.legend(handles, categories, loc="upper right", fontsize=8)
+    fig.suptitle("full method minus ablation or baseline, paired by seed (> 0: the full method is better); "
+                 "dot: one seed, bar: mean ± std", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir")
     parser.add_argument("--metrics", default="image_auroc,pixel_auroc,pro")
+    parser.add_argument("--plot", type=Path, help="also write the paired deltas as a forest plot (PNG)")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     unknown = [m for m in metrics if m not in METRICS]
@@ -88,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = runs_frame(iter_records(Path(args.results_dir)))
     table = ablation_table(runs, metrics)
     print(table.to_markdown(index=False))
+    if args.plot:
+        deltas = paired_deltas(runs, metrics)
+        if deltas.empty:
+            parser.error(f"no arm or baseline in {args.results_dir} shares a category and seed with its full method")
+        print(f"\nforest plot: {plot_deltas(deltas, args.plot)}")
     return 0
 
 

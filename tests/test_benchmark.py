@@ -323,6 +323,26 @@ def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
     assert table.loc["stpm", "Δ pixel_auroc"] == "rstpm: +1.0 ± 2.8"
 
 
+def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: Path) -> None:
+    from benchmark.ablation_table import paired_deltas, plot_deltas
+    from benchmark.leaderboard import runs_frame
+
+    def record(name: str, method: str, seed: int, pixel: float) -> dict:
+        return {"name": name, "method": method, "profile": "quick", "category": "bottle", "seed": seed,
+                "status": "ok", "metrics": {"pixel_auroc": pixel}}  # fmt: skip
+
+    # The arm lacks seed 2 and has a failed seed 1: only seed 0 pairs.
+    records = [record("pouta", "pouta", 0, 0.90), record("pouta", "pouta", 1, 0.94), record("pouta", "pouta", 2, 0.9),
+               record("pouta-finest-only", "pouta", 0, 0.85), record("draem", "draem", 1, 0.70),
+               {**record("pouta-finest-only", "pouta", 1, 0.1), "status": "failed"}]  # fmt: skip
+    deltas = paired_deltas(runs_frame(records), ["pixel_auroc"]).set_index(["row", "seed"])
+    assert sorted(deltas.index) == [("draem", 1), ("pouta-finest-only", 0)]
+    assert deltas.loc[("pouta-finest-only", 0), "delta"] == pytest.approx(5.0)
+    assert deltas.loc[("draem", 1), ["vs", "kind"]].tolist() == ["pouta", "baseline"]
+    path = plot_deltas(deltas.reset_index(), tmp_path / "deltas.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
 def test_two_sweeps_on_one_results_folder_run_each_job_once(tmp_path: Path, embedded_root: Path) -> None:
     results = tmp_path / "results"
     categories = ["weave", "marble", "disc"]
