@@ -32,13 +32,17 @@ from benchmark.records import iter_records  # noqa: E402
 BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem"}
 
 
+def _finished(runs: pd.DataFrame) -> pd.DataFrame:
+    return runs[runs.status.isin(("ok", "warning"))]
+
+
 def paired_deltas(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
     """Long form, one row per comparison, category, seed and metric: ``delta`` = full minus other, in points.
 
     ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation") or the baseline
     ``vs`` builds on (``kind`` "baseline"). Only seeds both sides ran are paired.
     """
-    ok = runs[runs.status.isin(("ok", "warning"))]
+    ok = _finished(runs)
     pairs = [(name, method, "ablation") for name, method in ok[["name", "method"]].drop_duplicates().itertuples(
         index=False) if name != method]  # fmt: skip
     pairs += [(baseline, method, "baseline") for method, baseline in BASELINES.items()]
@@ -69,10 +73,14 @@ def _delta(paired: pd.Series) -> str:
     return f"{paired.mean():+.1f} ± {paired.std(ddof=1):.1f}"
 
 
-def ablation_table(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
-    """One row per (category, row name): mean ± std per metric and the paired delta to the full method."""
-    ok = runs[runs.status.isin(("ok", "warning"))]
-    deltas = paired_deltas(runs, metrics)
+def ablation_table(runs: pd.DataFrame, metrics: list[str], deltas: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per (category, row name): mean ± std per metric and the paired delta to the full method.
+
+    ``deltas``: :func:`paired_deltas` of the same runs and metrics, where the caller already has them.
+    """
+    ok = _finished(runs)
+    if deltas is None:
+        deltas = paired_deltas(runs, metrics)
     rows = []
     for (category, name), group in ok.groupby(["category", "name"], sort=True):
         row = {"category": category, "row": name, "seeds": ",".join(str(s) for s in sorted(group.seed))}
@@ -141,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
     runs = runs_frame(iter_records(Path(args.results_dir)))
-    table = ablation_table(runs, metrics)
-    print(table.to_markdown(index=False))
+    deltas = paired_deltas(runs, metrics)
+    print(ablation_table(runs, metrics, deltas).to_markdown(index=False))
     if args.plot:
-        deltas = paired_deltas(runs, metrics)
         if deltas.empty:
             parser.error(f"no arm or baseline in {args.results_dir} shares a category and seed with its full method")
         print(f"\nforest plot: {plot_deltas(deltas, args.plot)}")
