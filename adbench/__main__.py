@@ -6,6 +6,7 @@ each command imports what it needs (torch, Lightning, the methods) when it runs.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -42,8 +43,33 @@ def usage() -> str:
     )
 
 
+#: Set to 1 to see the traceback of an input error (a missing folder, a corrupt file, bad weights).
+TRACEBACK_VARIABLE = "ADBENCH_TRACEBACK"
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    """Errors that report bad input, already with the file or value named: one line, no traceback.
+    Imported late, so that ``--help`` stays light; anything else is a bug and keeps its traceback."""
+    from datamodules.base import DatasetError
+    from datamodules.download import ChecksumError
+    from models.backbones import WeightsIntegrityError, WeightsUnavailableError
+
+    return (FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
+            DatasetError, ChecksumError, WeightsIntegrityError, WeightsUnavailableError)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _run(argv)
+    except Exception as error:
+        if os.environ.get(TRACEBACK_VARIABLE) == "1" or not isinstance(error, _input_errors()):
+            raise
+        raise SystemExit(f"adbench {argv[0]}: error: {type(error).__name__}: {error} "
+                         f"({TRACEBACK_VARIABLE}=1 shows the traceback)") from None
+
+
+def _run(argv: list[str]) -> None:
     command = argv[0] if argv else None
     if command in (None, "-h", "--help"):
         print(usage())

@@ -28,6 +28,9 @@ from typing import Any
 
 #: The hashed export of uv.lock that `make venv` installs (`make lock` writes both).
 LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
+#: The highest instruction set oneDNN (torch's CPU convolutions) may use: its AVX-512 and AVX2
+#: kernels round differently, and training amplifies the difference (results/reproducibility.md).
+ONEDNN_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
 #: Environment variables that set thread counts or numerics in the libraries we use.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
                     "NUMEXPR_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "ATEN_CPU_CAPABILITY")
@@ -136,6 +139,7 @@ def environment(lock_file: str | Path = LOCK_FILE) -> dict[str, Any]:
         # The kernel set ATen dispatches to (e.g. AVX512 vs AVX2): rounding differs between them.
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "numpy_simd": _numpy_simd(np),
+        "onednn_max_cpu_isa": os.environ.get(ONEDNN_ISA_VARIABLE),  # None: the CPU's best
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "thread_variables": {k: os.environ[k] for k in THREAD_VARIABLES if k in os.environ},

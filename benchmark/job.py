@@ -17,10 +17,7 @@ import io
 import json
 import math
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -28,38 +25,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import lightning
-import timm
 import torch
 
 from benchmark.cli import AnomalyCLI
+from benchmark.environment import ONEDNN_ISA_VARIABLE, environment
 from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
 from benchmark.sweep import JobSpec
 from callbacks.evaluation import NOT_READY_SCORE
 from callbacks.guards import LossHistory
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "timm": timm.__version__,
-        "host": socket.gethostname(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-        "git_commit": git_commit(),
-    }
 
 
 def _logger(spec: JobSpec, job_dir: Path) -> Any:
@@ -212,6 +185,8 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
 def main(argv: list[str] | None = None) -> int:
     spec_path, record_path = (argv or sys.argv[1:])[:2]
     spec = JobSpec(**json.loads(Path(spec_path).read_text()))
+    if spec.cpu_isa:  # read by oneDNN at its first convolution, i.e. still to come in this process
+        os.environ[ONEDNN_ISA_VARIABLE] = spec.cpu_isa
     results_dir = Path(record_path).parent.parent
     job_dir = results_dir / "jobs" / spec.job_id
     record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}

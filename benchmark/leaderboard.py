@@ -41,6 +41,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from benchmark import published, statistics  # noqa: E402
+from benchmark.environment import environment_differences, environment_key  # noqa: E402
 from benchmark.records import scan_records  # noqa: E402
 from benchmark.sweep import JobSpec  # noqa: E402
 
@@ -65,7 +66,8 @@ RUN_COLUMNS = [
     *(f"{m}_{end}" for m in METRICS for end in ("low", "high")), "val_saturated", "warnings",
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
     "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices", "max_epochs",
-    "error", "job_id", "sweep", "root", "git_commit", "stale", "device", "host", "finished", "image_scores",
+    "error", "job_id", "sweep", "root", "git_commit", "environment", "stale", "device", "host", "finished",
+    "image_scores",
 ]  # fmt: skip
 
 
@@ -106,6 +108,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
                                           "test_peak_memory_mb")},
             "max_epochs": ((r.get("config") or {}).get("trainer") or {}).get("max_epochs"),
             "git_commit": env.get("git_commit"),
+            "environment": environment_key(env),
             "stale": _is_stale(r),
             "device": env.get("device"),
             "host": env.get("host"),
@@ -347,6 +350,7 @@ def header(runs: pd.DataFrame, left_out: dict[str, int], errors: list[dict[str, 
         f"categories: {runs.category.nunique()}.",
         f"Commits: {', '.join(f'{c} ({n} jobs)' for c, n in commits.items())}"
         + (" -- WARNING: records from different commits in one table." if len(commits) > 1 else "."),
+        _environments_line(runs),
         f"Machine(s): {', '.join(sorted({f'{h} / {d}' for h, d in zip(runs.host.fillna('?'), runs.device.fillna('?'), strict=True)}))}; "
         f"built {time.strftime('%Y-%m-%d %H:%M %Z')} on {platform.node()}.",
     ]
@@ -356,6 +360,28 @@ def header(runs: pd.DataFrame, left_out: dict[str, int], errors: list[dict[str, 
     if errors:
         lines.append(f"{len(errors)} unreadable record file(s), listed below.")
     return lines
+
+
+def _environments_line(runs: pd.DataFrame) -> str:
+    keys = runs.environment.fillna("not recorded").value_counts()
+    line = f"Environments: {', '.join(f'{k} ({n} jobs)' for k, n in keys.items())}"
+    if len(keys) > 1:
+        return line + " -- WARNING: records from different environments in one table (what differs: below)."
+    return line + " (packages, Python, CPU, threads and numeric flags as recorded; see runs/<job>.json)."
+
+
+def environments_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
+    """What differs between the environments of ``records`` (one column per environment key), or
+    None when they were all made in one environment."""
+    by_key: dict[str, dict[str, Any]] = {}
+    for r in records:
+        env = r.get("environment") or {}
+        by_key.setdefault(environment_key(env) or "not recorded", env)
+    if len(by_key) < 2:
+        return None
+    differences = environment_differences(list(by_key.values()))
+    return pd.DataFrame({key: [values[i] for values in differences.values()] for i, key in enumerate(by_key)},
+                        index=pd.Index(list(differences), name="entry"))
 
 
 def _image_tag(path: Path, alt: str) -> str:
@@ -535,6 +561,12 @@ def build_leaderboard(
         report.image(heatmap(tables, results_dir / "leaderboard_heatmap.png"), "heatmap")
         report.image(bars(tables, results_dir / "leaderboard_bars.png"), "per-category bars")
     _problems_section(report, runs, errors)
+    differences = environments_table(chosen)
+    if differences is not None:
+        report.heading("Environments that differ")
+        report.text("Rows of one table were made in these environments (column: environment key, as in runs.csv); "
+                    "each entry below differs between them, so their numbers may too.")
+        report.table(differences.astype(str))
     scores = runs.dropna(subset=["image_scores"])
     if len(scores):
         report.heading("Per-image scores")

@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--setting", choices=("per-category", "unified"), help="one model per category, or one for all")
     parser.add_argument("--texture-root", help="DTD-style texture folder for pseudo-anomalies")
     parser.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed")
+    parser.add_argument("--cpu-isa", help="CPU jobs: highest instruction set for oneDNN (e.g. AVX2: the same "
+                        "numbers on any x86-64 CPU with AVX2); default: the sweep's, else the CPU's best")
     parser.add_argument("--protocol", choices=("selected", "paper"),
                         help="selected: checkpoint chosen on held-out train/good (default); "
                              "paper: all of train/good, last epoch")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {
         key: getattr(args, key)
         for key in ("methods", "categories", "seeds", "profile", "dataset", "root", "shots", "setting", "texture_root",
-                    "precision", "protocol", "devices_per_job", "parallel", "job_timeout_min")
+                    "precision", "cpu_isa", "protocol", "devices_per_job", "parallel", "job_timeout_min")
     }  # fmt: skip
     try:
         sweep = SweepConfig.from_yaml(args.sweep, **overrides, launcher=args.launcher)

@@ -37,6 +37,12 @@ LAUNCHER_NAMES = ("local", "slurm")  # benchmark.launchers.LAUNCHERS
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
+#: oneDNN's names for ``ONEDNN_MAX_CPU_ISA`` (x86-64), lowest first.
+ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+               "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX512_CORE_FP16", "AVX10_1_512_AMX",
+               "AVX10_1_512_AMX_FP16", "ALL", "DEFAULT")
+
+
 class SweepConfigError(ValueError):
     """A sweep setting that cannot be run; the message names the setting and value."""
 
@@ -58,6 +64,11 @@ class SweepConfig:
     setting: str = "per-category"
     texture_root: str | None = None  # None: procedural textures
     precision: str = "32-true"
+    #: CPU jobs: the highest instruction set oneDNN (torch's CPU convolutions) may use, e.g. ``AVX2``.
+    #: Its kernels round differently on AVX-512 and AVX2 CPUs, and a short training amplifies that
+    #: (results/reproducibility.md); pinned, the same command gives the same numbers on any x86-64
+    #: CPU with AVX2, at some speed. None: the best the CPU has.
+    cpu_isa: str | None = None
     #: ``selected``: hold out part of train/good, test the checkpoint chosen on it (our default);
     #: ``paper``: train on all of train/good and test the last epoch, as the papers do.
     protocol: str = "selected"
@@ -109,6 +120,8 @@ class SweepConfig:
         bad = [s for s in self.shots if s != FULL_SHOTS and not (isinstance(s, int) and s > 0)]
         if not self.shots or bad:
             raise SweepConfigError(f"shots must list positive integers or {FULL_SHOTS!r}, got {self.shots!r}")
+        if self.cpu_isa is not None and self.cpu_isa.upper() not in ONEDNN_ISAS:
+            raise SweepConfigError(f"cpu_isa {self.cpu_isa!r} is not one of {ONEDNN_ISAS} (or null)")
         if self.precision not in PRECISIONS:
             raise SweepConfigError(f"precision {self.precision!r} is not one of {PRECISIONS}")
         if self.devices_per_job < 1:
@@ -193,6 +206,7 @@ class SweepConfig:
                 root=self.root,
                 texture_root=self.texture_root,
                 precision=self.precision,
+                cpu_isa=self.cpu_isa and self.cpu_isa.upper(),
                 protocol=self.protocol,
                 accelerator=self.accelerator,
                 devices=self.devices_per_job,
@@ -234,6 +248,7 @@ class JobSpec:
     dataset: str = "mvtec"
     shots: int | None = None  # few-shot: normal training images per category; None: all
     setting: str = "per-category"  # or "unified": ``category`` lists every category, comma-separated
+    cpu_isa: str | None = None  # ONEDNN_MAX_CPU_ISA of a CPU job; None: the CPU's best
     #: Where the job runs, as the runner's slot sets it: {"device": ..., "threads": ...}.
     execution: dict[str, Any] = field(default_factory=dict)
 
@@ -260,7 +275,7 @@ class JobSpec:
         (device kind, CPU threads). A record whose fingerprint differs is rerun, never reused."""
         content = {k: v for k, v in asdict(self).items() if k not in ("sweep", "wandb")}
         # Fields added later count only when set, so older records of the default stay comparable.
-        for key, default in (("dataset", "mvtec"), ("shots", None), ("setting", "per-category")):
+        for key, default in (("dataset", "mvtec"), ("shots", None), ("setting", "per-category"), ("cpu_isa", None)):
             if content.get(key) == default:
                 content.pop(key)
         content["config_text"] = self.config_file.read_text() if self.config_file.is_file() else None

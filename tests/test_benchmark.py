@@ -99,6 +99,26 @@ def test_unknown_sweep_key(tmp_path: Path) -> None:
         SweepConfig.from_yaml(path)
 
 
+def test_a_bad_override_is_refused_before_any_job_runs(
+    tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmark.run import main
+
+    results = tmp_path / "results"
+    sweep = _sweep_file(tmp_path, embedded_root, methods=["stpm", "patchcore"], categories=["weave", "marble"])
+    assert main(["--sweep", str(sweep), "--results-dir", str(results), "--set", "model.init_args.nosuch=1"]) == 2
+    error = capsys.readouterr().err
+    assert "model.init_args.nosuch" in error and "takes no option 'nosuch'" in error
+    assert "its options: backbone, layers" in error, "the valid keys are listed"
+    assert error.count("error:") == 1, "one message, not one per job"
+    assert not results.exists(), "nothing ran"
+
+    assert main(["--sweep", str(sweep), "--results-dir", str(results), "--set", "trainer.max_epochs=two"]) == 2
+    assert "trainer.max_epochs" in capsys.readouterr().err
+    with pytest.raises(SweepConfigError, match="cpu_isa 'AVX9'"):
+        SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, cpu_isa="AVX9"))
+
+
 # --------------------------------------------------------------------------- records
 
 

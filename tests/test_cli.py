@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark.cli import AnomalyCLI
 
@@ -79,3 +80,40 @@ def test_wandb_offline_logger(tmp_path: Path, embedded_root: Path, monkeypatch: 
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert runs, f"no offline W&B run under {tmp_path / 'wandb'}: {os.listdir(tmp_path)}"
     assert any(runs[0].rglob("*.wandb")), "the offline run holds no logged data"
+
+
+def test_refit_replaces_the_run_folders_checkpoints(tmp_path: Path, embedded_root: Path) -> None:
+    # Two fits into one run folder with other epochs and learning rate, then `test --ckpt_path best`.
+    first = _cli("fit", tmp_path, embedded_root, "--model.init_args.lr=0.4")
+    first_metrics = _cli("test", tmp_path, embedded_root, "--ckpt_path=best").evaluator.test_metrics
+    second = _cli("fit", tmp_path, embedded_root, "--model.init_args.lr=0.01", "--trainer.max_epochs=2")
+    checkpoints = tmp_path / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"], "no best-v1.ckpt"
+    assert sorted(p.name for p in (checkpoints / "previous").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert Path(second.checkpoint.best_model_path) == checkpoints / "best.ckpt"
+    for name in ("best.ckpt", "last.ckpt"):
+        saved = torch.load(checkpoints / name, map_location="cpu", weights_only=False)
+        assert saved["hyper_parameters"]["lr"] == 0.01, f"{name} is not the second fit's"
+    epochs = [torch.load(p, weights_only=False)["epoch"] for p in (checkpoints / "last.ckpt",
+                                                                   checkpoints / "previous" / "last.ckpt")]
+    assert epochs == [2, 1], "last.ckpt ends the second fit (2 epochs); the first fit's is set aside"
+    del first
+
+    tested = _cli("test", tmp_path, embedded_root, "--ckpt_path=best")
+    metrics = tested.evaluator.test_metrics
+    again = _cli("test", tmp_path, embedded_root, f"--ckpt_path={second.checkpoint.best_model_path}")
+    assert metrics == again.evaluator.test_metrics
+    assert metrics != first_metrics, "best must not name the first fit's model"
+
+
+def test_input_error_is_one_line_without_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "adbench", "fit", "--config", str(REPO / "configs" / "stpm" / "quick.yaml"),
+         "--data.root", str(tmp_path / "nowhere"), "--data.category", "bottle",
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=REPO, env={**os.environ, "ADBENCH_TRACEBACK": ""},
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("adbench fit: error: FileNotFoundError: dataset root") and "nowhere" in last
