@@ -68,13 +68,23 @@ class SelectionCheckpoint(ModelCheckpoint):
         super().__init__(dirpath=dirpath, monitor=SELECTION_MONITOR, mode="max", save_top_k=1,
                          save_last=False, filename="best", enable_version_counter=False)
         self._warned_no_score = False
+        self._resumed = False
 
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
-        if stage == "fit" and trainer.ckpt_path is None and trainer.is_global_zero:
-            set_aside_earlier_fit(Path(self.dirpath))
         super().setup(trainer, pl_module, stage)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resumed = True  # called only when a fit resumes from a checkpoint (before on_train_start)
+        super().load_state_dict(state_dict)
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        # Here, not in setup: Lightning restores a resumed fit's checkpoint after setup, and that file
+        # (e.g. a SLURM requeue checkpoint) may lie in this folder.
+        if not self._resumed and trainer.is_global_zero:
+            set_aside_earlier_fit(Path(self.dirpath))
+        super().on_train_start(trainer, pl_module)
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Any]) -> None:
         # Lightning raises when the monitored key is missing. A validation split with one label only

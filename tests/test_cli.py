@@ -97,6 +97,12 @@ def test_refit_replaces_the_run_folders_checkpoints(tmp_path: Path, embedded_roo
     epochs = [torch.load(p, weights_only=False)["epoch"] for p in (checkpoints / "last.ckpt",
                                                                    checkpoints / "previous" / "last.ckpt")]
     assert epochs == [2, 1], "last.ckpt ends the second fit (2 epochs); the first fit's is set aside"
+    # Resuming the second fit (as a SLURM requeue does) continues it: nothing is set aside.
+    _cli("fit", tmp_path, embedded_root, "--model.init_args.lr=0.01", "--trainer.max_epochs=3",
+         f"--ckpt_path={checkpoints / 'last.ckpt'}")
+    epochs = [torch.load(p, weights_only=False)["epoch"] for p in (checkpoints / "last.ckpt",
+                                                                   checkpoints / "previous" / "last.ckpt")]
+    assert epochs == [3, 1], "a resumed fit keeps its own checkpoints and leaves previous/ alone"
     del first
 
     tested = _cli("test", tmp_path, embedded_root, "--ckpt_path=best")
