@@ -31,9 +31,27 @@ LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
 #: The highest instruction set oneDNN (torch's CPU convolutions) may use: its AVX-512 and AVX2
 #: kernels round differently, and training amplifies the difference (results/reproducibility.md).
 ONEDNN_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
+#: ATen's own vectorised kernels (reductions, activations) pick their width the same way.
+ATEN_CAPABILITY_VARIABLE = "ATEN_CPU_CAPABILITY"
+
+
+def pin_cpu_isa(isa: str) -> None:
+    """Cap torch's CPU kernels at instruction set ``isa`` (oneDNN's name, e.g. ``AVX2``) in this process.
+
+    Sets oneDNN's cap and ATen's matching capability (``avx2`` for the AVX2 levels, ``default`` below,
+    the CPU's best from AVX-512 up). Both are read when the first kernel runs, so call this before
+    any tensor computation."""
+    isa = isa.upper()
+    os.environ[ONEDNN_ISA_VARIABLE] = isa
+    if isa.startswith("AVX2"):
+        os.environ[ATEN_CAPABILITY_VARIABLE] = "avx2"
+    elif isa in ("SSE41", "AVX"):
+        os.environ[ATEN_CAPABILITY_VARIABLE] = "default"
+
+
 #: Environment variables that set thread counts or numerics in the libraries we use.
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE",
-                    "NUMEXPR_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", "ATEN_CPU_CAPABILITY")
+                    "NUMEXPR_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG", ATEN_CAPABILITY_VARIABLE)
 #: Entries that name where or when a run was made, not what could change its numbers.
 _PLACE_KEYS = ("host", "platform", "git_commit", "git_dirty", "cuda_visible_devices", "lock")
 

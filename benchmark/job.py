@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from benchmark.cli import AnomalyCLI
-from benchmark.environment import ONEDNN_ISA_VARIABLE, environment
+from benchmark.environment import environment, pin_cpu_isa
 from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
 from benchmark.sweep import JobSpec
 from callbacks.evaluation import NOT_READY_SCORE
@@ -185,8 +185,8 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
 def main(argv: list[str] | None = None) -> int:
     spec_path, record_path = (argv or sys.argv[1:])[:2]
     spec = JobSpec(**json.loads(Path(spec_path).read_text()))
-    if spec.cpu_isa:  # read by oneDNN at its first convolution, i.e. still to come in this process
-        os.environ[ONEDNN_ISA_VARIABLE] = spec.cpu_isa
+    if spec.cpu_isa:  # read by torch at its first kernel, i.e. still to come in this process
+        pin_cpu_isa(spec.cpu_isa)
     results_dir = Path(record_path).parent.parent
     job_dir = results_dir / "jobs" / spec.job_id
     record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}

@@ -65,6 +65,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from datamodules.numerics import sin
 from datamodules.perlin import perlin_mask, perlin_noise
 
 __all__ = [
@@ -260,7 +261,7 @@ class ProceduralTextures:
             phase += np.float32(rng.uniform(0.5, 3.0)) * perlin_noise(size, (2, 2), rng)
         profile = int(rng.integers(3))
         if profile == 0:
-            return 0.5 + 0.5 * np.sin(np.float32(2.0 * math.pi) * phase)
+            return 0.5 + 0.5 * sin(np.float32(2.0 * math.pi) * phase)
         if profile == 1:
             return (phase % 1.0 < rng.uniform(0.2, 0.8)).astype(np.float32)
         return phase % 1.0
