@@ -13,6 +13,8 @@ from datamodules import MVTecDataModule
 from models import create_model
 from models.rd4ad import RD4AD, Bottleneck, OneClassBottleneck
 
+from .helpers import TEST_SEED, log_quality
+
 SIZE = 64
 
 
@@ -83,7 +85,7 @@ def test_map_shape_and_range() -> None:
 
 
 def test_training_reduces_the_cosine_loss(embedded_root: Path) -> None:
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     model = _model(decoder_blocks=(1, 1, 1), oce_blocks=1)
     data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=SIZE, batch_size=8)
     data.setup("fit")
@@ -103,14 +105,14 @@ def test_training_reduces_the_cosine_loss(embedded_root: Path) -> None:
 
 
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path, tmp_path: Path) -> None:
-    seed_everything(0)
+    seed_everything(TEST_SEED)
     model = _model(decoder_blocks=(1, 1, 1), oce_blocks=1)  # one block per stage: fast on a CPU
     data = MVTecDataModule(root=str(embedded_root), category="disc", image_size=SIZE, batch_size=8)
     evaluator = AnomalyEvaluator()
     trainer = _trainer(tmp_path, max_epochs=6, callbacks=[evaluator])
     trainer.fit(model, datamodule=data)
     trainer.test(model, datamodule=data, verbose=False)
-    metrics = evaluator.test_metrics
+    metrics = log_quality(evaluator.test_metrics)
     # Measured on disc at 64 px after 6 epochs (36 steps): pixel AUROC 0.941 and 0.936 with
     # seeds 0 and 1 (0.88-0.91 after 4 epochs); image AUROC needs longer training.
     assert metrics["pixel_auroc"] > 0.8, metrics

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Does `make benchmark` give the same numbers again, from nothing? Two fresh clones of this
+# commit, each with its own venv built from the lock and its own empty HOME (so its own copy of
+# the embedded dataset), run `make benchmark` one after the other; then every job's per-image
+# scores, metrics, intervals, threshold and training loss are compared bit for bit.
+#
+#   benchmark/check_reproducible.sh [WORKDIR]
+#   SECOND_ENV='NPY_DISABLE_CPU_FEATURES=X86_V4 AVX512_ICL AVX512_SPR' benchmark/check_reproducible.sh
+#       runs the second clone as a machine whose numpy has no AVX-512 would (see results/reproducibility.md)
+# Exit status 0: identical; 1: something differs (listed).
+set -euo pipefail
+repo=$(git rev-parse --show-toplevel)
+commit=$(git -C "$repo" rev-parse HEAD)
+work=${1:-$(mktemp -d /tmp/adbench-reproduce.XXXX)}
+echo "[reproduce] commit $commit in $work${SECOND_ENV:+ (second clone with $SECOND_ENV)}"
+for side in first second; do
+  extra=()
+  if [ "$side" = second ] && [ -n "${SECOND_ENV:-}" ]; then extra=("$SECOND_ENV"); fi
+  rm -rf "${work:?}/$side" "$work/$side-home"
+  git clone -q "$repo" "$work/$side" && git -C "$work/$side" checkout -q "$commit"
+  mkdir -p "$work/$side-home"
+  start=$(date +%s)
+  (cd "$work/$side" && env HOME="$work/$side-home" "${extra[@]}" make venv >"$work/$side-venv.log" 2>&1 \
+     && env HOME="$work/$side-home" "${extra[@]}" make benchmark >"$work/$side-benchmark.log" 2>&1)
+  echo "[reproduce] $side: make venv + make benchmark in $(( $(date +%s) - start )) s"
+done
+"$work/first/.venv/bin/python" - "$work/first/results" "$work/second/results" <<'PY'
+import json, sys
+from pathlib import Path
+
+first, second = map(Path, sys.argv[1:3])
+keys = ("status", "metrics", "metrics_by_category", "intervals", "val_image_threshold", "training_loss")
+differences, jobs = [], sorted(p.name for p in (first / "runs").glob("*.json"))
+if not jobs:
+    sys.exit(f"no job records under {first / 'runs'}")
+for name in jobs:
+    other = second / "runs" / name
+    if not other.is_file():
+        differences.append(f"{name}: missing in the second run")
+        continue
+    a, b = json.loads((first / "runs" / name).read_text()), json.loads(other.read_text())
+    differences += [f"{name}: {key} differs" for key in keys if a.get(key) != b.get(key)]
+    scores = Path(name).with_suffix(".csv").name
+    if (first / "scores" / scores).read_bytes() != (second / "scores" / scores).read_bytes():
+        differences.append(f"{name}: per-image scores differ")
+print(f"[reproduce] {len(jobs)} jobs compared: " + ("identical" if not differences else f"{len(differences)} differences"))
+print("\n".join(differences))
+sys.exit(1 if differences else 0)
+PY
