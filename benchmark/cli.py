@@ -73,6 +73,8 @@ class SelectionCheckpoint(ModelCheckpoint):
     def setup(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        if stage == "fit":
+            self._resumed = False  # until Lightning restores this callback's state, after setup
         super().setup(trainer, pl_module, stage)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning import LightningModule, Trainer, seed_everything
 
+from benchmark.environment import ONEDNN_ISA_VARIABLE
 from callbacks.evaluation import AnomalyEvaluator
 from datamodules import MVTecDataModule
 
@@ -28,7 +29,7 @@ def log_quality(metrics: dict[str, float]) -> dict[str, float]:
     log = os.environ.get("ADBENCH_QUALITY_LOG")
     if log:
         entry = {"test": os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0], "seed": TEST_SEED,
-                 "cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA"), **metrics}
+                 "cpu_isa": os.environ.get(ONEDNN_ISA_VARIABLE), **metrics}
         with open(log, "a") as handle:
             handle.write(json.dumps(entry) + "\n")
     return metrics

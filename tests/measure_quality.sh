@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log=${ADBENCH_QUALITY_LOG:-results/test_quality.jsonl}
-select='separates or test_training_separates'
+select=separates  # the six "...separates embedded defects..." tests
 seeds=("$@"); [ ${#seeds[@]} -gt 0 ] || seeds=(0 1 2)
 for seed in "${seeds[@]}"; do
   ADBENCH_QUALITY_LOG="$log" ADBENCH_TEST_SEED="$seed" .venv/bin/pytest -q -n 2 -k "$select" tests -p no:cacheprovider
