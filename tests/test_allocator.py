@@ -37,6 +37,7 @@ print(default, applied, faults(), faults())
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_freed_large_blocks_are_reused_without_page_faults() -> None:
     result = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=REPO, capture_output=True, text=True, check=True)
@@ -96,6 +97,7 @@ libc.malloc_stats()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
 def test_single_malloc_arena_keeps_every_thread_in_one_arena() -> None:
     def arenas(mode: str) -> int:

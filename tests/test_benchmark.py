@@ -134,6 +134,7 @@ def test_atomic_record_write_leaves_no_partial_file(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, embedded_root: Path) -> None:
     results = tmp_path / "results"
     records = _run(tmp_path, embedded_root, results, categories=["weave", "disc"])
@@ -184,6 +185,7 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     assert [r["job_id"] for r in rerun] == ["stpm__quick__weave__seed0"]
 
 
+@pytest.mark.slow
 def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, embedded_root: Path) -> None:
     results = tmp_path / "results"
     records = _run(
@@ -208,6 +210,7 @@ def test_failing_job_is_recorded_and_the_sweep_goes_on(tmp_path: Path, embedded_
     assert "failed" in (results / "leaderboard.html").read_text()
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path: Path, embedded_root: Path) -> None:
     results = tmp_path / "results"
     categories = ["weave", "marble", "disc"]
@@ -235,6 +238,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path: Path, embedde
     assert len(pd.read_csv(results / "runs.csv")) == len(categories)
 
 
+@pytest.mark.slow
 def test_a_job_past_its_time_limit_is_stopped_and_recorded_as_failed(tmp_path: Path, embedded_root: Path) -> None:
     results = tmp_path / "results"
     endless = {**TINY, "trainer.max_epochs": 100_000, "trainer.limit_train_batches": 1.0}
@@ -248,6 +252,7 @@ def test_a_job_past_its_time_limit_is_stopped_and_recorded_as_failed(tmp_path: P
         SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, job_timeout_min=0))
 
 
+@pytest.mark.slow
 def test_two_jobs_in_parallel_on_cpu(tmp_path: Path, embedded_root: Path) -> None:
     records = _run(tmp_path, embedded_root, tmp_path / "results", categories=["weave", "disc"], parallel=2)
     assert [r["status"] for r in records] == ["ok", "ok"]
@@ -258,6 +263,7 @@ def test_two_jobs_in_parallel_on_cpu(tmp_path: Path, embedded_root: Path) -> Non
     assert all(r["environment"]["cuda_visible_devices"] == "" for r in records)
 
 
+@pytest.mark.slow
 def test_ddp_job_with_two_cpu_processes(tmp_path: Path, embedded_root: Path) -> None:
     records = _run(tmp_path, embedded_root, tmp_path / "results", devices_per_job=2, accelerator="cpu")
     assert records[0]["status"] == "ok", records[0].get("traceback")
@@ -266,6 +272,7 @@ def test_ddp_job_with_two_cpu_processes(tmp_path: Path, embedded_root: Path) -> 
     assert 0.0 <= records[0]["metrics"]["pixel_auroc"] <= 1.0
 
 
+@pytest.mark.slow
 def test_wandb_offline_sweep(tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     results = tmp_path / "results"
@@ -278,6 +285,7 @@ def test_wandb_offline_sweep(tmp_path: Path, embedded_root: Path, monkeypatch: p
     assert job_runs and leaderboard_runs
 
 
+@pytest.mark.slow
 def test_named_variants_become_their_own_jobs_and_rows(tmp_path: Path, embedded_root: Path) -> None:
     sweep = SweepConfig.from_yaml(
         _sweep_file(
@@ -363,6 +371,7 @@ def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: 
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_one_results_folder_run_each_job_once(tmp_path: Path, embedded_root: Path) -> None:
     results = tmp_path / "results"
     categories = ["weave", "marble", "disc"]

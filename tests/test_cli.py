@@ -60,6 +60,7 @@ def test_bad_config_value_is_reported(tmp_path: Path, embedded_root: Path) -> No
         _cli("fit", tmp_path, embedded_root, "--data.val_fraction=2")
 
 
+@pytest.mark.slow
 def test_console_script_lists_models() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "adbench", "models"], capture_output=True, text=True, check=True, cwd=REPO
@@ -67,6 +68,7 @@ def test_console_script_lists_models() -> None:
     assert "stpm" in result.stdout.split()
 
 
+@pytest.mark.slow
 def test_wandb_offline_logger(tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -82,6 +84,7 @@ def test_wandb_offline_logger(tmp_path: Path, embedded_root: Path, monkeypatch: 
     assert any(runs[0].rglob("*.wandb")), "the offline run holds no logged data"
 
 
+@pytest.mark.slow
 def test_refit_replaces_the_run_folders_checkpoints(tmp_path: Path, embedded_root: Path) -> None:
     # Two fits into one run folder with other epochs and learning rate, then `test --ckpt_path best`.
     first = _cli("fit", tmp_path, embedded_root, "--model.init_args.lr=0.4")
@@ -112,6 +115,7 @@ def test_refit_replaces_the_run_folders_checkpoints(tmp_path: Path, embedded_roo
     assert metrics != first_metrics, "best must not name the first fit's model"
 
 
+@pytest.mark.slow
 def test_input_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "adbench", "fit", "--config", str(REPO / "configs" / "stpm" / "quick.yaml"),

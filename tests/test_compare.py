@@ -64,6 +64,7 @@ def test_main_without_anomalib_exits_before_any_work(
 # ------------------------------------------------------------------ offline weights
 
 
+@pytest.mark.slow
 def test_hf_cache_gives_timm_our_weights_offline(tmp_path: Path) -> None:
     cache = tmp_path / "hf-hub"
     path = write_timm_hf_cache(LITE0, cache)

@@ -256,6 +256,7 @@ def test_losing_the_race_keeps_the_winner(tmp_path: Path, monkeypatch: pytest.Mo
     assert _names(tmp_path) == ["data"], "the loser's temporary copy was not removed"
 
 
+@pytest.mark.slow
 def test_concurrent_processes_agree(tmp_path: Path) -> None:
     # Load the module file directly: the package __init__ pulls in torch and Lightning,
     # which would make three cold interpreters slow without testing anything more.

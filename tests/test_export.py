@@ -31,6 +31,7 @@ def _detector(name: str) -> Detector:
     return Detector(model, IMAGE_SIZE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.list_models())
 def test_onnx_export_matches_the_eager_model(name: str, tmp_path: Path, one_thread: None) -> None:
     detector = _detector(name)
@@ -46,6 +47,7 @@ def test_onnx_export_matches_the_eager_model(name: str, tmp_path: Path, one_thre
     np.testing.assert_allclose(exported_score, eager_score.numpy(), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_torchscript_export_and_cli(tmp_path: Path, embedded_root: Path) -> None:
     detector = _detector("stpm")
     path = export(detector, tmp_path / "stpm.pt", "torchscript")

@@ -40,6 +40,7 @@ def test_every_method_has_both_profiles() -> None:
             assert config_path(method, profile).is_file(), f"{method} lacks configs/{method}/{profile}.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_bf16_mixed_fit_and_test(method: str, tmp_path: Path, embedded_root: Path) -> None:
     cli = AnomalyCLI(
@@ -68,6 +69,7 @@ def test_bf16_mixed_fit_and_test(method: str, tmp_path: Path, embedded_root: Pat
     assert torch.isfinite(anomaly_map).all() and torch.isfinite(image_score).all()
 
 
+@pytest.mark.slow
 def test_every_method_as_a_two_process_ddp_job(tmp_path: Path, embedded_root: Path) -> None:
     sweep_file = tmp_path / "sweep.yaml"
     sweep_file.write_text(

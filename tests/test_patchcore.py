@@ -244,10 +244,12 @@ def test_separates_embedded_defects(fitted: tuple[PatchCore, Trainer, MVTecDataM
     model, trainer, data = fitted
     trainer.test(model, datamodule=data, verbose=False)
     metrics = log_quality(next(c for c in trainer.callbacks if isinstance(c, AnomalyEvaluator)).test_metrics)
-    # Measured on weave at 64 px (deterministic: fixed coreset seed): image AUROC 0.956, pixel 0.907.
+    # Measured on weave at 64 px: image AUROC 0.956, pixel 0.907, the same for seeds 0-2 (fixed
+    # coreset seed; results/test_quality.jsonl, 2026-12-05, dataset v2).
     assert metrics["image_auroc"] > 0.85 and metrics["pixel_auroc"] > 0.8, metrics
 
 
+@pytest.mark.slow
 def test_bf16_mixed_collection_and_scoring(embedded_root: Path, tmp_path: Path) -> None:
     seed_everything(0)
     model = create_model(

@@ -281,15 +281,19 @@ def test_invalid_arguments_are_rejected() -> None:
         _tiny(head_prior=1.0)
 
 
+@pytest.mark.slow
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
-    # 100 steps at 64 px on weave (heads at the 0.01 prior, as the quick profile): pixel AUROC
-    # 0.95 / 0.74 / 0.91 / 0.84 and image AUROC 0.91 / 0.63 / 0.94 / 0.86 over seeds 0-3 of this
-    # setting; chance is 0.5. (Without the prior, 100 steps are too few: pixel 0.55-0.83.)
+    # 100 steps at 64 px on weave (heads at the 0.01 prior, as the quick profile). Measured
+    # (results/test_quality.jsonl, tests/measure_quality.sh, 2026-12-05, dataset v2): pixel AUROC
+    # 0.776-0.921, image AUROC 0.717-0.931 over seeds 0-2 (dataset v1, seeds 0-3: pixel 0.74-0.95,
+    # image 0.63-0.94). The widest spread of the six methods, so the bounds sit halfway to chance (0.5).
+    # (Without the prior, 100 steps are too few: pixel 0.55-0.83.)
     _, metrics = fit_and_test(lambda: _tiny(head_prior=0.01), embedded_root, steps=100)
-    assert metrics["pixel_auroc"] > 0.7
-    assert metrics["image_auroc"] > 0.6
+    assert metrics["pixel_auroc"] > 0.62, metrics
+    assert metrics["image_auroc"] > 0.56, metrics
 
 
+@pytest.mark.slow
 def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
     assert_bf16_training_is_finite(_tiny, embedded_root)
 

@@ -98,6 +98,7 @@ def test_sweep_dataset_errors_name_the_value(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- shots x unified, end to end
 
 
+@pytest.mark.slow
 def test_shots_and_unified_sweep_expand_and_the_leaderboard_has_their_columns(
     tmp_path: Path, embedded_root: Path
 ) -> None:

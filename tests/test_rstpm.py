@@ -310,6 +310,7 @@ def test_students_learn_from_clean_images_only(embedded_root: Path, monkeypatch:
     torch.testing.assert_close(seen[0], batches[0]["clean_image"])
 
 
+@pytest.mark.slow
 def test_discriminator_lr_follows_draems_schedule_over_its_epochs(embedded_root: Path) -> None:
     seed_everything(0, verbose=False)
     model = _tiny(student_epochs=2, disc_lr=1e-3)
@@ -362,14 +363,18 @@ def test_ablations_selectable_from_yaml(embedded_root: Path, tmp_path: Path) -> 
     assert default.model.teacher2.name == LITE2 and default.model.pair1.teacher.name == LITE0
 
 
+@pytest.mark.slow
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
-    # 3 student epochs + 5 discriminator epochs (7 batches each) at 64 px on weave, seed 0: image AUROC 0.84,
-    # pixel AUROC 0.815 (the same model's STPM map alone: 0.82 / 0.79; 2 + 4 epochs: 0.84 / 0.80). Chance: 0.5.
+    # 3 student epochs + 5 discriminator epochs (7 batches each) at 64 px on weave. Measured
+    # (results/test_quality.jsonl, tests/measure_quality.sh, 2026-12-05, dataset v2): pixel AUROC
+    # 0.815-0.863, image AUROC 0.789-0.836 over seeds 0-2; another machine saw pixel 0.796 on
+    # dataset v1 (issue 22). Bounds a tenth below the lowest value seen; chance is 0.5.
     _, metrics = fit_and_test(lambda: _tiny(student_epochs=3), embedded_root, steps=8 * 7, max_epochs=8)
-    assert metrics["pixel_auroc"] > 0.8, metrics
-    assert metrics["image_auroc"] > 0.75, metrics
+    assert metrics["pixel_auroc"] > 0.7, metrics
+    assert metrics["image_auroc"] > 0.68, metrics
 
 
+@pytest.mark.slow
 def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
     # Joint training steps both optimisers on every batch (Lightning counts two steps): 2 batches.
     assert_bf16_training_is_finite(

@@ -48,6 +48,7 @@ def _sweep(tmp_path: Path, embedded_root: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_slurm_sweep_records_leaderboard_and_resume_after_scancel(
     slurm_cluster: None, tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -89,6 +90,7 @@ def test_leaderboard_only_and_dry_run(tmp_path: Path, embedded_root: Path, capsy
     assert "unknown slurm setting(s) ['gpus']" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_preempted_task_checkpoints_requeues_resumes_and_ends_with_one_record(
     slurm_cluster: None, tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -248,6 +248,7 @@ def test_rotation_geometry() -> None:
     assert rotated.mean() == pytest.approx(2 * (math.sqrt(2) - 1), abs=0.01)
 
 
+@pytest.mark.slow
 def test_mask_coverage_matches_reference_recipe() -> None:
     """Mean coverage of 256x256 masks (rotation, zero fill and bilinear included)
     equals the independent Monte Carlo (~0.049; 0.055 without rotation)."""

@@ -29,6 +29,7 @@ def test_short_model_names_become_class_paths() -> None:
         "fit", "--model", "models.stpm.STPM", "--model=models.patchcore.PatchCore", "--data.category=stpm"]
 
 
+@pytest.mark.slow
 def test_a_fit_always_leaves_a_checkpoint_and_best_or_last_are_found_by_name(
     tmp_path: Path, embedded_root: Path
 ) -> None:
@@ -53,6 +54,7 @@ def _job(tmp_path: Path, embedded_root: Path) -> tuple[dict, Path]:
     return record, tmp_path / "results" / "jobs" / record["job_id"]
 
 
+@pytest.mark.slow
 def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Path, embedded_root: Path) -> None:
     record, job_dir = _job(tmp_path, embedded_root)
     curves = pd.read_csv(job_dir / "metrics.csv")  # the job keeps its training curves
@@ -75,6 +77,7 @@ def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Pa
     assert (ours.predicted_anomalous == sweeps.predicted_anomalous).all()
 
 
+@pytest.mark.slow
 def test_python_api_and_predict_on_a_folder_of_mixed_images(tmp_path: Path, embedded_root: Path) -> None:
     record, job_dir = _job(tmp_path, embedded_root)
     checkpoint = job_dir / "checkpoints" / "best.ckpt"
@@ -127,6 +130,7 @@ def test_top_level_help_lists_every_command_without_importing_torch() -> None:
     assert unknown.returncode != 0 and "unknown command 'fitt'" in unknown.stderr
 
 
+@pytest.mark.slow
 def test_cli_help_says_adbench() -> None:
     result = subprocess.run([sys.executable, "-m", "adbench", "fit", "--help"], capture_output=True,
                             text=True, cwd=REPO, timeout=300)
@@ -145,6 +149,7 @@ def test_testing_without_the_evaluator_warns_how_to_add_it(embedded_root: Path) 
         trainer.test(STPM(backbone="tf_efficientnet_lite0"), datamodule=data)
 
 
+@pytest.mark.slow
 def test_a_bad_override_records_the_parsers_message(tmp_path: Path, embedded_root: Path) -> None:
     sweep = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
                         overrides={**TINY_OVERRIDES, "model.init_args.no_such_argument": 3})

@@ -75,6 +75,7 @@ def test_image_interval_equals_scipy_bootstrap_of_sklearn_auroc() -> None:
     assert set(ours) == {"image_auroc", "image_f1max"}
 
 
+@pytest.mark.slow
 def test_interval_coverage_is_near_95_percent() -> None:
     """Binormal scores with a known AUROC: the interval should hold it in about 95 % of samples."""
     shift = 1.2
@@ -279,6 +280,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRE_BROWSER = os.environ.get("ADBENCH_REQUIRE_BROWSER") == "1"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not REQUIRE_BROWSER, reason="chromium not installed (Debian package chromium)")
 def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root: Path) -> None:
     assert CHROMIUM is not None, "ADBENCH_REQUIRE_BROWSER=1 but no chromium on PATH"
@@ -302,6 +304,7 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root:
         browser.close()
 
 
+@pytest.mark.slow
 def test_editing_a_methods_file_reruns_its_jobs_only(tmp_path: Path, embedded_root: Path) -> None:
     from .test_benchmark import _run
 
