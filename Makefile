@@ -77,7 +77,7 @@ $(STAMP): $(LOCK) pyproject.toml | $(UV)
 	test -x $(PY) || $(UV) venv --quiet --python $(PYTHON) $(VENV)
 	$(UV) pip sync --quiet --python $(PY) --require-hashes $(LOCK)
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
-	$(PY) -m benchmark.environment --check
+	$(PY) -m adbench.benchmark.orchestration.environment --check
 	touch $(STAMP)
 
 # uv.lock exported with hashes for one venv ($(1): dev or compare), plus the no-deps wheels.
@@ -108,7 +108,7 @@ test-all: test
 	$(VENV)/bin/pytest -q -m slow -n $(TEST_WORKERS) --durations=15 tests
 
 benchmark: $(STAMP)
-	$(PY) -m benchmark.run $(SWEEP_ARGS)
+	$(PY) -m adbench.benchmark.run $(SWEEP_ARGS)
 
 $(COMPARE_STAMP): $(COMPARE_LOCK) pyproject.toml | $(UV)
 	test -x $(COMPARE_PY) || $(UV) venv --quiet --python $(PYTHON) $(COMPARE_VENV)
@@ -118,7 +118,7 @@ $(COMPARE_STAMP): $(COMPARE_LOCK) pyproject.toml | $(UV)
 
 # Without MVTEC_ROOT: the embedded dataset (generated on first use, no download).
 compare: $(COMPARE_STAMP)
-	$(COMPARE_PY) -m benchmark.compare \
+	$(COMPARE_PY) -m adbench.benchmark.compare \
 		$(if $(MVTEC_ROOT),--root $(MVTEC_ROOT)) \
 		$(if $(DTD_ROOT),--texture-root $(DTD_ROOT)) \
 		$(if $(CATEGORY),--category $(CATEGORY)) \

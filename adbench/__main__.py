@@ -50,9 +50,9 @@ TRACEBACK_VARIABLE = "ADBENCH_TRACEBACK"
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that report bad input, already with the file or value named: one line, no traceback.
     Imported late, so that ``--help`` stays light; anything else is a bug and keeps its traceback."""
-    from datamodules.base import DatasetError
-    from datamodules.download import ChecksumError
-    from models.backbones import WeightsIntegrityError, WeightsUnavailableError
+    from adbench.datamodules.base import DatasetError
+    from adbench.datamodules.download import ChecksumError
+    from adbench.models.backbones import WeightsIntegrityError, WeightsUnavailableError
 
     return (FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
             DatasetError, ChecksumError, WeightsIntegrityError, WeightsUnavailableError)
@@ -77,7 +77,7 @@ def _run(argv: list[str]) -> None:
     if command not in COMMANDS and not command.startswith("-"):
         raise SystemExit(f"adbench: unknown command {command!r}; one of: {', '.join(COMMANDS)}")
     if command == "models":
-        import models
+        from adbench import models
 
         print("\n".join(models.list_models()))
     elif command == "export":
@@ -91,7 +91,7 @@ def _run(argv: list[str]) -> None:
 
         predict_main(argv[1:])
     else:
-        from benchmark.cli import run_lightning_cli
+        from adbench.cli import run_lightning_cli
 
         run_lightning_cli(argv, from_command_line=sys.argv[1:] == argv)
 

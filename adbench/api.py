@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-import models
-from callbacks.visualization import heat_overlay
-from datamodules.base import IMAGE_SUFFIXES, DatasetError, read_image
+from adbench import models
+from adbench.callbacks.visualization import heat_overlay
+from adbench.datamodules.base import IMAGE_SUFFIXES, DatasetError, read_image
 
 #: Key of the checkpoint entry adbench writes (see AnomalyModule / AnomalyEvaluator on_save_checkpoint).
 CHECKPOINT_KEY = "adbench"

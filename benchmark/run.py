@@ -1,6 +1,6 @@
 """``make benchmark``: run a sweep and write the leaderboard.
 
-    python -m benchmark.run --sweep configs/sweeps/default.yaml \
+    python -m adbench.benchmark.run --sweep configs/sweeps/default.yaml \
         [--methods stpm,patchcore] [--categories bottle,screw] [--seeds 0,1] [--profile quick] \
         [--root MVTEC_ROOT] [--texture-root DTD_ROOT] [--precision bf16-mixed] \
         [--devices 2] [--parallel 2] [--results-dir results] [--wandb offline] \
@@ -20,11 +20,11 @@ from pathlib import Path
 
 import yaml
 
-from benchmark.cli import config_error
-from benchmark.launchers import LAUNCHERS, SlurmSettings
-from benchmark.leaderboard import build_leaderboard
-from benchmark.runner import device_slots, execution_of, is_finished
-from benchmark.sweep import JobSpec, SweepConfig, SweepConfigError
+from adbench.benchmark.orchestration.launchers import LAUNCHERS, SlurmSettings
+from adbench.benchmark.orchestration.runner import device_slots, execution_of, is_finished
+from adbench.benchmark.orchestration.sweep import JobSpec, SweepConfig, SweepConfigError
+from adbench.benchmark.reports.leaderboard import build_leaderboard
+from adbench.cli import config_error
 
 
 def _int_list(text: str) -> list[int]:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     tables = build_leaderboard(results_dir, jobs=jobs)
     print((results_dir / "leaderboard.md").read_text())
     if sweep.wandb.get("enabled"):
-        from benchmark.wandb_report import log_leaderboard
+        from adbench.benchmark.reports.wandb_report import log_leaderboard
 
         log_leaderboard(results_dir, sweep, tables)
     return 0

@@ -103,7 +103,7 @@ class AnomalyEvaluator(Callback):
     """Image- and pixel-level anomaly metrics at the end of every validation and test epoch.
 
     Logs ``val/<metric>`` and ``test/<metric>`` for ``image_auroc``, ``image_f1max``,
-    ``pixel_auroc``, ``pro`` and ``pixel_f1max`` (see :mod:`callbacks.metrics`); ``nan``
+    ``pixel_auroc``, ``pro`` and ``pixel_f1max`` (see :mod:`adbench.callbacks.metrics`); ``nan``
     metrics (e.g. a validation split with no anomaly) are kept in :attr:`val_metrics` /
     :attr:`test_metrics` but not logged, so they never poison a checkpoint monitor.
 
@@ -117,7 +117,7 @@ class AnomalyEvaluator(Callback):
             validation cheap (no anomaly maps are then kept in memory for it either).
         fpr_limit: upper FPR bound of the PRO integral (0.3 in MVTec AD's protocol).
         bootstrap_resamples: resamples of the test images for the 95 % confidence interval
-            of every test metric (:func:`callbacks.metrics.bootstrap_intervals`); 0: none.
+            of every test metric (:func:`adbench.callbacks.metrics.bootstrap_intervals`); 0: none.
         bootstrap_seed: seed of those resamples (fixed, so an interval is reproducible).
     """
 

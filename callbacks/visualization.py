@@ -22,8 +22,8 @@ from lightning import Callback, LightningModule, Trainer
 from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from callbacks.evaluation import AnomalyEvaluator
-from callbacks.metrics import f1_optimal_threshold
+from adbench.callbacks.evaluation import AnomalyEvaluator
+from adbench.callbacks.metrics import f1_optimal_threshold
 
 _JET = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
 _RED = np.array([255, 0, 0], dtype=np.float32)

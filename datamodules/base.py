@@ -1,7 +1,7 @@
 """Dataset items and the ``LightningDataModule`` every dataset shares; each dataset adds its layout.
 
 A dataset is a subclass of :class:`AnomalyDataModule` in its own file, registered by
-name (:func:`datamodules.registry.register_dataset`): it says which categories it has
+name (:func:`adbench.datamodules.registry.register_dataset`): it says which categories it has
 and how to list a category's training images and its test images with their masks
 (:meth:`AnomalyDataModule.train_samples`, :meth:`AnomalyDataModule.test_samples`).
 Everything else (decoding, validation split, pseudo-anomalies, few-shot selection, the
@@ -405,7 +405,7 @@ class AnomalyDataModule(LightningDataModule):
                 self.download_category(category)
 
     def _model_asks(self, attribute: str, default: bool) -> bool:
-        """What the model being trained declares it needs (see models.base.AnomalyModule)."""
+        """What the model being trained declares it needs (see adbench.models.base.AnomalyModule)."""
         module = self.trainer.lightning_module if self.trainer is not None else None
         return bool(getattr(module, attribute, default))
 

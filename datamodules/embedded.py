@@ -8,7 +8,7 @@ little, and defects that are small, varied and only a few percent of the image.
 then reuses it. Every image comes from its own generator, seeded with
 ``[category index, split index, image index]``, so a run gives the same bytes every time,
 whatever the order or parallelism of generation, and on every CPU: transcendental
-functions go through :mod:`datamodules.numerics`, because numpy's float32 SIMD kernels differ
+functions go through :mod:`adbench.datamodules.numerics`, because numpy's float32 SIMD kernels differ
 in the last bit between AVX2 and AVX-512 machines, which moved pixels (version 1 did).
 
 Categories (see :data:`EMBEDDED_CATEGORIES` and :data:`EMBEDDED_DEFECTS`):
@@ -63,7 +63,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from datamodules.numerics import arctan2, cos, exp, hypot, sin
+from adbench.datamodules.numerics import arctan2, cos, exp, hypot, sin
 
 __all__ = [
     "DATASET_VERSION",

@@ -17,7 +17,7 @@ Choices that are our reading of "any layout":
 * A pattern is relative to ``root`` (default: the current folder) or absolute, and is expanded by
   :func:`glob.glob` (``*``, ``?``, ``[...]``, ``[!...]``, and ``**`` for any depth). A match that
   is a folder contributes the images directly in it (so a plain folder name works); a file
-  counts if its suffix is in :data:`datamodules.base.IMAGE_SUFFIXES`. Hidden files are skipped
+  counts if its suffix is in :data:`adbench.datamodules.base.IMAGE_SUFFIXES`. Hidden files are skipped
   (glob's rule). Each list is sorted by path.
 * ``defect_type`` of a defective image is the name of its folder; normal test images are
   ``good``. A defective image in a folder named ``good`` is refused (almost always a pattern

@@ -15,7 +15,7 @@ A defective image has one mask file per annotated defect (nonzero pixels are the
 Choices that are our reading, not the paper's:
 
 * A defective image's mask is the union of its mask files: its ``Sample.mask_path`` is the
-  folder ``ground_truth/<type>/<stem>``, which :func:`datamodules.base.read_mask` reads as the
+  folder ``ground_truth/<type>/<stem>``, which :func:`adbench.datamodules.base.read_mask` reads as the
   union of the images in it, each file binarised by ``read_mask``'s rule (the official masks
   are 0/255).
 * ``defects_config.json`` (the per-defect saturation thresholds of the paper's sPRO metric) is

@@ -1,7 +1,7 @@
 """MPDD, the Metal Parts Defect Detection dataset (Jezek et al., ICUMT 2021, "Deep learning-based
 defect detection of metal parts: evaluating current methods in complex conditions").
 
-Layout: MVTec AD's, exactly (read by :mod:`datamodules.mvtec`'s layout functions)::
+Layout: MVTec AD's, exactly (read by :mod:`adbench.datamodules.mvtec`'s layout functions)::
 
     ROOT/<category>/train/good/*.png
     ROOT/<category>/test/<defect or good>/*.png

@@ -5,7 +5,7 @@ The recipe, as implemented by :class:`PseudoAnomalySynthesizer`:
 
 1. With probability ``1 - anomaly_probability`` (0.5) the image is returned
    unchanged with an all-zero mask (``has_anomaly=False``, ``beta=nan``).
-2. Otherwise a mask ``M`` is drawn by :func:`datamodules.perlin.perlin_mask`:
+2. Otherwise a mask ``M`` is drawn by :func:`adbench.datamodules.perlin.perlin_mask`:
    Perlin noise with ``2**k`` cells per axis, ``k`` uniform in {0..5} and
    independent per axis, rotated by U(-90, 90) degrees, thresholded ``> 0.5``.
 3. An anomaly source texture is drawn from a texture source (DTD images in the
@@ -21,7 +21,7 @@ Choices the recipe leaves open, fixed here:
 
 * Texture resize: ``cv2.resize`` with bilinear interpolation straight to the
   image size, aspect ratio not preserved (what DRAEM's code does).
-* Mask: see :mod:`datamodules.perlin` (rotation about the centre, bilinear,
+* Mask: see :mod:`adbench.datamodules.perlin` (rotation about the centre, bilinear,
   zero outside the rotated field, so rotated-in corners are never anomalous).
 * Augmentations: DRAEM used imgaug; these are the albumentations 2.0.8
   equivalents with DRAEM's ranges where albumentations can express them:
@@ -65,8 +65,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from datamodules.numerics import sin
-from datamodules.perlin import perlin_mask, perlin_noise
+from adbench.datamodules.numerics import sin
+from adbench.datamodules.perlin import perlin_mask, perlin_noise
 
 __all__ = [
     "AnomalyDraw",

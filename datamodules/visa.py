@@ -17,7 +17,7 @@ listed, so an image that the CSV does not name is not used. Images differ in siz
 categories; each mask has its image's size.
 
 Masks are not 0/255: an anomalous pixel holds a small nonzero value (the defect's instance
-number), and every nonzero pixel counts as anomalous (:func:`datamodules.base.read_mask`).
+number), and every nonzero pixel counts as anomalous (:func:`adbench.datamodules.base.read_mask`).
 
 Our reading:
 

@@ -45,7 +45,7 @@ class AnomalyModule(LightningModule):
 
     #: MVTec AD means (15 categories, 0..1) reported in the method's paper; keys as in the
     #: metrics (image_auroc, ...). The leaderboard compares them only with a 15-category
-    #: sweep; per-category figures live in benchmark/published/mvtec_ad.csv.
+    #: sweep; per-category figures live in benchmark/reports/published/mvtec_ad.csv.
     paper_results: ClassVar[dict[str, float]] = {}
 
     #: Memory layout of convolution weights and batch images once a Trainer sets the
@@ -64,7 +64,7 @@ class AnomalyModule(LightningModule):
         if not any(type(c).__name__ == "AnomalyEvaluator" for c in self.trainer.callbacks):
             rank_zero_warn(
                 f"{type(self).__name__} is tested without an AnomalyEvaluator: no metric will be computed; "
-                "use Trainer(callbacks=[callbacks.AnomalyEvaluator()]) or the adbench CLI",
+                "use Trainer(callbacks=[adbench.callbacks.AnomalyEvaluator()]) or the adbench CLI",
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -32,7 +32,7 @@ authors' public code where the paper is silent):
 * Segmentation head: one logit per pixel with a sigmoid instead of the
   reference's 2-class softmax; a softmax over two logits is a sigmoid of their
   difference, so the model class and the focal loss are the same (see
-  :func:`models.losses.focal_loss`), with no class weighting (the reference's
+  :func:`adbench.models.losses.focal_loss`), with no class weighting (the reference's
   ``alpha=None``).
 * Input order of the discriminator: ``[reconstruction, input]``, as in the
   reference implementation (the paper only says "concatenated").
@@ -48,7 +48,7 @@ authors' public code where the paper is silent):
   by time (no finite step count) keep a constant learning rate.
 * ``decoder_layout`` (default ``"draem"``): the decoders follow the reference
   implementation's widths, one stage narrower than the encoder at each resolution
-  (see :class:`models.unet.Decoder`); ``"symmetric"`` mirrors the encoder (about
+  (see :class:`adbench.models.unet.Decoder`); ``"symmetric"`` mirrors the encoder (about
   1.45x the FLOPs at equal base widths; the suite's results before 2026-11-22
   used it). The blocks are the suite's shared ones (``models/unet.py``: two 3x3
   conv-BN-ReLU per stage, max-pool down, bilinear up + conv); the reference's

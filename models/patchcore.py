@@ -146,7 +146,7 @@ def partitioned_coreset(
     evaluations instead of ``size * N``, i.e. ``P`` times less, and all parts advance
     together: a step is one batched product over the parts, which torch spreads over every
     core (``cpu_threads``: None = torch's setting). Its covering radius is larger than the
-    exact one's; ``benchmark/bench_patchcore.py`` measures what that costs in metrics.
+    exact one's; ``benchmark/experiments/bench_patchcore.py`` measures what that costs in metrics.
     Indices are returned part by part, each part in its selection order.
     """
     n = features.shape[0]
@@ -251,7 +251,7 @@ def nearest_neighbors(queries: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor
 @register_model("patchcore")
 class PatchCore(AnomalyModule):
     # PatchCore-10 % (our default coreset ratio), WRN50, the paper's 15-category means (per category:
-    # benchmark/published/mvtec_ad.csv). 99.2 / 94.4 were the official repository's re-run figures.
+    # benchmark/reports/published/mvtec_ad.csv). 99.2 / 94.4 were the official repository's re-run figures.
     paper_results = {"image_auroc": 0.990, "pixel_auroc": 0.981, "pro": 0.935}
     drop_incomplete_batches = False  # every training image belongs in the memory bank
 

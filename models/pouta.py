@@ -78,7 +78,7 @@ levels), four level weights ``lambda_1..4`` and focal ``gamma``/``alpha_t``:
 * ``encoder`` (default ``"unet"``: DRAEM's reconstructive encoder trained from
   scratch, which is what POUTA builds on). A timm backbone name with offline
   ImageNet weights (``"tf_efficientnet_lite0"``) replaces the encoder by
-  :class:`models.unet.BackboneEncoder` (a trainable full-resolution stem, the
+  :class:`adbench.models.unet.BackboneEncoder` (a trainable full-resolution stem, the
   backbone's stride-2..16 features projected to the stage widths; the backbone
   frozen unless ``encoder_frozen=False``). The decoder and the discriminative
   part are unchanged and still reuse the encoder and decoder stages, so this is

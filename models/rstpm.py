@@ -14,7 +14,7 @@ text itself could not be read here):
 * Pair 1 = STPM: Teacher1 (ImageNet ResNet-18) and Student1 (ResNet-18 from
   scratch) distilled on levels 1-3, maps ``Omega1..Omega3``; STPM's own map is
   the product of its level maps. Here pair 1 IS STPM's pair
-  (:class:`models.distillation.StudentTeacherPair`, the class ``models/stpm.py``
+  (:class:`adbench.models.distillation.StudentTeacherPair`, the class ``models/stpm.py``
   is built on): same networks, loss and maps.
 * Pair 2: Teacher2 is a different, larger ImageNet network (ResNet-50).
   Student2 is a decoder: its input is Teacher1's deepest feature map of the

@@ -26,10 +26,10 @@ What the paper states (abstract, introduction, Fig. 1) and this module implement
 
   - the normal stream (a U-Net decoder) reconstructs the anomaly-free image
     ``clean_image`` from the input carrying the synthetic anomaly;
-    loss ``L2 + (1 - SSIM)`` (``models.losses.reconstruction_loss``);
+    loss ``L2 + (1 - SSIM)`` (``adbench.models.losses.reconstruction_loss``);
   - the abnormal stream (a second U-Net decoder) learns the abnormal features:
     it predicts the synthetic anomaly's ``mask`` (one logit per pixel); loss:
-    focal loss, gamma 2 (``models.losses.focal_loss``).
+    focal loss, gamma 2 (``adbench.models.losses.focal_loss``).
 
 * A feature normality estimator (FNE) "to eliminate abnormal features and
   prevent high-quality reconstruction of abnormal regions": at every skip level
@@ -56,7 +56,7 @@ reading of them; each is a constructor argument):
 * Encoder (``encoder``): ``"unet"``, the suite's U-Net encoder trained from
   scratch (stage widths ``widths_from_base(base_width, depth)``) - the default,
   as a "U-Net-like autoencoder" suggests. Any backbone name (e.g.
-  ``"tf_efficientnet_lite0"``) builds :class:`models.unet.BackboneEncoder`: a
+  ``"tf_efficientnet_lite0"``) builds :class:`adbench.models.unet.BackboneEncoder`: a
   trainable full-resolution stem plus the ImageNet backbone's stride 2..2^(d-1)
   features projected to the same widths, frozen unless ``encoder_frozen=False``.
   It is offered for short CPU budgets (the quick profile), where a from-scratch

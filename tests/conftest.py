@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.embedded import ensure_embedded_dataset
+from adbench.datamodules.embedded import ensure_embedded_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 _SHARED = REPO.parent / "shared" / "data"

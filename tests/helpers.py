@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from lightning import LightningModule, Trainer, seed_everything
 
-from benchmark.environment import ONEDNN_ISA_VARIABLE
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
+from adbench.benchmark.orchestration.environment import ONEDNN_ISA_VARIABLE
+from adbench.callbacks.evaluation import AnomalyEvaluator
+from adbench.datamodules import MVTecDataModule
 
 SIZE = 64  # toy resolution: every method's code path, at a fraction of its cost
 #: The quality tests' seed (0). Set to measure their spread across seeds (tests/measure_quality.sh).

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from callbacks.allocator import ReuseFreedMemory
+from adbench.callbacks.allocator import ReuseFreedMemory
 
 from .conftest import REPO
 
@@ -23,7 +23,7 @@ def _trainer(device: str) -> SimpleNamespace:
 # because the setting is process-wide.
 _SCRIPT = """
 import resource, torch
-from callbacks.allocator import keep_freed_memory
+from adbench.callbacks.allocator import keep_freed_memory
 
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -57,7 +57,7 @@ def test_callback_rejects_a_negative_threshold() -> None:
 
 
 def test_callback_applies_only_to_cpu_runs_that_train(monkeypatch: pytest.MonkeyPatch) -> None:
-    import callbacks.allocator as allocator
+    import adbench.callbacks.allocator as allocator
 
     calls: list[int] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda mb: calls.append(mb) or True)
@@ -75,7 +75,7 @@ def test_callback_applies_only_to_cpu_runs_that_train(monkeypatch: pytest.Monkey
 # block per arena on stderr. Fresh process each time: the setting is process-wide.
 _ARENA_SCRIPT = """
 import ctypes, sys, threading
-from callbacks.allocator import single_malloc_arena
+from adbench.callbacks.allocator import single_malloc_arena
 
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
@@ -110,7 +110,7 @@ def test_single_malloc_arena_keeps_every_thread_in_one_arena() -> None:
 
 
 def test_callback_sets_one_arena_on_every_cpu_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    import callbacks.allocator as allocator
+    import adbench.callbacks.allocator as allocator
 
     calls: list[str] = []
     monkeypatch.setattr(allocator, "single_malloc_arena", lambda: calls.append("arena") or True)

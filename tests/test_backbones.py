@@ -23,8 +23,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from models import backbones
-from models.backbones import (
+from adbench.models import backbones
+from adbench.models.backbones import (
     HUB_URLS,
     KNOWN_SHA256,
     PACKAGED_WEIGHTS,
@@ -387,7 +387,7 @@ def test_every_weights_argument_of_every_method_has_its_sha256_and_a_config_chec
     import inspect
     import shutil
 
-    import models
+    from adbench import models
 
     for name in models.list_models():
         parameters = inspect.signature(models.get_model_class(name).__init__).parameters

@@ -9,8 +9,8 @@ import pytest
 import torch
 from lightning import seed_everything
 
-from models.base import AnomalyModule
-from models.draem import DRAEM
+from adbench.models.base import AnomalyModule
+from adbench.models.draem import DRAEM
 
 from .helpers import SIZE, small_datamodule, step_trainer
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark.leaderboard import build_leaderboard
-from benchmark.records import iter_records, read_record, write_json_atomic
-from benchmark.runner import device_slots, run_jobs
-from benchmark.sweep import SweepConfig, SweepConfigError
+from adbench.benchmark.orchestration.records import iter_records, read_record, write_json_atomic
+from adbench.benchmark.orchestration.runner import device_slots, run_jobs
+from adbench.benchmark.orchestration.sweep import SweepConfig, SweepConfigError
+from adbench.benchmark.reports.leaderboard import build_leaderboard
 
 from .conftest import REPO
 
@@ -70,7 +70,7 @@ def test_sweep_expansion_and_overrides(tmp_path: Path, embedded_root: Path) -> N
 
 
 def test_sweep_all_methods_come_from_the_registry(tmp_path: Path, embedded_root: Path) -> None:
-    import models
+    from adbench import models
 
     sweep = SweepConfig.from_yaml(_sweep_file(tmp_path, embedded_root, methods="all"))
     assert set(sweep.resolve_methods()) <= set(models.list_models())
@@ -102,7 +102,7 @@ def test_unknown_sweep_key(tmp_path: Path) -> None:
 def test_a_bad_override_is_refused_before_any_job_runs(
     tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from benchmark.run import main
+    from adbench.benchmark.run import main
 
     results = tmp_path / "results"
     sweep = _sweep_file(tmp_path, embedded_root, methods=["stpm", "patchcore"], categories=["weave", "marble"])
@@ -165,7 +165,7 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     assert len(scores) == record["timing"]["test_images"] and set(scores.label) == {0, 1}
     assert not scores.path.str.startswith("/").any(), "paths are relative to the dataset root"
     assert set(scores.defect_type[scores.label == 0]) == {"good"}
-    from callbacks.metrics import roc_auc
+    from adbench.callbacks.metrics import roc_auc
 
     assert roc_auc(scores.score, scores.label) == pytest.approx(record["metrics"]["image_auroc"])
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard_heatmap.png", "leaderboard_pro.csv"):
@@ -215,7 +215,7 @@ def test_killed_sweep_resumes_without_loss_or_duplicates(tmp_path: Path, embedde
     results = tmp_path / "results"
     categories = ["weave", "marble", "disc"]
     sweep_path = _sweep_file(tmp_path, embedded_root, categories=categories)
-    command = [sys.executable, "-m", "benchmark.run", "--sweep", str(sweep_path), "--results-dir", str(results)]
+    command = [sys.executable, "-m", "adbench.benchmark.run", "--sweep", str(sweep_path), "--results-dir", str(results)]
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
@@ -276,7 +276,7 @@ def test_ddp_job_with_two_cpu_processes(tmp_path: Path, embedded_root: Path) -> 
 def test_wandb_offline_sweep(tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_SILENT", "true")
     results = tmp_path / "results"
-    command = [sys.executable, "-m", "benchmark.run", "--sweep", str(_sweep_file(tmp_path, embedded_root)),
+    command = [sys.executable, "-m", "adbench.benchmark.run", "--sweep", str(_sweep_file(tmp_path, embedded_root)),
                "--results-dir", str(results), "--wandb", "offline"]  # fmt: skip
     subprocess.run(command, cwd=REPO, check=True, capture_output=True, env={**os.environ, "WANDB_MODE": "offline"})
     assert [r["status"] for r in iter_records(results)] == ["ok"]
@@ -320,7 +320,7 @@ def test_shipped_sweeps_are_valid(embedded_root: Path) -> None:
 def test_paper_protocol_trains_on_all_of_train_good_and_is_named_in_the_leaderboard(tmp_path: Path) -> None:
     from dataclasses import asdict
 
-    from benchmark.leaderboard import runs_frame
+    from adbench.benchmark.reports.leaderboard import runs_frame
 
     selected = SweepConfig(methods=["stpm"], categories=["weave"]).jobs()[0]
     paper = SweepConfig(methods=["stpm"], categories=["weave"], protocol="paper").jobs()[0]
@@ -334,8 +334,8 @@ def test_paper_protocol_trains_on_all_of_train_good_and_is_named_in_the_leaderbo
 
 
 def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
-    from benchmark.ablation_table import ablation_table
-    from benchmark.leaderboard import runs_frame
+    from adbench.benchmark.reports.ablation_table import ablation_table
+    from adbench.benchmark.reports.leaderboard import runs_frame
 
     def record(name: str, method: str, seed: int, pixel: float) -> dict:
         return {"name": name, "method": method, "profile": "quick", "category": "bottle", "seed": seed,
@@ -352,8 +352,8 @@ def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
 
 
 def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: Path) -> None:
-    from benchmark.ablation_table import paired_deltas, plot_deltas
-    from benchmark.leaderboard import runs_frame
+    from adbench.benchmark.reports.ablation_table import paired_deltas, plot_deltas
+    from adbench.benchmark.reports.leaderboard import runs_frame
 
     def record(name: str, method: str, seed: int, pixel: float) -> dict:
         return {"name": name, "method": method, "profile": "quick", "category": "bottle", "seed": seed,
@@ -376,7 +376,7 @@ def test_two_sweeps_on_one_results_folder_run_each_job_once(tmp_path: Path, embe
     results = tmp_path / "results"
     categories = ["weave", "marble", "disc"]
     sweep_path = _sweep_file(tmp_path, embedded_root, categories=categories)
-    command = [sys.executable, "-m", "benchmark.run", "--sweep", str(sweep_path), "--results-dir", str(results)]
+    command = [sys.executable, "-m", "adbench.benchmark.run", "--sweep", str(sweep_path), "--results-dir", str(results)]
     other = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not list((results / "runs" / ".locks").glob("*.lock")) and time.time() < deadline:
@@ -397,7 +397,7 @@ def test_bench_patchcore_reads_the_metrics_lightning_prints(capsys: pytest.Captu
     # installed (memray brings it): the benchmark must read both.
     from lightning.pytorch.loops.evaluation_loop import _EvaluationLoop
 
-    from benchmark.bench_patchcore import printed_test_metrics
+    from adbench.benchmark.experiments.bench_patchcore import printed_test_metrics
 
     _EvaluationLoop._print_results([{"test/image_auroc": 0.875, "test/pixel_auroc": 0.9979014992713928}], "test")
     printed = capsys.readouterr().out

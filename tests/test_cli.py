@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark.cli import AnomalyCLI
+from adbench.cli import AnomalyCLI
 
 from .conftest import REPO
 

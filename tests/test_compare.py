@@ -1,4 +1,4 @@
-"""benchmark/compare.py without anomalib: the offline timm weights, the weight check, metrics on
+"""benchmark/compare/ without anomalib: the offline timm weights, the weight check, metrics on
 raw predictions, the table, the arguments and the error when anomalib is missing.
 
 anomalib itself lives in ``.venv-compare`` (``make compare``); none of these tests needs it.
@@ -18,8 +18,8 @@ import pytest
 import timm
 import torch
 
-from benchmark import compare
-from benchmark.compare import (
+from adbench.benchmark import compare
+from adbench.benchmark.compare import (
     AnomalibMissingError,
     CompareError,
     WeightsMismatchError,
@@ -35,8 +35,8 @@ from benchmark.compare import (
     table_markdown,
     write_timm_hf_cache,
 )
-from datamodules.base import AnomalyDataset
-from datamodules.mvtec import list_test_samples
+from adbench.datamodules.base import AnomalyDataset
+from adbench.datamodules.mvtec import list_test_samples
 
 REPO = Path(__file__).resolve().parents[1]
 LITE0 = "tf_efficientnet_lite0"
@@ -80,7 +80,7 @@ def test_hf_cache_gives_timm_our_weights_offline(tmp_path: Path) -> None:
     script = (
         "import huggingface_hub, timm\n"
         "from huggingface_hub import constants\n"
-        "from benchmark.compare import check_backbone_weights\n"
+        "from adbench.benchmark.compare import check_backbone_weights\n"
         "assert constants.HF_HUB_OFFLINE\n"
         "where = huggingface_hub.hf_hub_download('timm/tf_efficientnet_lite0.in1k', 'model.safetensors')\n"
         "print('FILE', where)\n"
@@ -103,7 +103,7 @@ def test_hf_cache_gives_timm_our_weights_offline(tmp_path: Path) -> None:
 
 
 def test_weight_check_fails_loudly_on_other_weights() -> None:
-    from models.backbones import resolve_state_dict
+    from adbench.models.backbones import resolve_state_dict
 
     model = timm.create_model(LITE0, pretrained=False, features_only=True, out_indices=[2, 3])
     with pytest.raises(WeightsMismatchError, match="differs from ours"):

@@ -17,12 +17,12 @@ import torch
 from lightning import seed_everything
 from PIL import Image
 
-from datamodules import AnomalyDataset, MVTecDataModule
-from datamodules import download as download_module
-from datamodules.base import DatasetError
-from datamodules.download import ChecksumError, download_mvtec
-from datamodules.embedded import EMBEDDED_CATEGORIES
-from datamodules.mvtec import list_test_samples, list_train_samples
+from adbench.datamodules import AnomalyDataset, MVTecDataModule
+from adbench.datamodules import download as download_module
+from adbench.datamodules.base import DatasetError
+from adbench.datamodules.download import ChecksumError, download_mvtec
+from adbench.datamodules.embedded import EMBEDDED_CATEGORIES
+from adbench.datamodules.mvtec import list_test_samples, list_train_samples
 
 from .conftest import MVTEC_ROOT, REPO, requires_mvtec
 
@@ -356,7 +356,7 @@ def test_a_folder_of_the_users_own_is_never_replaced(tmp_path: Path, tiny_root: 
 def test_a_decompression_bomb_names_its_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from PIL import Image
 
-    from datamodules.base import read_image
+    from adbench.datamodules.base import read_image
 
     path = tmp_path / "huge.png"
     Image.new("RGB", (64, 64)).save(path)
@@ -399,7 +399,7 @@ def test_paper_profiles_never_fall_back_to_procedural_textures(embedded_root: Pa
 
 
 def test_held_out_validation_textures_are_classes_training_never_sees(tmp_path: Path, embedded_root: Path) -> None:
-    from datamodules.synthesis import FolderTextures
+    from adbench.datamodules.synthesis import FolderTextures
 
     rng = np.random.default_rng(0)
     for kind in ("banded", "dotted", "grid", "lined", "woven"):

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.cli import AnomalyCLI
-from datamodules import AnomalyDataModule, btad, get_dataset_class, mvtec3d, visa
-from datamodules.base import DatasetError, read_mask
-from datamodules.download import (
+from adbench.cli import AnomalyCLI
+from adbench.datamodules import AnomalyDataModule, btad, get_dataset_class, mvtec3d, visa
+from adbench.datamodules.base import DatasetError, read_mask
+from adbench.datamodules.download import (
     COMPLETE_MARKER,
     ChecksumError,
     extract_zip_category,

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from lightning import seed_everything
 
-from models import create_model
-from models.draem import DRAEM
-from models.losses import focal_loss
-from models.scoring import pooled_max_score
+from adbench.models import create_model
+from adbench.models.draem import DRAEM
+from adbench.models.losses import focal_loss
+from adbench.models.scoring import pooled_max_score
 
 from .helpers import (
     SIZE,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules import embedded
-from datamodules.embedded import (
+from adbench.datamodules import embedded
+from adbench.datamodules.embedded import (
     EMBEDDED_CATEGORIES,
     EMBEDDED_DEFECTS,
     ENV_VAR,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmark.environment import (
+from adbench.benchmark.orchestration.environment import (
     LOCK_FILE,
     environment,
     environment_differences,
@@ -15,8 +15,8 @@ from benchmark.environment import (
     lock_differences,
     locked_packages,
 )
-from benchmark.leaderboard import build_leaderboard
-from benchmark.records import write_json_atomic
+from adbench.benchmark.orchestration.records import write_json_atomic
+from adbench.benchmark.reports.leaderboard import build_leaderboard
 
 from .test_trust import _write_records
 

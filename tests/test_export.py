@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-import models
+from adbench import models
 from adbench.api import Detector
 from adbench.export import ExportedDetector, export
 

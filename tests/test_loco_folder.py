@@ -19,14 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmark.cli import AnomalyCLI
-from callbacks.metrics import bootstrap_intervals, compute_anomaly_metrics
-from datamodules import MVTecDataModule, get_dataset_class
-from datamodules import loco as loco_module
-from datamodules.base import DatasetError, read_mask
-from datamodules.download import ChecksumError
-from datamodules.folder import FolderDataModule
-from datamodules.loco import LOCO_ARCHIVE, MVTecLOCODataModule
+from adbench.callbacks.metrics import bootstrap_intervals, compute_anomaly_metrics
+from adbench.cli import AnomalyCLI
+from adbench.datamodules import MVTecDataModule, get_dataset_class
+from adbench.datamodules import loco as loco_module
+from adbench.datamodules.base import DatasetError, read_mask
+from adbench.datamodules.download import ChecksumError
+from adbench.datamodules.folder import FolderDataModule
+from adbench.datamodules.loco import LOCO_ARCHIVE, MVTecLOCODataModule
 
 from .conftest import MVTEC_ROOT, REPO, requires_mvtec
 

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import models
-from benchmark.cli import AnomalyCLI
-from benchmark.runner import device_slots, run_jobs
-from benchmark.sweep import SweepConfig, config_path
+from adbench import models
+from adbench.benchmark.orchestration.runner import device_slots, run_jobs
+from adbench.benchmark.orchestration.sweep import SweepConfig, config_path
+from adbench.cli import AnomalyCLI
 
 from .conftest import REPO
 

@@ -14,10 +14,10 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from torch.utils.data import DataLoader
 
-import callbacks.evaluation as evaluation_module
-from callbacks import AnomalyEvaluator, compute_anomaly_metrics, f1_max, pro_auc, roc_auc
-from callbacks.metrics import f1_optimal_threshold
-from models.base import AnomalyModule, AnomalyOutput
+import adbench.callbacks.evaluation as evaluation_module
+from adbench.callbacks import AnomalyEvaluator, compute_anomaly_metrics, f1_max, pro_auc, roc_auc
+from adbench.callbacks.metrics import f1_optimal_threshold
+from adbench.models.base import AnomalyModule, AnomalyOutput
 
 SEEDS = range(6)
 

@@ -10,10 +10,15 @@ import torch
 from lightning import Trainer, seed_everything
 from torch import Tensor
 
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
-from models import create_model
-from models.patchcore import PatchCore, greedy_coreset, nearest_neighbors, partitioned_coreset
+from adbench.callbacks.evaluation import AnomalyEvaluator
+from adbench.datamodules import MVTecDataModule
+from adbench.models import create_model
+from adbench.models.patchcore import (
+    PatchCore,
+    greedy_coreset,
+    nearest_neighbors,
+    partitioned_coreset,
+)
 
 from .helpers import log_quality
 

@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 from lightning import seed_everything
 
-from benchmark.cli import AnomalyCLI
-from models import create_model
-from models.draem import DRAEM
-from models.losses import focal_loss, reconstruction_loss
-from models.pouta import POUTA
-from models.scoring import pooled_max_score
+from adbench.cli import AnomalyCLI
+from adbench.models import create_model
+from adbench.models.draem import DRAEM
+from adbench.models.losses import focal_loss, reconstruction_loss
+from adbench.models.pouta import POUTA
+from adbench.models.scoring import pooled_max_score
 
 from .conftest import REPO
 from .helpers import (
@@ -246,8 +246,8 @@ def test_head_prior_sets_the_initial_anomaly_probability() -> None:
 
 
 def test_pretrained_encoder_option_keeps_feature_reuse() -> None:
-    from models.backbones import FeatureExtractor
-    from models.unet import BackboneEncoder
+    from adbench.models.backbones import FeatureExtractor
+    from adbench.models.unet import BackboneEncoder
 
     model = _tiny(encoder="tf_efficientnet_lite0").eval()
     encoder = model.reconstructive.encoder
@@ -299,7 +299,7 @@ def test_bf16_mixed_training_is_finite(embedded_root: Path) -> None:
 
 
 def test_side_by_side_bench_counts_fewer_parameters_and_flops_than_draem() -> None:
-    from benchmark.bench_pouta_vs_draem import (
+    from adbench.benchmark.experiments.bench_pouta_vs_draem import (
         build_models,
         count_parameters,
         gflops_per_image,

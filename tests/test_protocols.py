@@ -9,12 +9,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark.cli import AnomalyCLI
-from benchmark.leaderboard import build_leaderboard
-from benchmark.runner import device_slots, run_jobs
-from benchmark.sweep import SweepConfig, SweepConfigError
-from datamodules import MVTecDataModule, get_dataset_class
-from datamodules.base import DatasetError
+from adbench.benchmark.orchestration.runner import device_slots, run_jobs
+from adbench.benchmark.orchestration.sweep import SweepConfig, SweepConfigError
+from adbench.benchmark.reports.leaderboard import build_leaderboard
+from adbench.cli import AnomalyCLI
+from adbench.datamodules import MVTecDataModule, get_dataset_class
+from adbench.datamodules.base import DatasetError
 
 from .dataset_layouts import BUILDERS
 
@@ -132,7 +132,7 @@ def test_shots_and_unified_sweep_expand_and_the_leaderboard_has_their_columns(
 
 
 def test_the_leaderboard_groups_rows_by_dataset_and_never_averages_across_them(tmp_path: Path) -> None:
-    from benchmark.records import write_json_atomic
+    from adbench.benchmark.orchestration.records import write_json_atomic
 
     metrics = {"image_auroc": 0.9, "pixel_auroc": 0.8, "pro": 0.7, "image_f1max": 0.6, "pixel_f1max": 0.5}
     for dataset, category, value in (("mvtec", "weave", 0.9), ("visa", "candle", 0.5), ("visa", "pcb1", 0.7)):

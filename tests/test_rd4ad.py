@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning import Trainer, seed_everything
 
-from callbacks.evaluation import AnomalyEvaluator
-from datamodules import MVTecDataModule
-from models import create_model
-from models.rd4ad import RD4AD, Bottleneck, OneClassBottleneck
+from adbench.callbacks.evaluation import AnomalyEvaluator
+from adbench.datamodules import MVTecDataModule
+from adbench.models import create_model
+from adbench.models.rd4ad import RD4AD, Bottleneck, OneClassBottleneck
 
 from .helpers import TEST_SEED, log_quality
 

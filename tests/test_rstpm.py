@@ -11,15 +11,15 @@ import pytest
 import torch
 from lightning import Callback, LightningModule, Trainer, seed_everything
 
-from benchmark.cli import AnomalyCLI
-from callbacks.evaluation import NOT_READY_SCORE, AnomalyEvaluator
-from models import create_model
-from models.backbones import FeatureExtractor
-from models.distillation import StudentTeacherPair
-from models.losses import fuse_maps, normalized_l2_distance
-from models.rstpm import RSTPM, DecoderStudent
-from models.stpm import STPM
-from models.unet import UNet
+from adbench.callbacks.evaluation import NOT_READY_SCORE, AnomalyEvaluator
+from adbench.cli import AnomalyCLI
+from adbench.models import create_model
+from adbench.models.backbones import FeatureExtractor
+from adbench.models.distillation import StudentTeacherPair
+from adbench.models.losses import fuse_maps, normalized_l2_distance
+from adbench.models.rstpm import RSTPM, DecoderStudent
+from adbench.models.stpm import STPM
+from adbench.models.unet import UNet
 
 from .conftest import REPO
 from .helpers import (

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from benchmark import run
-from benchmark.records import iter_records
+from adbench.benchmark import run
+from adbench.benchmark.orchestration.records import iter_records
 
 from .conftest import REPO
 from .test_benchmark import TINY

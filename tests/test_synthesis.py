@@ -28,14 +28,14 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from datamodules.perlin import (
+from adbench.datamodules.perlin import (
     perlin_mask,
     perlin_noise,
     perlin_noise_from_gradients,
     rotate_about_centre,
     sample_perlin_scale,
 )
-from datamodules.synthesis import (
+from adbench.datamodules.synthesis import (
     FolderTextures,
     ProceduralTextures,
     PseudoAnomalySynthesizer,

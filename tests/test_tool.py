@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 
 import adbench
-from benchmark.cli import TEST_SCORES_FILE, AnomalyCLI, expand_model_names
-from benchmark.runner import device_slots, run_jobs
-from benchmark.sweep import SweepConfig
+from adbench.benchmark.orchestration.runner import device_slots, run_jobs
+from adbench.benchmark.orchestration.sweep import SweepConfig
+from adbench.cli import TEST_SCORES_FILE, AnomalyCLI, expand_model_names
 
 from .conftest import REPO
 from .test_benchmark import TINY as TINY_OVERRIDES
@@ -26,7 +26,7 @@ from .test_cli import TINY
 
 def test_short_model_names_become_class_paths() -> None:
     assert expand_model_names(["fit", "--model", "stpm", "--model=PatchCore", "--data.category=stpm"]) == [
-        "fit", "--model", "models.stpm.STPM", "--model=models.patchcore.PatchCore", "--data.category=stpm"]
+        "fit", "--model", "adbench.models.stpm.STPM", "--model=adbench.models.patchcore.PatchCore", "--data.category=stpm"]
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_python_api_and_predict_on_a_folder_of_mixed_images(tmp_path: Path, embe
 
 def test_top_level_help_lists_every_command_without_importing_torch() -> None:
     probe = ("import sys; from adbench.__main__ import main; main(['--help']); "
-             "print('heavy:', sorted(m for m in ('torch', 'lightning', 'models') if m in sys.modules))")
+             "print('heavy:', sorted(m for m in ('torch', 'lightning', 'adbench.models') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
     assert result.stdout.startswith("usage: adbench <command>")
     for command in ("fit", "validate", "test", "predict", "export", "models"):
@@ -140,8 +140,8 @@ def test_cli_help_says_adbench() -> None:
 def test_testing_without_the_evaluator_warns_how_to_add_it(embedded_root: Path) -> None:
     from lightning import Trainer
 
-    from datamodules import MVTecDataModule
-    from models.stpm import STPM
+    from adbench.datamodules import MVTecDataModule
+    from adbench.models.stpm import STPM
 
     data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, eval_batch_size=8)
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False, limit_test_batches=1)

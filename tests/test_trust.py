@@ -17,14 +17,14 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from benchmark.job import result_warnings
-from benchmark.leaderboard import build_leaderboard
-from benchmark.published import load_published
-from benchmark.records import write_json_atomic
-from benchmark.runner import device_slots, execution_of
-from benchmark.sweep import SweepConfig, code_files
-from callbacks import metrics as M
-from callbacks.guards import LossHistory
+from adbench.benchmark.orchestration.job import result_warnings
+from adbench.benchmark.orchestration.records import write_json_atomic
+from adbench.benchmark.orchestration.runner import device_slots, execution_of
+from adbench.benchmark.orchestration.sweep import SweepConfig, code_modules
+from adbench.benchmark.reports.leaderboard import build_leaderboard
+from adbench.benchmark.reports.published import load_published
+from adbench.callbacks import metrics as M
+from adbench.callbacks.guards import LossHistory
 
 from .conftest import REPO
 
@@ -148,11 +148,11 @@ def test_diverged_loss_and_one_class_test_split_are_warnings() -> None:
 
 
 def test_a_methods_code_is_its_own_files_and_the_pipeline() -> None:
-    stpm = {p.relative_to(REPO).as_posix() for p in code_files("stpm")}
-    rstpm = {p.relative_to(REPO).as_posix() for p in code_files("rstpm")}
-    assert {"models/stpm.py", "models/distillation.py", "callbacks/metrics.py", "benchmark/job.py"} <= stpm
-    assert "models/rstpm.py" not in stpm and "models/stpm.py" not in rstpm
-    assert "models/unet.py" in rstpm and "models/__init__.py" not in rstpm
+    stpm, rstpm = set(code_modules("stpm")), set(code_modules("rstpm"))
+    assert {"adbench.models.stpm", "adbench.models.distillation", "adbench.callbacks.metrics",
+            "adbench.benchmark.orchestration.job", "adbench.cli"} <= stpm
+    assert "adbench.models.rstpm" not in stpm and "adbench.models.stpm" not in rstpm
+    assert "adbench.models.unet" in rstpm and "adbench.models" not in rstpm
 
 
 def test_execution_kind_is_part_of_the_fingerprint(tmp_path: Path, embedded_root: Path) -> None:
@@ -323,7 +323,7 @@ def test_editing_a_methods_file_reruns_its_jobs_only(tmp_path: Path, embedded_ro
 
 
 def test_rows_whose_maps_are_near_chance_are_flagged_with_their_budget() -> None:
-    from benchmark.leaderboard import weak_rows
+    from adbench.benchmark.reports.leaderboard import weak_rows
 
     table = pd.DataFrame({"mean": [0.95, np.nan, 0.62], "partial_mean": [np.nan, 0.55, np.nan]},
                          index=["patchcore (quick)", "draem (quick)", "pouta (quick)"])

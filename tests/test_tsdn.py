@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import torch
 
-from benchmark.cli import AnomalyCLI
-from models import create_model
-from models.tsdn import TSDN, reconstruction_error_map
-from models.unet import BackboneEncoder, Encoder
+from adbench.cli import AnomalyCLI
+from adbench.models import create_model
+from adbench.models.tsdn import TSDN, reconstruction_error_map
+from adbench.models.unet import BackboneEncoder, Encoder
 
 from .conftest import REPO
 from .helpers import (

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.unet import ConvBNReLU, UNet
+from adbench.models.unet import ConvBNReLU, UNet
 
 
 def _as_written(layer: ConvBNReLU, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Job records -> a leaderboard a reviewer can trust: tables with intervals, published
 references per category, significance tests, and one self-contained HTML report.
 
-    python -m benchmark.leaderboard RESULTS_DIR [--sweep-name NAME] [--sort-by pixel_auroc]
+    python -m adbench.benchmark.reports.leaderboard RESULTS_DIR [--sweep-name NAME] [--sort-by pixel_auroc]
 
 Writes into RESULTS_DIR:
 
@@ -40,10 +40,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmark import published, statistics  # noqa: E402
-from benchmark.environment import environment_differences, environment_key  # noqa: E402
-from benchmark.records import scan_records  # noqa: E402
-from benchmark.sweep import JobSpec  # noqa: E402
+from adbench.benchmark.orchestration.environment import environment_differences, environment_key  # noqa: E402
+from adbench.benchmark.orchestration.records import scan_records  # noqa: E402
+from adbench.benchmark.orchestration.sweep import JobSpec  # noqa: E402
+from adbench.benchmark.reports import published, statistics  # noqa: E402
 
 METRICS = {
     "image_auroc": "Image AUROC",
@@ -442,12 +442,12 @@ def _published_section(report: _Report, tables: dict[str, pd.DataFrame], runs: p
         for note in notes:
             report.text(note)
     if any_shown:
-        report.text("Published: benchmark/published/mvtec_ad.csv (figures as printed per category; the mean "
+        report.text("Published: benchmark/reports/published/mvtec_ad.csv (figures as printed per category; the mean "
                     "column is over the categories both have, never the paper's 15-category mean). Settings "
                     "differ from ours (backbone, resolution, training budget): see each row's source.")
     else:
         report.text("No row of this sweep is a method with published per-category MVTec AD figures "
-                    "in benchmark/published/mvtec_ad.csv for these categories.")
+                    "in benchmark/reports/published/mvtec_ad.csv for these categories.")
 
 
 def _significance_section(report: _Report, runs: pd.DataFrame, results_dir: Path) -> None:

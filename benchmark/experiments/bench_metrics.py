@@ -1,6 +1,6 @@
 """Time the exact metrics on one synthetic MVTec-sized category.
 
-Run ``python -m benchmark.bench_metrics``. The category is 150 images at 256x256 (about
+Run ``python -m adbench.benchmark.experiments.bench_metrics``. The category is 150 images at 256x256 (about
 10M pixels), a third of them good; defective images get a few random elliptic blobs as
 ground-truth regions. Scores are smooth noise, raised inside the blobs and around them
 (a realistic detector fires a bit wider than the defect), so the curves are neither
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from callbacks.metrics import (
+from adbench.callbacks.metrics import (
     BOOTSTRAP_MAX_THRESHOLDS,
     bootstrap_intervals,
     compute_anomaly_metrics,

@@ -1,6 +1,6 @@
 """POUTA vs DRAEM at the same widths: parameters and CPU inference time per image.
 
-    python -m benchmark.bench_pouta_vs_draem [--recon-width 128] [--disc-width 64] [--size 256]
+    python -m adbench.benchmark.experiments.bench_pouta_vs_draem [--recon-width 128] [--disc-width 64] [--size 256]
         [--batch-sizes 1,8] [--runs 7] [--warmup 2] [--threads N]
 
 POUTA's claim (Wang et al., TCSVT 2024) is that reusing the reconstructive
@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.draem import DRAEM
-from models.pouta import POUTA
+from adbench.models.draem import DRAEM
+from adbench.models.pouta import POUTA
 
 
 def count_parameters(module: nn.Module) -> int:

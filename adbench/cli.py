@@ -1,4 +1,5 @@
-"""The Lightning half of ``adbench`` (the entry point, ``adbench/__main__.py``, dispatches here).
+"""The Lightning half of ``adbench`` (the entry point, ``adbench/__main__.py``, dispatches here;
+sweep jobs run through :class:`AnomalyCLI` too).
 
     adbench fit      --config configs/stpm/quick.yaml --data.category bottle --data.root $MVTEC_ROOT
     adbench test     --config configs/stpm/quick.yaml --data.category bottle --ckpt_path best
@@ -14,7 +15,7 @@ checkpoint selected on validation (``best.ckpt``) beside the final weights
 ``runs/<method>/<category>/seed<seed>/`` unless ``--trainer.default_root_dir`` says
 otherwise, printed at the end; ``--ckpt_path best|last`` finds that folder's checkpoints
 in a new process. A method can be named by registry name (``--model stpm``), class
-name (``--model STPM``) or class path (``models.stpm.STPM``).
+name (``--model STPM``) or class path (``adbench.models.stpm.STPM``).
 """
 
 from __future__ import annotations
@@ -36,15 +37,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_warn
 
-import datamodules
-import models
-from callbacks.allocator import ReuseFreedMemory
-from callbacks.evaluation import SELECTION_MONITOR, AnomalyEvaluator
-from callbacks.guards import LossHistory, NonFiniteLossGuard
-from callbacks.timing import TimingCallback
-from callbacks.visualization import AnomalyMapVisualizer
-from datamodules import AnomalyDataModule, MVTecDataModule
-from models.base import AnomalyModule
+from adbench import datamodules, models
+from adbench.callbacks.allocator import ReuseFreedMemory
+from adbench.callbacks.evaluation import SELECTION_MONITOR, AnomalyEvaluator
+from adbench.callbacks.guards import LossHistory, NonFiniteLossGuard
+from adbench.callbacks.timing import TimingCallback
+from adbench.callbacks.visualization import AnomalyMapVisualizer
+from adbench.datamodules import AnomalyDataModule, MVTecDataModule
+from adbench.models.base import AnomalyModule
 
 RUNS_FOLDER = "runs"
 #: `adbench test` writes its per-image scores here, inside the run folder.
@@ -318,8 +318,3 @@ def run_lightning_cli(argv: list[str], from_command_line: bool = False) -> None:
         print(f"[adbench] per-image scores: {scores}")
     print(f"[adbench] run folder: {cli.trainer.default_root_dir}")
 
-
-if __name__ == "__main__":
-    from adbench.__main__ import main
-
-    main()

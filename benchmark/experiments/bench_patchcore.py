@@ -1,6 +1,6 @@
 """PatchCore at scale: fit time and peak memory against the number of training images.
 
-    python -m benchmark.bench_patchcore [--images 100,200,500,1000] [--methods greedy,partitioned]
+    python -m adbench.benchmark.experiments.bench_patchcore [--images 100,200,500,1000] [--methods greedy,partitioned]
         [--max-greedy-images 200] [--work DIR]
 
 For each training-set size N the embedded ``weave`` category is rendered with N normal
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from datamodules.embedded import ensure_embedded_dataset, render_sample
+from adbench.datamodules.embedded import ensure_embedded_dataset, render_sample
 
 CATEGORY = "weave"
 IMAGE_SIZE = 256

@@ -1,4 +1,4 @@
-"""Published MVTec AD figures per category (``benchmark/published/mvtec_ad.csv``) beside ours.
+"""Published MVTec AD figures per category (``benchmark/reports/published/mvtec_ad.csv``) beside ours.
 
 A method's published 15-category mean is never set beside our mean over fewer categories:
 the comparison is per category, and a mean is taken over the categories both have, with
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import models
-from datamodules import MVTEC_CATEGORIES
+from adbench import models
+from adbench.datamodules import MVTEC_CATEGORIES
 
 PUBLISHED_FILE = Path(__file__).resolve().parent / "published" / "mvtec_ad.csv"
 COMPARED = ("image_auroc", "pixel_auroc", "pro")

@@ -7,8 +7,8 @@ lists each difference. :func:`environment_key` digests the parts that can change
 number (not the host name or the commit), so the leaderboard can flag rows made in
 different environments and :func:`environment_differences` can say what differs.
 
-    python -m benchmark.environment            # this environment, as a record stores it
-    python -m benchmark.environment --check    # exit 1 unless the installed packages equal the lock
+    python -m adbench.benchmark.orchestration.environment            # this environment, as a record stores it
+    python -m adbench.benchmark.orchestration.environment --check    # exit 1 unless the installed packages equal the lock
 """
 
 from __future__ import annotations
@@ -26,8 +26,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from adbench.project import project_root
+
 #: The hashed export of uv.lock that `make venv` installs (`make lock` writes both).
-LOCK_FILE = Path(__file__).resolve().parent.parent / "requirements.lock"
+LOCK_FILE = project_root() / "requirements.lock"
 #: The highest instruction set oneDNN (torch's CPU convolutions) may use: its AVX-512 and AVX2
 #: kernels round differently, and training amplifies the difference (results/reproducibility.md).
 ONEDNN_ISA_VARIABLE = "ONEDNN_MAX_CPU_ISA"
@@ -204,7 +206,7 @@ def environment_differences(envs: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmark.environment", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adbench.benchmark.orchestration.environment", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
                         help="exit 1 unless every installed package is the locked version")
     parser.add_argument("--lock", default=str(LOCK_FILE), help="the lock to compare with (default: %(default)s)")

@@ -1,6 +1,6 @@
 """One benchmark job in its own process: fit, select a checkpoint on validation, test, record.
 
-    python -m benchmark.job SPEC.json RECORD.json
+    python -m adbench.benchmark.orchestration.job SPEC.json RECORD.json
 
 The job is built through the same Lightning CLI (and the same YAML) a user
 runs by hand, so a leaderboard number can always be reproduced with
@@ -27,12 +27,16 @@ from typing import Any
 
 import torch
 
-from benchmark.cli import AnomalyCLI
-from benchmark.environment import environment, pin_cpu_isa
-from benchmark.records import LAUNCH_TOKEN_VARIABLE, LAUNCHED_AT_VARIABLE, write_json_atomic
-from benchmark.sweep import JobSpec
-from callbacks.evaluation import NOT_READY_SCORE
-from callbacks.guards import LossHistory
+from adbench.benchmark.orchestration.environment import environment, pin_cpu_isa
+from adbench.benchmark.orchestration.records import (
+    LAUNCH_TOKEN_VARIABLE,
+    LAUNCHED_AT_VARIABLE,
+    write_json_atomic,
+)
+from adbench.benchmark.orchestration.sweep import JobSpec
+from adbench.callbacks.evaluation import NOT_READY_SCORE
+from adbench.callbacks.guards import LossHistory
+from adbench.cli import AnomalyCLI
 
 
 def _logger(spec: JobSpec, job_dir: Path) -> Any:
@@ -111,7 +115,7 @@ def save_for_requeue() -> None:
 
 
 def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> dict[str, Any]:
-    """Fit, select, test with the CLI's protocol (benchmark.cli.protocol_callbacks); return the record's measured part."""
+    """Fit, select, test with the CLI's protocol (adbench.cli.protocol_callbacks); return the record's measured part."""
     resume = job_dir / "checkpoints" / REQUEUE_CHECKPOINT
     if "LOCAL_RANK" not in os.environ and not resume.is_file():  # the launcher, never a DDP worker mid-run
         # A rerun (changed code or config) must not find the previous run's best.ckpt beside its own.

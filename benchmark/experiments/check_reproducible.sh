@@ -4,8 +4,8 @@
 # the embedded dataset), run `make benchmark` one after the other; then every job's per-image
 # scores, metrics, intervals, threshold and training loss are compared bit for bit.
 #
-#   benchmark/check_reproducible.sh [WORKDIR]
-#   SECOND_ENV='NPY_DISABLE_CPU_FEATURES=X86_V4 AVX512_ICL AVX512_SPR' benchmark/check_reproducible.sh
+#   benchmark/experiments/check_reproducible.sh [WORKDIR]
+#   SECOND_ENV='NPY_DISABLE_CPU_FEATURES=X86_V4 AVX512_ICL AVX512_SPR' benchmark/experiments/check_reproducible.sh
 #       runs the second clone as a machine whose numpy has no AVX-512 would (see results/reproducibility.md)
 # Exit status 0: identical; 1: something differs (listed).
 set -euo pipefail

@@ -1,6 +1,6 @@
 """Eager PyTorch vs exported ONNX (onnxruntime) images/s for every registered method.
 
-    python -m benchmark.bench_export [--size 256] [--batch 8] [--repeats 5] [--methods stpm,draem]
+    python -m adbench.benchmark.experiments.bench_export [--size 256] [--batch 8] [--repeats 5] [--methods stpm,draem]
 
 Each method is built from its quick profile (untrained: speed does not depend on the
 weights; PatchCore gets a random memory bank of ``--bank`` patches), wrapped with its
@@ -20,10 +20,10 @@ import onnxruntime
 import torch
 import yaml
 
-import models
+from adbench import models
 from adbench.api import Detector
 from adbench.export import ExportedDetector, export
-from benchmark.sweep import CONFIG_DIR
+from adbench.project import config_dir
 
 
 def _best(fn, repeats: int) -> float:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':<12s} {'eager img/s':>12s} {'onnx img/s':>12s} {'ratio':>7s}")
     with tempfile.TemporaryDirectory() as folder:
         for name in names:
-            config = yaml.safe_load((CONFIG_DIR / name / "quick.yaml").read_text())["model"].get("init_args", {})
+            config = yaml.safe_load((config_dir() / name / "quick.yaml").read_text())["model"].get("init_args", {})
             model = models.get_model_class(name)(**config).eval()
             if name == "patchcore":
                 model.build_memory_bank(torch.randn(args.bank, model.memory_bank.shape[1]))

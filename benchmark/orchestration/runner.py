@@ -6,7 +6,7 @@ device per job there are N slots, each job pinned to its GPU through
 GPUs. On a CPU-only machine the same code runs ``parallel`` jobs at once (1 by
 default), splitting the cores between them.
 
-Every job runs in its own process (``python -m benchmark.job``): a crash, a NaN
+Every job runs in its own process (``python -m adbench.benchmark.orchestration.job``): a crash, a NaN
 or an out-of-memory kill ends that job only. A job's record is written
 atomically; a job whose record is ``ok`` (or ``warning``) and whose fingerprint
 (method config, category, seed, overrides, the source of the code it runs, the
@@ -36,14 +36,15 @@ from typing import IO, Any
 import torch
 from tqdm.auto import tqdm
 
-from benchmark.records import (
+from adbench.benchmark.orchestration.records import (
     LAUNCH_TOKEN_VARIABLE,
     LAUNCHED_AT_VARIABLE,
     RUNS_FOLDER,
     read_record,
     write_json_atomic,
 )
-from benchmark.sweep import JobSpec
+from adbench.benchmark.orchestration.sweep import JobSpec
+from adbench.project import project_root
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,7 +66,7 @@ def is_finished(results_dir: Path, spec: JobSpec, retry_failed: bool = True) -> 
     return record.get("status") in FINISHED or (record.get("status") == "failed" and not retry_failed)
 
 
-#: Statuses of a job that ran to the end (``warning``: with degenerate figures, see benchmark.job).
+#: Statuses of a job that ran to the end (``warning``: with degenerate figures, see adbench.benchmark.orchestration.job).
 FINISHED = ("ok", "warning")
 
 
@@ -219,9 +220,9 @@ def run_jobs(
                 env = {**os.environ, **slot, "PYTHONUNBUFFERED": "1", LAUNCH_TOKEN_VARIABLE: token,
                        LAUNCHED_AT_VARIABLE: repr(time.time())}  # fmt: skip
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "benchmark.job", str(spec_path), str(record_path(results_dir, spec))],
+                    [sys.executable, "-m", "adbench.benchmark.orchestration.job", str(spec_path), str(record_path(results_dir, spec))],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    preexec_fn=_die_with_parent, cwd=Path(__file__).resolve().parent.parent,
+                    preexec_fn=_die_with_parent, cwd=project_root(),
                 )
                 job = _Running(spec, process, slot, time.time(), log_path, token=token)
                 job.log = open(log_path, "wb")  # noqa: SIM115 - closed when the job ends

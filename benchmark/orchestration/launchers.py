@@ -1,14 +1,14 @@
 """Where a sweep's jobs run: this machine's process pool (``local``) or a SLURM cluster (``slurm``).
 
-Both run the same job code (:func:`benchmark.job.main`), write the same records with the
-same resume rule (:func:`benchmark.runner.is_finished`) and feed the same leaderboard.
+Both run the same job code (:func:`adbench.benchmark.orchestration.job.main`), write the same records with the
+same resume rule (:func:`adbench.benchmark.orchestration.runner.is_finished`) and feed the same leaderboard.
 
 SLURM goes through submitit (one job array per sweep, one array task per unfinished job):
 
-    python -m benchmark.run --sweep configs/sweeps/mvtec.yaml --launcher slurm \\
+    python -m adbench.benchmark.run --sweep configs/sweeps/mvtec.yaml --launcher slurm \\
         --slurm partition=gpu --slurm gpus_per_job=1 --slurm time_min=720
 
-While the array runs (``--no-wait`` returns at once), ``python -m benchmark.run ...
+While the array runs (``--no-wait`` returns at once), ``python -m adbench.benchmark.run ...
 --leaderboard-only`` rebuilds the leaderboard from the records already written.
 """
 
@@ -24,15 +24,15 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from benchmark.records import read_record, write_json_atomic
-from benchmark.runner import (
+from adbench.benchmark.orchestration.records import read_record, write_json_atomic
+from adbench.benchmark.orchestration.runner import (
     FINISHED,
     device_slots,
     is_finished,
     record_path,
     run_jobs,
 )
-from benchmark.sweep import JobSpec, SweepConfigError
+from adbench.benchmark.orchestration.sweep import JobSpec, SweepConfigError
 
 
 @dataclass
@@ -81,7 +81,7 @@ class SlurmTask:
 
     Preemption and time limits: submitit asks SLURM for a warning signal (USR2, 90 s before
     the limit, and on preemption); on it, submitit calls :meth:`checkpoint`, which saves the
-    running job's full training state (:func:`benchmark.job.save_for_requeue`), then requeues
+    running job's full training state (:func:`adbench.benchmark.orchestration.job.save_for_requeue`), then requeues
     the task with the same arguments and ends this attempt. The next attempt resumes
     training from that file and writes the job's one record. Lightning's own SLURM
     auto-requeue is switched off in the job (only one of the two may act). A task past its
@@ -89,7 +89,7 @@ class SlurmTask:
     """
 
     def __call__(self, spec_path: str, record_path_: str) -> str:
-        from benchmark import job
+        from adbench.benchmark.orchestration import job
 
         job.main([spec_path, record_path_])
         return record_path_
@@ -97,7 +97,7 @@ class SlurmTask:
     def checkpoint(self, spec_path: str, record_path_: str) -> Any:
         import submitit
 
-        from benchmark import job
+        from adbench.benchmark.orchestration import job
 
         job.save_for_requeue()
         return submitit.helpers.DelayedSubmission(self, spec_path, record_path_)

@@ -1,6 +1,6 @@
 """The ablation study's table: each arm beside its full method, paired by category and seed.
 
-    python -m benchmark.ablation_table results/ablations_quick [--metrics image_auroc,pixel_auroc,pro]
+    python -m adbench.benchmark.reports.ablation_table results/ablations_quick [--metrics image_auroc,pixel_auroc,pro]
                                        [--plot results/ablations_quick/ablation_deltas.png]
 
 For every row (a method, a variant of it, or a baseline) and category: mean +- std
@@ -25,8 +25,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from benchmark.leaderboard import METRICS, runs_frame  # noqa: E402
-from benchmark.records import iter_records  # noqa: E402
+from adbench.benchmark.orchestration.records import iter_records  # noqa: E402
+from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
 
 #: The baseline each seed method builds on (methods.md): its row gets "method minus baseline".
 BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem"}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 if TYPE_CHECKING:
-    from benchmark.sweep import SweepConfig
+    from adbench.benchmark.orchestration.sweep import SweepConfig
 
 
 def log_leaderboard(results_dir: Path, sweep: SweepConfig, tables: dict[str, pd.DataFrame]) -> str:

@@ -1,6 +1,6 @@
 """Peak memory and time of the pixel bootstrap, with and without thinning the sweep.
 
-    python -m benchmark.bench_bootstrap_memory [--images 112] [--resamples 200] [--max-thresholds 65536]
+    python -m adbench.benchmark.experiments.bench_bootstrap_memory [--images 112] [--resamples 200] [--max-thresholds 65536]
 
 A test split like a real category with large defects (e.g. transistor's missing parts):
 ``--images`` maps of 256 x 256 Gaussian noise, two thirds of them defective with one
@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from callbacks.metrics import BOOTSTRAP_MAX_THRESHOLDS, bootstrap_intervals
+from adbench.callbacks.metrics import BOOTSTRAP_MAX_THRESHOLDS, bootstrap_intervals
 
 
 def main(argv: list[str] | None = None) -> None:

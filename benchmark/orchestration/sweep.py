@@ -12,28 +12,29 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import importlib.util
 import json
+import pkgutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-import datamodules
-import models
-from datamodules import ensure_embedded_dataset
+from adbench import datamodules, models
+from adbench.datamodules import ensure_embedded_dataset
+from adbench.project import config_dir
 
-REPO = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO / "configs"
-#: Code every job runs whatever the method (with what these files import, found by code_files).
-PIPELINE_FILES = ("benchmark/job.py", "benchmark/cli.py", "callbacks/*.py", "datamodules/*.py")
+#: Code every job runs whatever the method (with what these import, found by code_modules):
+#: modules, and packages standing for all their modules.
+PIPELINE_MODULES = ("adbench.benchmark.orchestration.job", "adbench.cli", "adbench.callbacks", "adbench.datamodules")
 PROTOCOLS = ("selected", "paper")
 #: ``per-category``: one model per category (the papers' setting); ``unified``: one model trained on
 #: the union of the sweep's categories and tested on each (the multi-class setting).
 SETTINGS = ("per-category", "unified")
 #: ``shots`` entry meaning every training image.
 FULL_SHOTS = "full"
-LAUNCHER_NAMES = ("local", "slurm")  # benchmark.launchers.LAUNCHERS
+LAUNCHER_NAMES = ("local", "slurm")  # adbench.benchmark.orchestration.launchers.LAUNCHERS
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
 
 
@@ -56,7 +57,7 @@ class SweepConfig:
     profile: str = "quick"
     categories: list[str] | str = "all"
     seeds: list[int] = field(default_factory=lambda: [0])
-    #: A registered dataset (datamodules.list_datasets()); its layout is read under ``root``.
+    #: A registered dataset (adbench.datamodules.list_datasets()); its layout is read under ``root``.
     dataset: str = "mvtec"
     root: str | None = None  # None: the embedded procedural dataset (mvtec only)
     #: Few-shot: normal training images per category, e.g. [1, 2, 4, 8, full]; ``full``: all of them.
@@ -87,7 +88,7 @@ class SweepConfig:
     wandb: dict[str, Any] = field(default_factory=lambda: {"enabled": False})
     #: ``local``: this machine's process pool; ``slurm``: a job array through submitit.
     launcher: str = "local"
-    #: sbatch resources of the ``slurm`` launcher (benchmark.launchers.SlurmSettings).
+    #: sbatch resources of the ``slurm`` launcher (adbench.benchmark.orchestration.launchers.SlurmSettings).
     slurm: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -308,23 +309,29 @@ class JobSpec:
         return args
 
 
-def code_files(method: str) -> list[Path]:
-    """The repository's source files a job of ``method`` runs: the method's module and every
-    repo module it imports (transitively), plus :data:`PIPELINE_FILES` and their imports.
+def code_modules(method: str) -> list[str]:
+    """The suite's modules a job of ``method`` runs: the method's module and every ``adbench``
+    module it imports (transitively), plus :data:`PIPELINE_MODULES` and their imports.
 
-    Package ``__init__`` files are not followed: ``models/__init__.py`` imports every method
+    Package ``__init__`` modules are not followed: ``adbench.models`` imports every method
     to register it, and editing one method must not make the others' records stale.
     """
-    module = models.get_model_class(method).__module__
-    start = [_module_file(module)] + [f for pattern in PIPELINE_FILES for f in sorted(REPO.glob(pattern))]
-    seen: set[Path] = set()
-    todo = [f for f in start if f is not None and f.name != "__init__.py"]
+    start = [models.get_model_class(method).__module__]
+    for name in PIPELINE_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations is not None:  # a package: all its modules
+            start += [f"{name}.{info.name}" for info in pkgutil.iter_modules(spec.submodule_search_locations)]
+        else:
+            start.append(name)
+    seen: set[str] = set()
+    todo = [name for name in start if _module_file(name) is not None]
     while todo:
-        path = todo.pop()
-        if path in seen:
+        name = todo.pop()
+        if name in seen:
             continue
-        seen.add(path)
-        todo += [f for f in _imported_files(path, path.stat().st_mtime_ns) if f not in seen]
+        seen.add(name)
+        path = _module_file(name)
+        todo += [m for m in _imported_modules(name, path, path.stat().st_mtime_ns) if m not in seen]
     return sorted(seen)
 
 
@@ -334,43 +341,48 @@ def _file_digest(path: Path, mtime_ns: int) -> str:
 
 
 def code_hash(method: str) -> str:
-    """Hash of :func:`code_files` (paths and contents): changes exactly when that code changes."""
+    """Hash of :func:`code_modules` (names and file contents): changes exactly when that code
+    changes, and is the same for a clone and an installed copy."""
     digest = hashlib.sha256()
-    for path in code_files(method):
-        digest.update(path.relative_to(REPO).as_posix().encode())
+    for name in code_modules(method):
+        path = _module_file(name)
+        digest.update(name.encode())
         digest.update(_file_digest(path, path.stat().st_mtime_ns).encode())
     return digest.hexdigest()[:16]
 
 
-def _module_file(module: str) -> Path | None:
-    base = REPO.joinpath(*module.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
+@functools.cache
+def _module_file(name: str) -> Path | None:
+    """The source file of an ``adbench`` module (None for a package ``__init__``, a class or a
+    module outside the suite)."""
+    if not name.startswith("adbench."):
+        return None
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, AttributeError, ValueError):  # ``from module import Class``: not a module
+        return None
+    if spec is None or spec.origin is None or spec.submodule_search_locations is not None:
+        return None
+    return Path(spec.origin)
 
 
 @functools.cache
-def _imported_files(path: Path, mtime_ns: int) -> list[Path]:
-    """Repo module files (not package ``__init__``s) that ``path`` imports (cached per version)."""
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
+def _imported_modules(name: str, path: Path, mtime_ns: int) -> list[str]:
+    """The suite's modules (not package ``__init__``s) that module ``name`` imports (cached per version)."""
+    package = name.rpartition(".")[0]
     names: list[str] = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: from .x import y / from . import y
-                parent = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
-                base = ".".join([*parent, node.module] if node.module else parent)
-            else:
-                base = node.module or ""
+            base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) if node.level \
+                else node.module or ""
             names += [base] + [f"{base}.{alias.name}" for alias in node.names]
-    files = [_module_file(name) for name in names if name]
-    return [f for f in files if f is not None and f.name != "__init__.py"]
+    return [m for m in names if m and _module_file(m) is not None]
 
 
 def config_path(method: str, profile: str) -> Path:
-    return CONFIG_DIR / method / f"{profile}.yaml"
+    return config_dir() / method / f"{profile}.yaml"
 
 
 def _as_list(value: list[Any] | str) -> list[Any]:
