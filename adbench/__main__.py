@@ -50,12 +50,13 @@ TRACEBACK_VARIABLE = "ADBENCH_TRACEBACK"
 def _input_errors() -> tuple[type[BaseException], ...]:
     """Errors that report bad input, already with the file or value named: one line, no traceback.
     Imported late, so that ``--help`` stays light; anything else is a bug and keeps its traceback."""
+    from adbench.checkpoints import LegacyCheckpointError
     from adbench.datamodules.base import DatasetError
     from adbench.datamodules.download import ChecksumError
     from adbench.models.backbones import WeightsIntegrityError, WeightsUnavailableError
 
     return (FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
-            DatasetError, ChecksumError, WeightsIntegrityError, WeightsUnavailableError)
+            DatasetError, ChecksumError, LegacyCheckpointError, WeightsIntegrityError, WeightsUnavailableError)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,10 +17,8 @@ from tqdm.auto import tqdm
 
 from adbench import models
 from adbench.callbacks.visualization import heat_overlay
+from adbench.checkpoints import CHECKPOINT_KEY, check_not_legacy, metadata
 from adbench.datamodules.base import IMAGE_SUFFIXES, DatasetError, read_image
-
-#: Key of the checkpoint entry adbench writes (see AnomalyModule / AnomalyEvaluator on_save_checkpoint).
-CHECKPOINT_KEY = "adbench"
 
 
 @dataclass
@@ -80,7 +78,8 @@ def load(checkpoint: str | Path, device: str | torch.device = "cpu") -> Detector
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     state = torch.load(path, map_location="cpu", weights_only=False)
-    meta = state.get(CHECKPOINT_KEY)
+    check_not_legacy(state, path)
+    meta = metadata(state)
     if not meta or "model" not in meta:
         raise ValueError(f"checkpoint {str(path)!r} has no {CHECKPOINT_KEY!r} entry: it was not written by "
                          "adbench's fit (or by a version before the entry existed); refit it")

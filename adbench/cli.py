@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -43,6 +44,7 @@ from adbench.callbacks.evaluation import SELECTION_MONITOR, AnomalyEvaluator
 from adbench.callbacks.guards import LossHistory, NonFiniteLossGuard
 from adbench.callbacks.timing import TimingCallback
 from adbench.callbacks.visualization import AnomalyMapVisualizer
+from adbench.checkpoints import check_not_legacy
 from adbench.datamodules import AnomalyDataModule, MVTecDataModule
 from adbench.models.base import AnomalyModule
 
@@ -208,6 +210,13 @@ class AnomalyCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         # A config or command line that names no dataset gets MVTec AD (``--data visa`` picks another).
         parser.set_defaults({"data": {"class_path": f"{MVTecDataModule.__module__}.{MVTecDataModule.__name__}"}})
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning rebuilds the model from the checkpoint's class path: refuse a pre-namespace one clearly.
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_not_legacy(torch.load(ckpt_path, map_location="cpu", weights_only=False), ckpt_path)
+        super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -21,6 +21,8 @@ from lightning import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from adbench.checkpoints import metadata, update_metadata
+
 from .metrics import BOOTSTRAP_METHOD, bootstrap_intervals, compute_anomaly_metrics
 
 __all__ = ["AnomalyEvaluator"]
@@ -214,14 +216,15 @@ class AnomalyEvaluator(Callback):
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # What scoring new images needs besides the weights: the validation thresholds and the input size.
-        checkpoint.setdefault("adbench", {}).update(
+        update_metadata(
+            checkpoint,
             image_threshold=self.val_image_threshold,
             pixel_threshold=self.val_pixel_threshold,
             image_size=(getattr(trainer.datamodule, "hparams", None) or {}).get("image_size"),
         )
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("adbench", {})
+        saved = metadata(checkpoint)
         self.val_image_threshold = float(saved.get("image_threshold", math.nan))
         self.val_pixel_threshold = float(saved.get("pixel_threshold", math.nan))
 

@@ -17,6 +17,8 @@ from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
+from adbench.checkpoints import update_metadata
+
 
 class AnomalyOutput(NamedTuple):
     """What every method returns for a batch of ``B`` images of size ``H x W``."""
@@ -69,7 +71,7 @@ class AnomalyModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Which registered method this is, so `adbench.load(path)` can rebuild it (see adbench/api.py).
-        checkpoint.setdefault("adbench", {})["model"] = getattr(self, "registry_name", None)
+        update_metadata(checkpoint, model=getattr(self, "registry_name", None))
 
     # Batches are converted in the batch-start hooks, in place, rather than in
     # ``on_after_batch_transfer``: Lightning warns whenever a LightningModule

@@ -1,10 +1,12 @@
-"""STPM's student-teacher pair, shared by STPM and by the methods built on it (RSTPM).
+"""STPM's student-teacher pair and the rules of the distillation methods (STPM, RSTPM, RD4AD).
 
 A frozen ImageNet teacher and a randomly initialised student of the same
 architecture; on normal images the student learns to reproduce the teacher's
 feature pyramid, so where the two disagree the input is anomalous (Wang et al.,
 BMVC 2021). The pair owns the three things every such method computes the same
 way: the features, the distillation loss and the per-level discrepancy maps.
+Beside it: STPM's feature distance and loss, reverse distillation's cosine
+distance, the fusion of per-level maps into one map, and the students' optimiser.
 """
 
 from __future__ import annotations
@@ -12,10 +14,40 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor
-from .losses import feature_matching_loss, fuse_maps, normalized_l2_distance
+
+
+def normalized_l2_distance(teacher: Tensor, student: Tensor) -> Tensor:
+    """STPM's per-position discrepancy: 0.5 * ||t/|t| - s/|s| ||^2 over channels -> (B, 1, h, w)."""
+    t = F.normalize(teacher.float(), dim=1)
+    s = F.normalize(student.float(), dim=1)
+    return 0.5 * (t - s).pow(2).sum(dim=1, keepdim=True)
+
+
+def cosine_distance(teacher: Tensor, student: Tensor) -> Tensor:
+    """1 - cosine similarity over channels -> (B, 1, h, w) (reverse distillation's discrepancy)."""
+    return 1.0 - F.cosine_similarity(teacher.float(), student.float(), dim=1).unsqueeze(1)
+
+
+def feature_matching_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]) -> Tensor:
+    """Sum over pyramid levels of the mean normalised L2 discrepancy (the STPM loss)."""
+    return sum(normalized_l2_distance(t, s).mean() for t, s in zip(teachers, students, strict=True))
+
+
+def fuse_maps(maps: Sequence[Tensor], size: tuple[int, int], mode: str = "product") -> Tensor:
+    """Upsample per-level maps (B, 1, h, w) to ``size`` and fuse them by product, sum or mean."""
+    upsampled = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
+    stacked = torch.stack(upsampled)
+    if mode == "product":
+        return stacked.prod(dim=0)
+    if mode == "sum":
+        return stacked.sum(dim=0)
+    if mode == "mean":
+        return stacked.mean(dim=0)
+    raise ValueError(f"unknown fusion mode {mode!r}; use 'product', 'sum' or 'mean'")
 
 
 class StudentTeacherPair(nn.Module):

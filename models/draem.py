@@ -3,57 +3,15 @@
 Zavrtanik, Kristan, Skocaj. "DRAEM - A discriminatively trained reconstruction
 embedding for surface anomaly detection", ICCV 2021 (arXiv 2108.07610).
 
-Two networks trained jointly on normal images carrying synthetic anomalies
-(Perlin-noise masks filled with blended DTD textures; the DataModule makes them,
-see ``datamodules/synthesis.py``):
+Two networks are trained jointly on normal images carrying synthetic anomalies
+(Perlin-noise masks filled with blended DTD textures, made by the DataModule:
+``datamodules/synthesis.py``). A reconstructive encoder-decoder without skip
+connections maps the image back to the clean one (loss ``L2 + (1 - SSIM)``); a
+discriminative U-Net reads ``[reconstruction, input]`` and predicts the anomaly
+mask (focal loss). The anomaly map is the discriminator's per-pixel probability;
+the image score is the maximum of that map average-pooled over 21 x 21 pixels.
 
-* Reconstructive sub-network: an encoder-decoder WITHOUT skip connections
-  (stage widths ``b, 2b, 4b, 8b, 8b``, paper ``b = 128``) maps the image with the
-  synthetic anomaly back to the clean image. Loss: ``L2 + (1 - SSIM)`` between its
-  output and ``clean_image``.
-* Discriminative sub-network: a U-Net WITH skip connections (stage widths
-  ``b, 2b, 4b, 8b, 8b, 8b``, paper ``b = 64``) on the channel concatenation
-  ``[reconstruction, input]`` (6 channels) predicts the anomaly mask. Loss: focal
-  loss (gamma 2) against ``mask``.
-* Total loss: ``L2 + SSIM + focal`` (equal weights), Adam lr 1e-4 over both
-  networks, lr x0.2 at 80 % and 90 % of training; 700 epochs, batch 8, 256 px.
-* Anomaly map: the discriminator's per-pixel anomaly probability.
-  Image score: the maximum of the map average-pooled with a 21 x 21 window,
-  stride 1 (the pooling suppresses isolated single-pixel responses).
-
-Choices the paper leaves open (constructor arguments; defaults follow the
-authors' public code where the paper is silent):
-
-* ``detach_reconstruction`` (default ``False``): the reference implementation
-  feeds the reconstruction to the discriminator without ``detach``, so the focal
-  loss also trains the reconstructive network (end-to-end, as the paper's
-  "jointly trained" suggests). ``True`` stops that gradient, so the
-  reconstructive network only learns to reconstruct.
-* Segmentation head: one logit per pixel with a sigmoid instead of the
-  reference's 2-class softmax; a softmax over two logits is a sigmoid of their
-  difference, so the model class and the focal loss are the same (see
-  :func:`adbench.models.losses.focal_loss`), with no class weighting (the reference's
-  ``alpha=None``).
-* Input order of the discriminator: ``[reconstruction, input]``, as in the
-  reference implementation (the paper only says "concatenated").
-* ``weight_init`` (default ``"normal"``): the reference initialises every
-  convolution with N(0, 0.02) and BatchNorm scales with N(1, 0.02), biases 0;
-  ``"default"`` keeps PyTorch's initialisation.
-* ``pool_size`` 21 with zero padding counted in the average
-  (``count_include_pad``, as ``F.avg_pool2d`` in the reference), so a response at
-  the border is pooled with zeros; the pixel-level map is NOT smoothed.
-* The lr milestones are computed on optimiser steps
-  (``trainer.estimated_stepping_batches``), which equals the paper's 80 %/90 % of
-  the epochs and also works for runs bounded by ``max_steps``; runs bounded only
-  by time (no finite step count) keep a constant learning rate.
-* ``decoder_layout`` (default ``"draem"``): the decoders follow the reference
-  implementation's widths, one stage narrower than the encoder at each resolution
-  (see :class:`adbench.models.unet.Decoder`); ``"symmetric"`` mirrors the encoder (about
-  1.45x the FLOPs at equal base widths; the suite's results before 2026-11-22
-  used it). The blocks are the suite's shared ones (``models/unet.py``: two 3x3
-  conv-BN-ReLU per stage, max-pool down, bilinear up + conv); the reference's
-  convolutions carry a bias before BatchNorm, which BatchNorm cancels, so ours
-  have none.
+Readings, open choices and ablations: docs/methods/draem.md.
 """
 
 from __future__ import annotations
@@ -66,6 +24,7 @@ from torch import Tensor
 from .base import AnomalyModule, AnomalyOutput
 from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
+from .schedules import draem_schedule
 from .scoring import pooled_max_score
 from .unet import UNet, draem_init, widths_from_base
 
@@ -134,9 +93,4 @@ class DRAEM(AnomalyModule):
                 {"params": self.discriminative.parameters(), "lr": hp.lr},
             ]
         )
-        total = self.trainer.estimated_stepping_batches
-        if not 0 < total < float("inf"):
-            return {"optimizer": optimizer}  # time-bounded run: no known end, constant lr
-        milestones = sorted({max(1, int(round(total * fraction))) for fraction in hp.lr_milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return draem_schedule(optimizer, self.trainer.estimated_stepping_batches, hp.lr_milestones, hp.lr_gamma)

@@ -1,8 +1,10 @@
-"""Losses and feature distances shared by the methods (one implementation each)."""
+"""Losses and map smoothing shared by the methods (one implementation each).
+
+The distillation methods' feature distances, loss and map fusion are beside the
+student-teacher pair, in ``models/distillation.py``.
+"""
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,36 +37,6 @@ def focal_loss(logits: Tensor, mask: Tensor, gamma: float = 2.0, alpha: float | 
     """
     weight = -1 if alpha is None else alpha  # torchvision: a negative alpha disables the weighting
     return sigmoid_focal_loss(logits.float(), mask.float(), alpha=weight, gamma=gamma, reduction="mean")
-
-
-def normalized_l2_distance(teacher: Tensor, student: Tensor) -> Tensor:
-    """STPM's per-position discrepancy: 0.5 * ||t/|t| - s/|s| ||^2 over channels -> (B, 1, h, w)."""
-    t = F.normalize(teacher.float(), dim=1)
-    s = F.normalize(student.float(), dim=1)
-    return 0.5 * (t - s).pow(2).sum(dim=1, keepdim=True)
-
-
-def cosine_distance(teacher: Tensor, student: Tensor) -> Tensor:
-    """1 - cosine similarity over channels -> (B, 1, h, w) (reverse distillation's discrepancy)."""
-    return 1.0 - F.cosine_similarity(teacher.float(), student.float(), dim=1).unsqueeze(1)
-
-
-def feature_matching_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]) -> Tensor:
-    """Sum over pyramid levels of the mean normalised L2 discrepancy (the STPM loss)."""
-    return sum(normalized_l2_distance(t, s).mean() for t, s in zip(teachers, students, strict=True))
-
-
-def fuse_maps(maps: Sequence[Tensor], size: tuple[int, int], mode: str = "product") -> Tensor:
-    """Upsample per-level maps (B, 1, h, w) to ``size`` and fuse them by product, sum or mean."""
-    upsampled = [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps]
-    stacked = torch.stack(upsampled)
-    if mode == "product":
-        return stacked.prod(dim=0)
-    if mode == "sum":
-        return stacked.sum(dim=0)
-    if mode == "mean":
-        return stacked.mean(dim=0)
-    raise ValueError(f"unknown fusion mode {mode!r}; use 'product', 'sum' or 'mean'")
 
 
 def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:

@@ -4,75 +4,15 @@ Roth, Pemula, Zepeda, Schoelkopf, Brox, Gehler. "Towards Total Recall in Industr
 Anomaly Detection", CVPR 2022 (arXiv 2106.08265).
 
 No network is trained. One pass over the normal training images fills a memory
-bank with patch features of a frozen ImageNet backbone; a test patch is as
-anomalous as it is far from its nearest neighbour in that bank.
+bank with locally aware patch features of a frozen ImageNet backbone (mid-level
+feature maps, each averaged over a 3 x 3 neighbourhood, brought to one grid and
+reduced in channels), subsampled by greedy k-center coreset selection after a
+random projection. A test patch is as anomalous as it is far from its nearest
+neighbour in that bank: the patch distances, upsampled and Gaussian-smoothed
+(sigma 4), are the anomaly map; the largest one, reweighted by how isolated its
+nearest bank feature is among its neighbours, is the image score.
 
-* Locally aware patch features: the feature maps of mid-level layers (paper:
-  WideResNet-50 layers 2 and 3, strides 8 and 16; deeper ones are biased towards
-  ImageNet classification, shallower ones see too little context) are each
-  average-pooled over a 3 x 3 neighbourhood (stride 1), the coarser map is upsampled
-  (bilinear) to the finer one's resolution, and the per-position vectors are reduced
-  by adaptive average pooling over channels: each layer to
-  ``pretrain_embed_dimension``, then their concatenation to
-  ``target_embed_dimension`` (paper: 1024 and 1024).
-* Memory bank: every patch of every training image, subsampled by greedy coreset
-  selection (k-center, a 2-approximation of the minimax-covering subset) to
-  ``coreset_ratio`` of its size (paper: 1 %, 10 %, 25 %). Distances for the
-  selection are computed after a Johnson-Lindenstrauss random projection to
-  ``projection_dim`` (paper: 128): start from a random patch, keep for every patch
-  its squared distance to the selected set, and at each step add the farthest patch
-  and update all distances with one matrix-vector product.
-* Patch score: L2 distance of the test patch to its nearest neighbour in the
-  coreset (exact, float32). Anomaly map: patch scores upsampled (bilinear) to the
-  input size and Gaussian-smoothed (sigma 4).
-* Image score: the largest patch score ``s* = ||m_test* - m*||``, reweighted
-  (``reweight=True``) by ``1 - exp(s*) / sum_{m in N_b(m*)} exp(||m_test* - m||)``,
-  where ``m*`` is the nearest coreset feature of the most anomalous test patch
-  ``m_test*`` and ``N_b(m*)`` its ``b = num_neighbors`` nearest coreset features
-  (paper: b = 9). The weight grows when ``m*`` lies apart from its neighbours, i.e.
-  when the test patch is close to a rare nominal feature only.
-
-Training is one epoch of feature collection (``training_step`` returns ``None``; its
-optimiser is a no-op over an empty parameter, present only because DDP and Lightning's
-step counting need one). The coreset is built once the epoch's features are complete: before the
-epoch's validation (so that the validation metrics and the checkpoint the benchmark
-selects see it), or at the epoch's end when there is no validation. Under DDP the
-features of all processes are gathered first, so every process holds the same bank.
-The coreset is a buffer of the module: it is saved with the checkpoint, and
-:meth:`PatchCore._load_from_state_dict` resizes it, so a fresh module loads any
-checkpoint's bank.
-
-Choices the paper leaves open (constructor arguments, with why):
-
-* ``backbone``/``layers``: the paper's WideResNet-50 needs hub weights; offline, the
-  quick profile uses ``tf_efficientnet_lite0`` layers (2, 3), which have strides 8
-  and 16 like WRN-50's layers 2 and 3 (mid-level features, as the paper argues).
-* Neighbourhood aggregation: ``avg_pool2d(3, stride 1, padding 1)`` with
-  ``count_include_pad=False``, so border patches average their real neighbours
-  instead of being shrunk towards zero by the padding.
-* Channel reduction: ``adaptive_avg_pool1d`` as in the paper. For a backbone with
-  fewer channels than ``pretrain_embed_dimension`` it repeats channels, which gives
-  every layer the same share of the final vector whatever its channel count.
-* Coreset start: a random patch drawn with ``seed`` (so every DDP process, and every
-  rerun, selects the same coreset); the selected indices are broadcast from rank 0.
-* Projection: a dense Gaussian matrix scaled by ``1/sqrt(projection_dim)`` (the
-  paper names JL projections without fixing the kind); none when the features
-  already have at most ``projection_dim`` dimensions. The selection runs in float32.
-  Checked on real bottle (45k patches, 10 %): rounding the projected features to
-  float16 kept 99.5 % of the picks (bfloat16: 91 %) with the same covering radius, so
-  half storage would be acceptable, but on this CPU a half-precision product is not
-  faster (bfloat16) or ~10x slower (float16), and on a GPU the loop is already short.
-* ``coreset_method="partitioned"`` (ours, off by default): exact greedy within random parts
-  of ``coreset_partition_size`` patches, the union being the coreset
-  (:func:`partitioned_coreset`). For large banks (hundreds of thousands of patches) it is
-  ~``N / coreset_partition_size`` times cheaper and uses every core; the paper's greedy stays
-  the default. Its cost in metrics is measured in ``results/patchcore_scale.md``.
-* ``N_b(m*)`` contains ``m*`` itself (its own nearest neighbour), so the weight is a
-  softmax over ``b`` distances whose first is ``s*``; ``b`` must be at least 2.
-* Inputs: the suite's resize to ``image_size`` (no 224 centre crop as in the paper's
-  experiments: the crop would cut defects near the border out of the ground truth).
-* Before the coreset exists (Lightning's sanity-check validation) the maps are zero;
-  calling the model outside that without a memory bank is an error.
+Readings, open choices and ablations: docs/methods/patchcore.md.
 """
 
 from __future__ import annotations
@@ -401,6 +341,9 @@ class PatchCore(AnomalyModule):
             return 1.0 - torch.softmax(logits, dim=1)[:, 0]
 
     # ------------------------------------------------------------------ training = collection
+    # One epoch of collection; the coreset is built once the epoch's features are complete:
+    # before its validation (so the metrics and the selected checkpoint see it), or at the
+    # epoch's end without validation; under DDP from every process's features.
 
     def on_train_epoch_start(self) -> None:
         self._collected = []  # the bank is built from one pass (the latest epoch)

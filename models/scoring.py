@@ -7,7 +7,7 @@ from torch import Tensor
 
 
 def max_score(anomaly_map: Tensor) -> Tensor:
-    """The maximum of each map (B, 1, H, W) -> (B,): STPM's and PatchCore's image score."""
+    """The maximum of each map (B, 1, H, W) -> (B,): STPM's and RSTPM's image score."""
     return anomaly_map.flatten(1).amax(dim=1)
 
 

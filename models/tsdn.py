@@ -3,93 +3,21 @@
 Park, Lee, Cho, Kim, Lee. "Two-stream Decoder Feature Normality Estimating
 Network for Industrial Anomaly Detection", ICASSP 2023 (arXiv 2302.09794).
 
-READ THIS FIRST: only the abstract and the opening of the introduction of TSDN
-could be read here, and no official code exists. The ideas below (a U-Net-like
-autoencoder, a two-stream decoder trained on synthetic anomalies, a feature
-normality estimator on the skips) are the paper's; EVERY architectural detail
-that realises them (one shared encoder, what each stream sees, the FNE's head,
-gate and target, the anomaly map) is this suite's reading, and TSDN's numbers
-here are numbers of that reading, labelled so wherever they are shown. The
-readings the abstract allows for the anomaly map are an argument
-(``anomaly_map``: the reconstruction error only, the abnormal stream only, or
-both) and ablated in ``configs/sweeps/ablations.yaml``.
+A U-Net-like autoencoder whose skips would pass abnormal features straight to the
+decoder gets a two-stream decoder, trained on DRAEM-style synthetic anomalies: a
+normal stream reconstructs the anomaly-free image (``L2 + (1 - SSIM)``) and an
+abnormal stream learns the abnormal features (here: predicts the anomaly mask,
+focal loss). A feature normality estimator (FNE) on every skip level gates the
+encoder features the normal stream receives, so abnormal regions are not
+reconstructed well; it is supervised by the mask at the level's resolution. The
+anomaly map is the reconstruction error, the abnormal stream's probability, or
+both (``anomaly_map``); the image score is DRAEM's pooled maximum.
 
-What the paper states (abstract, introduction, Fig. 1) and this module implements:
+Only the abstract and the opening of the introduction could be read and no
+official code exists: every architectural detail here is this suite's reading,
+labelled so wherever TSDN's numbers are shown.
 
-* A U-Net-like autoencoder. The paper's diagnosis: an autoencoder "similar to
-  U-net" whose skips "supplement the encoder features" generalises to abnormal
-  test data too ("indiscriminate conveyance of features"), while a general
-  autoencoder without skips is "weak in anomaly detection".
-* A two-stream decoder "designed to learn both normal and abnormal features",
-  trained on DRAEM-style synthetic anomalies so that the network is "explicitly
-  optimized for distinguishable anomalies". Here both streams share one encoder:
-
-  - the normal stream (a U-Net decoder) reconstructs the anomaly-free image
-    ``clean_image`` from the input carrying the synthetic anomaly;
-    loss ``L2 + (1 - SSIM)`` (``adbench.models.losses.reconstruction_loss``);
-  - the abnormal stream (a second U-Net decoder) learns the abnormal features:
-    it predicts the synthetic anomaly's ``mask`` (one logit per pixel); loss:
-    focal loss, gamma 2 (``adbench.models.losses.focal_loss``).
-
-* A feature normality estimator (FNE) "to eliminate abnormal features and
-  prevent high-quality reconstruction of abnormal regions": at every skip level
-  ``l`` a small conv head on the encoder feature ``f_l`` estimates a per-position
-  normality ``g_l = sigmoid(n_l)`` in [0, 1], and the normal stream receives
-  ``g_l * f_l`` instead of ``f_l``. The FNE is supervised by the anomaly mask
-  brought to the level's resolution: focal loss on the abnormality logit ``-n_l``
-  against ``maxpool(mask)_l`` (mean over levels). It is also trained end to end
-  by the reconstruction loss, which itself rewards suppressing features whose
-  reconstruction target (the clean image) they contradict.
-* Total loss ``lambda_rec * L_rec + lambda_abn * L_abn + lambda_fne * L_fne``.
-* Anomaly map (``anomaly_map``): ``"abnormal"``, the abnormal stream's per-pixel
-  probability; ``"reconstruction"``, the normal stream's reconstruction error
-  ``(1 - SSIM(x, x_hat)) / 2`` per pixel (11 x 11 Gaussian window, mean over
-  channels); ``"fused"``, the mean of the two. Image score: the maximum of the
-  map average-pooled with a ``pool_size`` window (DRAEM's score, which TSDN's
-  DRAEM-style training inherits).
-
-Choices the paper leaves open, or that could not be checked against its method
-section (only the abstract and the opening of the introduction could be
-retrieved here, so the layer-level details below are this implementation's
-reading of them; each is a constructor argument):
-
-* Encoder (``encoder``): ``"unet"``, the suite's U-Net encoder trained from
-  scratch (stage widths ``widths_from_base(base_width, depth)``) - the default,
-  as a "U-Net-like autoencoder" suggests. Any backbone name (e.g.
-  ``"tf_efficientnet_lite0"``) builds :class:`adbench.models.unet.BackboneEncoder`: a
-  trainable full-resolution stem plus the ImageNet backbone's stride 2..2^(d-1)
-  features projected to the same widths, frozen unless ``encoder_frozen=False``.
-  It is offered for short CPU budgets (the quick profile), where a from-scratch
-  encoder does not learn useful features in minutes; it is not the paper's.
-* What the abnormal stream sees (``abnormal_skips``): ``"full"`` (default), the
-  ungated encoder skips - the abnormal stream must see the abnormal features the
-  FNE withholds from the normal stream; ``"complement"``, exactly the withheld
-  part ``(1 - g_l) * f_l``, so the FNE splits every skip feature between the
-  two streams. Without the FNE both streams get the full skips.
-* FNE head: conv3x3-BN-ReLU (half the channels, at least 8) then a 1x1 conv to
-  one logit; its bias starts at ``fne_init_bias`` (2.0, a gate of 0.88) so that
-  at initialisation features mostly pass, matching the prior that most
-  positions are normal. Only skip features are gated; the bottleneck (the
-  autoencoder path without skips) is not.
-* FNE target: ``fne_target="max"`` max-pools the mask to each level (a cell
-  with any anomalous pixel counts as abnormal, so suppression covers the whole
-  anomaly); ``"area"`` uses the anomalous fraction of the cell as a soft target.
-* Loss weights: all 1 (``lambda_*``); optimiser: Adam, lr 1e-4, lr x0.2 at 80 %
-  and 90 % of the optimiser steps, 700 epochs, batch 8, 256 px - DRAEM's
-  schedule, whose pseudo-anomalies TSDN trains on.
-* ``anomaly_map="auto"`` (default) is ``"fused"`` with the two streams and
-  ``"reconstruction"`` with one stream (``two_stream=False``): the map the
-  paper's motivation implies (reconstruction error that the FNE makes large on
-  anomalies, plus the stream optimised to find them), and the only map left
-  when the abnormal stream is ablated.
-* ``pool_size`` 21 at 256 px (DRAEM's); profiles at other resolutions scale it.
-
-Ablation switches (also YAML keys): ``use_fne=False`` passes the encoder skips
-to the normal stream unchanged (plain U-Net skips, no FNE loss);
-``two_stream=False`` builds no abnormal stream (reconstruction only);
-``anomaly_map="reconstruction"`` / ``"abnormal"``: the other readings of the map
-(same networks and training; only the map differs, and with it the validation
-signal that selects the checkpoint).
+Readings, open choices and ablations: docs/methods/tsdn.md.
 """
 
 from __future__ import annotations
@@ -104,6 +32,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from .base import AnomalyModule, AnomalyOutput
 from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
+from .schedules import draem_schedule
 from .scoring import pooled_max_score
 from .unet import BackboneEncoder, Decoder, Encoder, conv_bn_relu, widths_from_base
 
@@ -283,9 +212,4 @@ class TSDN(AnomalyModule):
         hp = self.hparams
         # A frozen pretrained encoder contributes no trainable parameters.
         optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=hp.lr)
-        total = self.trainer.estimated_stepping_batches
-        if not 0 < total < float("inf") or not hp.lr_milestones:
-            return {"optimizer": optimizer}  # time-bounded run: no known end, constant lr
-        milestones = sorted({max(1, int(round(total * fraction))) for fraction in hp.lr_milestones})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return draem_schedule(optimizer, self.trainer.estimated_stepping_batches, hp.lr_milestones, hp.lr_gamma)

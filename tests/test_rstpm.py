@@ -15,8 +15,7 @@ from adbench.callbacks.evaluation import NOT_READY_SCORE, AnomalyEvaluator
 from adbench.cli import AnomalyCLI
 from adbench.models import create_model
 from adbench.models.backbones import FeatureExtractor
-from adbench.models.distillation import StudentTeacherPair
-from adbench.models.losses import fuse_maps, normalized_l2_distance
+from adbench.models.distillation import StudentTeacherPair, fuse_maps, normalized_l2_distance
 from adbench.models.rstpm import RSTPM, DecoderStudent
 from adbench.models.stpm import STPM
 from adbench.models.unet import UNet

@@ -15,8 +15,10 @@ import torch
 from PIL import Image
 
 import adbench
+from adbench import models
 from adbench.benchmark.orchestration.runner import device_slots, run_jobs
 from adbench.benchmark.orchestration.sweep import SweepConfig
+from adbench.checkpoints import LegacyCheckpointError, upgrade
 from adbench.cli import TEST_SCORES_FILE, AnomalyCLI, expand_model_names
 
 from .conftest import REPO
@@ -156,3 +158,20 @@ def test_a_bad_override_records_the_parsers_message(tmp_path: Path, embedded_roo
     [record] = run_jobs(sweep.jobs(), tmp_path / "results", device_slots(1, None))
     assert record["status"] == "failed"
     assert "no_such_argument" in record["error"] and "SystemExit" not in record["error"]
+
+
+def test_a_checkpoint_from_before_the_namespace_is_refused_with_its_upgrade_command(tmp_path: Path) -> None:
+    model = models.create_model("stpm", backbone="tf_efficientnet_lite0")
+    state = {"state_dict": model.state_dict(), "adbench": {"model": "stpm", "image_size": 64},
+             "hyper_parameters": {"_class_path": "models.stpm.STPM", **model.hparams}}
+    legacy = tmp_path / "old.ckpt"
+    torch.save(state, legacy)
+    with pytest.raises(LegacyCheckpointError, match=r"'models\.stpm\.STPM'.*python -m adbench\.checkpoints upgrade"):
+        adbench.load(legacy)
+    with pytest.raises(LegacyCheckpointError, match="upgrade"):
+        AnomalyCLI(args=["test", *TINY, f"--ckpt_path={legacy}"])
+    upgraded = upgrade(legacy)
+    assert torch.load(upgraded, weights_only=False)["hyper_parameters"]["_class_path"] == "adbench.models.stpm.STPM"
+    detector = adbench.load(upgraded)
+    for name, value in detector.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name

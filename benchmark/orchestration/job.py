@@ -29,6 +29,7 @@ import torch
 
 from adbench.benchmark.orchestration.environment import environment, pin_cpu_isa
 from adbench.benchmark.orchestration.records import (
+    FINISHED,
     LAUNCH_TOKEN_VARIABLE,
     LAUNCHED_AT_VARIABLE,
     write_json_atomic,
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         record.pop("is_global_zero", None)
         write_json_atomic(record_path, record)
     print(f"[job] {spec.job_id}: {record['status']}" + (f" ({record['error']})" if record["error"] else ""))
-    return 0 if record["status"] in ("ok", "warning") else 1
+    return 0 if record["status"] in FINISHED else 1
 
 
 if __name__ == "__main__":

@@ -24,9 +24,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from adbench.benchmark.orchestration.records import read_record, write_json_atomic
+from adbench.benchmark.orchestration.records import FINISHED, read_record, write_json_atomic
 from adbench.benchmark.orchestration.runner import (
-    FINISHED,
     device_slots,
     is_finished,
     record_path,

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RUNS_FOLDER = "runs"
+#: Statuses of a job that ran to the end (``warning``: with degenerate figures, see job.result_warnings).
+FINISHED = ("ok", "warning")
 # The runner's environment for each job process, copied by the job into its record:
 #: a token per launch, so a stale record is never taken for a new one;
 LAUNCH_TOKEN_VARIABLE = "ADBENCH_LAUNCH_TOKEN"

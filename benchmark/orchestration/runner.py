@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adbench.benchmark.orchestration.records import (
+    FINISHED,
     LAUNCH_TOKEN_VARIABLE,
     LAUNCHED_AT_VARIABLE,
     RUNS_FOLDER,
@@ -64,10 +65,6 @@ def is_finished(results_dir: Path, spec: JobSpec, retry_failed: bool = True) -> 
     if record is None or record.get("fingerprint") != spec.fingerprint():
         return False
     return record.get("status") in FINISHED or (record.get("status") == "failed" and not retry_failed)
-
-
-#: Statuses of a job that ran to the end (``warning``: with degenerate figures, see adbench.benchmark.orchestration.job).
-FINISHED = ("ok", "warning")
 
 
 def execution_of(slot: dict[str, str]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from adbench.benchmark.orchestration.environment import environment_differences, environment_key  # noqa: E402
-from adbench.benchmark.orchestration.records import scan_records  # noqa: E402
+from adbench.benchmark.orchestration.records import FINISHED, scan_records  # noqa: E402
 from adbench.benchmark.orchestration.sweep import JobSpec  # noqa: E402
 from adbench.benchmark.reports import published, statistics  # noqa: E402
 
@@ -58,7 +58,6 @@ EFFICIENCY = {
     "peak_memory_mb": "peak MB",
     "parameters_m": "params M",
 }
-FINISHED = ("ok", "warning")
 #: A row whose mean pixel AUROC is below this is flagged: its maps say little at its budget.
 MEANINGFUL_PIXEL_AUROC = 0.70
 RUN_COLUMNS = [
