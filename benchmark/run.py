@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             sweep.wandb = {**sweep.wandb, "enabled": args.wandb != "off", "mode": args.wandb}
         sweep.overrides = {**sweep.overrides, **_pairs(args.sets, "--set")}
         sweep.slurm = {**sweep.slurm, **_pairs(args.slurm_sets, "--slurm")}
-        SlurmSettings.from_dict(sweep.slurm)
+        slurm = SlurmSettings.from_dict(sweep.slurm)  # built (and checked) once, used by the launcher
         jobs = sweep.jobs()
         check_job_configs(jobs)
     except (SweepConfigError, FileNotFoundError, yaml.YAMLError) as error:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results_dir = Path(args.results_dir)
     if args.dry_run or args.leaderboard_only:
-        execution = (SlurmSettings.from_dict(sweep.slurm).execution() if sweep.launcher == "slurm"
+        execution = (slurm.execution() if sweep.launcher == "slurm"
                      else execution_of(device_slots(sweep.devices_per_job, sweep.parallel, sweep.accelerator)[0]))
         jobs = [replace(j, execution=execution) for j in jobs]
     if args.dry_run:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{len(jobs) // max(1, len(sweep.resolve_methods()) * len(sweep.seeds))} category(ies) x "
               f"{len(sweep.seeds)} seed(s), launcher {sweep.launcher} -> {results_dir}")
         try:
-            LAUNCHERS[sweep.launcher](jobs, results_dir, sweep, wait=not args.no_wait)
+            LAUNCHERS[sweep.launcher](jobs, results_dir, sweep, wait=not args.no_wait, slurm=slurm)
         except KeyboardInterrupt:
             print("\n[sweep] interrupted: finished records are kept; rerun the same command to resume",
                   file=sys.stderr)

@@ -109,12 +109,13 @@ def run_local(jobs: list[JobSpec], results_dir: Path, sweep: Any, **_: Any) -> l
 
 
 def run_slurm(jobs: list[JobSpec], results_dir: Path, sweep: Any, wait: bool = True,
-              poll_seconds: float = 2.0) -> list[dict[str, Any]]:
-    """Submit the unfinished jobs as one array; with ``wait``, collect their records."""
+              poll_seconds: float = 2.0, slurm: SlurmSettings | None = None) -> list[dict[str, Any]]:
+    """Submit the unfinished jobs as one array; with ``wait``, collect their records.
+    ``slurm``: the sweep's settings, when the caller has built them already."""
     import submitit
 
     logging.getLogger("submitit").setLevel(logging.ERROR)  # "sacct error" warnings where accounting is off
-    settings = SlurmSettings.from_dict(sweep.slurm or {})
+    settings = slurm or SlurmSettings.from_dict(sweep.slurm or {})
     jobs = [replace(j, execution=settings.execution()) for j in jobs]
     pending = [j for j in jobs if not is_finished(results_dir, j, sweep.retry_failed)]
     print(f"[slurm] {len(pending)} of {len(jobs)} job(s) to run ({len(jobs) - len(pending)} finished)")
