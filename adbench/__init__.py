@@ -8,7 +8,17 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# Installed, ``adbench.models`` is the checkout's models/ folder (pyproject.toml maps each folder).
+# Run from a checkout's root (``python -m adbench...``), this folder comes before any installed
+# copy, so its sibling folders are found the same way, with or without an editable install.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_checkout, "pyproject.toml")) and os.path.isfile(
+    os.path.join(_checkout, "models", "__init__.py")
+):
+    __path__.append(_checkout)
 
 __all__ = ["Detector", "Prediction", "load", "predict_folder"]
 

@@ -53,7 +53,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
     from adbench.checkpoints import LegacyCheckpointError
     from adbench.datamodules.base import DatasetError
     from adbench.datamodules.download import ChecksumError
-    from adbench.models.backbones import WeightsIntegrityError, WeightsUnavailableError
+    from adbench.models.weights import WeightsIntegrityError, WeightsUnavailableError
 
     return (FileNotFoundError, NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError,
             DatasetError, ChecksumError, LegacyCheckpointError, WeightsIntegrityError, WeightsUnavailableError)

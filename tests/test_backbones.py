@@ -23,12 +23,12 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-from adbench.models import backbones
-from adbench.models.backbones import (
+from adbench.models.backbones import FeatureExtractor
+from adbench.models.weights import (
     HUB_URLS,
+    IMAGENET_NORMALISATION,
     KNOWN_SHA256,
     PACKAGED_WEIGHTS,
-    FeatureExtractor,
     WeightsIntegrityError,
     WeightsUnavailableError,
     list_offline_backbones,
@@ -91,7 +91,7 @@ def test_normalisation_belongs_to_the_weights() -> None:
     lite = FeatureExtractor("tf_efficientnet_lite0")
     mobile = FeatureExtractor("mobilenet_v2", layers=(2,))
     assert lite.normalisation == ((0.5,) * 3, (0.5,) * 3)
-    assert mobile.normalisation == backbones.IMAGENET_NORMALISATION
+    assert mobile.normalisation == IMAGENET_NORMALISATION
     assert torch.allclose(mobile.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
     assert "mean" in dict(lite.named_buffers()) and "std" in dict(lite.named_buffers())
 
@@ -104,7 +104,7 @@ def test_packaged_files_match_known_hashes() -> None:
         path = packaged.locate()
         if path is None:
             continue
-        assert backbones.sha256_file(path) == KNOWN_SHA256[path.name], name
+        assert sha256_file(path) == KNOWN_SHA256[path.name], name
     assert set(list_offline_backbones()) >= {n for n, p in PACKAGED_WEIGHTS.items() if p.locate()}
 
 
@@ -195,7 +195,7 @@ def test_two_independent_real_models_agree_on_real_images() -> None:
 
     mobile = torchvision.models.mobilenet_v2()
     mobile.load_state_dict(torch.load(mobile_path, map_location="cpu", weights_only=True))
-    reference = _imagenet_logits(mobile, images, *backbones.IMAGENET_NORMALISATION)
+    reference = _imagenet_logits(mobile, images, *IMAGENET_NORMALISATION)
     lite = timm.create_model("tf_efficientnet_lite0")
     lite.load_state_dict(resolve_state_dict("tf_efficientnet_lite0", str(lite_path))[0])
     logits = _imagenet_logits(lite, images, 0.5, 0.5)
@@ -319,7 +319,7 @@ def test_hub_download_is_hash_checked_cached_and_loaded(
     cached = offline_hub / "hub" / "checkpoints" / name
     assert cached.is_file() and extractor.weights_source.startswith("hub ")
     assert extractor.channels == [64, 128, 256]
-    assert extractor.normalisation == backbones.IMAGENET_NORMALISATION
+    assert extractor.normalisation == IMAGENET_NORMALISATION
     for key, value in extractor.body.state_dict().items():
         assert torch.equal(value, state[key]), key
     assert "resnet18" in list_offline_backbones()

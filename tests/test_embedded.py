@@ -10,16 +10,18 @@ from PIL import Image
 
 from adbench.datamodules import embedded
 from adbench.datamodules.embedded import (
-    EMBEDDED_CATEGORIES,
-    EMBEDDED_DEFECTS,
     ENV_VAR,
-    MAX_DEFECT_FRACTION,
-    MIN_DEFECT_FRACTION,
     NUM_PER_DEFECT,
     NUM_TEST_GOOD,
     NUM_TRAIN_GOOD,
     default_root,
     ensure_embedded_dataset,
+)
+from adbench.datamodules.embedded_render import (
+    EMBEDDED_CATEGORIES,
+    EMBEDDED_DEFECTS,
+    MAX_DEFECT_FRACTION,
+    MIN_DEFECT_FRACTION,
     render_sample,
 )
 

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from adbench.datamodules.embedded import ensure_embedded_dataset, render_sample
+from adbench.datamodules.embedded import ensure_embedded_dataset
+from adbench.datamodules.embedded_render import render_sample
 
 CATEGORY = "weave"
 IMAGE_SIZE = 256
