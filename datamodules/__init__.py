@@ -14,7 +14,8 @@ from . import (  # one line per dataset, each imported to register it
     visa,  # noqa: F401
 )
 from .base import ALL_CATEGORIES, AnomalyDataModule, AnomalyDataset, DatasetError, Sample
-from .embedded import EMBEDDED_CATEGORIES, ensure_embedded_dataset
+from .embedded import ensure_embedded_dataset
+from .embedded_render import EMBEDDED_CATEGORIES
 from .mvtec import MVTEC_CATEGORIES, MVTecDataModule
 from .registry import dataset_class_path, get_dataset_class, list_datasets, register_dataset
 from .synthesis import PseudoAnomalySynthesizer, make_texture_source

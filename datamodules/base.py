@@ -42,12 +42,16 @@ from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .download import needs_extraction
 from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
 
 #: ``texture_source`` of the paper profiles: a texture folder must be supplied.
 TEXTURES_REQUIRED = "required"
 VALIDATION_TEXTURES = ("shared", "held-out")
+#: The file suffixes read as images (any case), by every dataset.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: ``defect_type`` of a normal image, and the folder name of normal images in the MVTec-style layouts.
+GOOD = "good"
 
 
 class DatasetError(ValueError):
@@ -71,6 +75,21 @@ class Sample:
 def image_files(folder: Path) -> list[Path]:
     """The image files directly in ``folder``, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def layout_folder(folder: Path, what: str, layout: str, hint: str = "") -> Path:
+    """``folder``, or an error naming it as the ``what`` folder that the ``layout`` layout expects."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"missing {what} folder {str(folder)!r} (expected {layout} layout){hint}")
+    return folder
+
+
+def normal_samples(folder: Path, what: str, layout: str, hint: str = "") -> list[Sample]:
+    """The images of a folder of normal images (``train/good``...), which must hold at least one."""
+    files = image_files(layout_folder(folder, what, layout, hint))
+    if not files:
+        raise DatasetError(f"no images in {what} folder {str(folder)!r}")
+    return [Sample(path, None, 0, GOOD) for path in files]
 
 
 def _open(path: Path) -> Image.Image:
@@ -184,7 +203,7 @@ class AnomalyDataset(Dataset):
             clean_image=_to_chw(image),
             mask=torch.from_numpy(np.ascontiguousarray(result.mask, dtype=np.float32))[None],
             label=torch.tensor(int(result.has_anomaly)),
-            defect_type="synthetic" if result.has_anomaly else "good",
+            defect_type="synthetic" if result.has_anomaly else GOOD,
         )
         return item
 
@@ -196,7 +215,7 @@ class AnomalyDataset(Dataset):
             self.images[index] = np.clip(np.rint(result.image * 255.0), 0, 255).astype(np.uint8)
             self.masks[index] = result.mask > 0.5
             self.labels[index] = int(result.has_anomaly)
-            self.defect_types[index] = "synthetic" if result.has_anomaly else "good"
+            self.defect_types[index] = "synthetic" if result.has_anomaly else GOOD
 
 
 def _to_chw(image: np.ndarray) -> torch.Tensor:
@@ -240,7 +259,9 @@ class AnomalyDataModule(LightningDataModule):
     """One category of a dataset (or several, in the unified setting) for training and evaluation.
 
     A dataset subclass sets :attr:`categories` and implements :meth:`train_samples` and
-    :meth:`test_samples`; it may add arguments of its own (a layout option, a download).
+    :meth:`test_samples`; it may add arguments of its own (a layout option, a download). Its
+    category folders are found here (:meth:`category_folder`, :meth:`categories_under`), by what
+    it states as data (:attr:`title`, :attr:`category_markers`, ...).
 
     Args:
         root: dataset root (each dataset documents its layout under it).
@@ -284,6 +305,21 @@ class AnomalyDataModule(LightningDataModule):
     #: Report test metrics per defect type too (each type against the good images), for datasets
     #: whose anomaly kinds are compared separately (MVTec LOCO AD: logical vs structural).
     report_per_defect_type: ClassVar[bool] = False
+    #: The dataset's name in messages (``"MVTec AD"``); default: :attr:`dataset_name`.
+    title: ClassVar[str] = ""
+    #: A folder not named as an official category is one if these paths in it are folders
+    #: (``("train/good",)``: MVTec AD's layout); none: only the official names are categories.
+    category_markers: ClassVar[tuple[str, ...]] = ()
+    #: Whether a folder named as an official category counts without :attr:`category_markers`.
+    official_names_suffice: ClassVar[bool] = True
+    #: Names listed right after the official categories when present, in this order.
+    extra_categories: ClassVar[tuple[str, ...]] = ()
+    #: The official archive's file name in the root, where :attr:`category_missing` looks for a
+    #: half-extracted category (:func:`adbench.datamodules.download.needs_extraction`).
+    archive_name: ClassVar[str] = ""
+    #: Validate on the official validation images (:meth:`validation_samples`) instead of a
+    #: ``val_fraction`` of the training images; an argument of the datasets that have them.
+    use_official_validation: bool = False
 
     def __init__(
         self,
@@ -317,7 +353,7 @@ class AnomalyDataModule(LightningDataModule):
         self.root = root
         self.category = category or self.default_category()
         if not self.category:
-            raise ValueError(f"category is required ({self.dataset_name or type(self).__name__}: "
+            raise ValueError(f"category is required ({self.display_name()}: "
                              f"{', '.join(self.categories) or 'a category folder under root'}, or 'all')")
         self.image_size = image_size
         self.batch_size = batch_size
@@ -343,25 +379,66 @@ class AnomalyDataModule(LightningDataModule):
         """The category used when none is given (``None``: one must be)."""
         return None
 
+    @classmethod
+    def display_name(cls) -> str:
+        """The dataset's name in messages."""
+        return cls.title or cls.dataset_name or cls.__name__
+
     @property
     def dataset_root(self) -> Path:
         """The folder the layout is read from."""
         if self.root is None:
-            raise ValueError(f"root is required for the {self.dataset_name or type(self).__name__} dataset")
+            raise ValueError(f"root is required for the {self.display_name()} dataset")
         return Path(self.root).expanduser()
 
-    def find_categories(self) -> list[str]:
-        """The categories present under :attr:`dataset_root`, official ones first. Default: the
-        official categories whose folder exists, then any other folder that lists training images."""
-        root = self.dataset_root
+    @classmethod
+    def existing_root(cls, root: str | Path) -> Path:
+        """``root`` as a path, or an error naming the dataset if it is no folder."""
+        root = Path(root).expanduser()
         if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
-        present = [c for c in self.categories if (root / c).is_dir()]
-        return present + sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in present
-                                and not p.name.startswith(".") and self._looks_like_category(p))
+            raise FileNotFoundError(f"{cls.display_name()} dataset root {str(root)!r} does not exist or is not a folder")
+        return root
 
-    def _looks_like_category(self, folder: Path) -> bool:
-        return False
+    @classmethod
+    def _is_category(cls, folder: Path) -> bool:
+        if not folder.is_dir() or folder.name.startswith("."):
+            return False
+        if cls.official_names_suffice and folder.name in cls.categories:
+            return True
+        return bool(cls.category_markers) and all((folder / marker).is_dir() for marker in cls.category_markers)
+
+    @classmethod
+    def categories_under(cls, root: str | Path) -> list[str]:
+        """The categories present under ``root``: the official ones (then :attr:`extra_categories`)
+        in their order, then any other folder that holds :attr:`category_markers`, by name."""
+        root = cls.existing_root(root)
+        known = [c for c in dict.fromkeys((*cls.categories, *cls.extra_categories)) if cls._is_category(root / c)]
+        return known + sorted(p.name for p in root.iterdir() if p.name not in known and cls._is_category(p))
+
+    @classmethod
+    def category_folder_under(cls, root: str | Path, category: str) -> Path:
+        """``root/category``, or an error that names the dataset, what is there instead and, for a
+        name that is not official either, the official categories."""
+        folder = Path(root).expanduser() / category
+        if not folder.is_dir():
+            present, name = cls.categories_under(folder.parent), cls.display_name()  # root checked first
+            hint = "" if category in cls.categories or not cls.categories else (
+                f"; {category!r} is not an official {name} category either "
+                f"({name}'s categories: {', '.join(cls.categories)})"
+            )
+            raise FileNotFoundError(
+                f"{name} category {category!r} not found under {str(folder.parent)!r}: {name} categories "
+                f"there: {', '.join(present) or 'none'}{hint}"
+            )
+        return folder
+
+    def find_categories(self) -> list[str]:
+        """The categories present under :attr:`dataset_root` (:meth:`categories_under`)."""
+        return self.categories_under(self.dataset_root)
+
+    def category_folder(self, category: str) -> Path:
+        """``category``'s folder under :attr:`dataset_root` (:meth:`category_folder_under`)."""
+        return self.category_folder_under(self.dataset_root, category)
 
     def train_samples(self, category: str) -> list[Sample]:
         """The normal training images of ``category`` (all of them; the split is done here)."""
@@ -371,14 +448,20 @@ class AnomalyDataModule(LightningDataModule):
         """The test images of ``category``, defective ones with their masks."""
         raise NotImplementedError
 
+    def validation_samples(self, category: str) -> list[Sample]:
+        """The official validation images of ``category`` (``use_official_validation``)."""
+        raise DatasetError(f"the {self.display_name()} dataset has no official validation split")
+
     def download_category(self, category: str) -> None:
         """Fetch ``category`` (SHA-256 verified) into :attr:`dataset_root`."""
-        raise DatasetError(f"the {self.dataset_name} dataset cannot be downloaded by the suite: "
+        raise DatasetError(f"the {self.display_name()} dataset cannot be downloaded by the suite: "
                            "get it from its publisher and point root at it")
 
     def category_missing(self, category: str) -> bool:
-        """Whether ``category`` must be downloaded before use (``download=True``)."""
-        return not (self.dataset_root / category).is_dir()
+        """Whether ``category`` must be downloaded before use (``download=True``): its folder is
+        absent, or half-extracted from :attr:`archive_name`."""
+        folder = self.dataset_root / category
+        return needs_extraction(folder, self.archive_name) if self.archive_name else not folder.is_dir()
 
     # ------------------------------------------------------------------ categories and setup
 
@@ -388,7 +471,7 @@ class AnomalyDataModule(LightningDataModule):
         if self.category == ALL_CATEGORIES:
             found = self.find_categories()
             if not found:
-                raise DatasetError(f"category 'all': no {self.dataset_name} category under {str(self.dataset_root)!r}")
+                raise DatasetError(f"category 'all': no {self.display_name()} category under {str(self.dataset_root)!r}")
             return found
         return [c.strip() for c in str(self.category).split(",") if c.strip()]
 
@@ -434,11 +517,15 @@ class AnomalyDataModule(LightningDataModule):
         return PseudoAnomalySynthesizer(kept), PseudoAnomalySynthesizer(held_out)
 
     def _split(self, category: str) -> tuple[list[Sample], list[Sample]]:
-        """``category``'s training and validation images (seeded split, then the few-shot draw)."""
+        """``category``'s training and validation images (seeded split, or the official validation
+        images with all training images, then the few-shot draw)."""
         samples = [replace(s, category=category) for s in self.train_samples(category)]
         if not samples:
             raise DatasetError(f"no training images for category {category!r} under {str(self.dataset_root)!r}")
-        train, val = split_train_validation(samples, self.val_fraction, self.split_seed)
+        if self.use_official_validation:
+            train, val = samples, [replace(s, category=category) for s in self.validation_samples(category)]
+        else:
+            train, val = split_train_validation(samples, self.val_fraction, self.split_seed)
         if self.train_shots is not None:
             train = select_shots(train, self.train_shots, self.split_seed)
         return train, val

@@ -22,8 +22,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import AnomalyDataModule, DatasetError, Sample, image_files
-from .download import download_file, extract_zip_category, needs_extraction
+from .base import (
+    GOOD,
+    AnomalyDataModule,
+    DatasetError,
+    Sample,
+    image_files,
+    layout_folder,
+    normal_samples,
+)
+from .download import download_file, extract_zip_category
 from .registry import register_dataset
 
 BTAD_CATEGORIES: tuple[str, ...] = ("01", "02", "03")
@@ -32,12 +40,6 @@ BTAD_URL = "https://avires.dimi.uniud.it/papers/btad/btad.zip"
 BTAD_SHA256 = "461c9387e515bfed41ecaae07c50cf6b10def647b36c9e31d239ab2736b10d2a"
 #: The archive's file name in the dataset root.
 BTAD_ARCHIVE = "btad.zip"
-
-
-def _images(folder: Path, what: str) -> list[Path]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"missing {what} folder {str(folder)!r} (expected BTAD layout)")
-    return image_files(folder)
 
 
 def masks_by_stem(folder: Path) -> dict[str, Path]:
@@ -56,37 +58,21 @@ class BTADDataModule(AnomalyDataModule):
     arguments. ``download=True`` fetches the official archive (SHA-256 verified)."""
 
     categories = BTAD_CATEGORIES
-
-    def _category_dir(self, category: str) -> Path:
-        root = self.dataset_root
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
-        folder = root / category
-        if not folder.is_dir():
-            hint = "" if category in BTAD_CATEGORIES else f"; BTAD's categories: {', '.join(BTAD_CATEGORIES)}"
-            raise FileNotFoundError(f"category {category!r} not found under {str(root)!r}: BTAD categories "
-                                    f"there: {', '.join(self.find_categories()) or 'none'}{hint}")
-        return folder
-
-    def _looks_like_category(self, folder: Path) -> bool:
-        return (folder / "train" / "ok").is_dir()
+    title = "BTAD"
+    category_markers = ("train/ok",)
+    archive_name = BTAD_ARCHIVE
 
     def train_samples(self, category: str) -> list[Sample]:
-        folder = self._category_dir(category) / "train" / "ok"
-        files = _images(folder, "training")
-        if not files:
-            raise DatasetError(f"no images in training folder {str(folder)!r}")
-        return [Sample(path, None, 0, "good") for path in files]
+        return normal_samples(self.category_folder(category) / "train" / "ok", "training", self.title)
 
     def test_samples(self, category: str) -> list[Sample]:
-        category_dir = self._category_dir(category)
-        test_dir = category_dir / "test"
-        if not test_dir.is_dir():
-            raise FileNotFoundError(f"missing test folder {str(test_dir)!r} (expected BTAD layout)")
-        samples = [Sample(path, None, 0, "good") for path in _images(test_dir / "ok", "test")]
+        category_dir = self.category_folder(category)
+        test_dir = layout_folder(category_dir / "test", "test", self.title)
+        ok, ko = (image_files(layout_folder(test_dir / name, "test", self.title)) for name in ("ok", "ko"))
+        samples = [Sample(path, None, 0, GOOD) for path in ok]
         mask_dir = category_dir / "ground_truth" / "ko"
         masks = masks_by_stem(mask_dir)
-        for path in _images(test_dir / "ko", "test"):
+        for path in ko:
             if path.stem not in masks:
                 raise DatasetError(f"defective test image {str(path)!r} has no mask "
                                    f"{path.stem}.* in {str(mask_dir)!r}")
@@ -94,9 +80,6 @@ class BTADDataModule(AnomalyDataModule):
         if not samples:
             raise DatasetError(f"no images in test folder {str(test_dir)!r}")
         return samples
-
-    def category_missing(self, category: str) -> bool:
-        return needs_extraction(self.dataset_root / category, BTAD_ARCHIVE)
 
     def download_category(self, category: str) -> None:
         root = self.dataset_root

@@ -41,13 +41,12 @@ import glob
 from pathlib import Path
 from typing import Any
 
-from .base import IMAGE_SUFFIXES, AnomalyDataModule, DatasetError, Sample, image_files
+from .base import GOOD, IMAGE_SUFFIXES, AnomalyDataModule, DatasetError, Sample, image_files
 from .registry import register_dataset
 
 #: The placeholders of the ``mask`` pattern.
 MASK_PLACEHOLDERS = ("stem", "defect", "parent", "root")
 DEFAULT_CATEGORY = "custom"
-GOOD = "good"
 
 
 def match_images(root: Path, pattern: str, argument: str) -> list[Path]:
@@ -151,9 +150,7 @@ class FolderDataModule(AnomalyDataModule):
 
     def _lists(self) -> dict[str, list[Path]]:
         """Every given pattern's images, checked for files listed twice."""
-        root = self.dataset_root
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
+        root = self.existing_root(self.dataset_root)
         patterns = {"normal": self.normal, "test_normal": self.test_normal, "test_abnormal": self.test_abnormal}
         lists = {name: match_images(root, pattern, name) for name, pattern in patterns.items() if pattern}
         seen: dict[Path, str] = {}

@@ -35,12 +35,12 @@ Choices that are our reading, not the paper's:
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import download
-from .base import AnomalyDataModule, DatasetError, Sample, image_files, select_shots
+from .base import GOOD, AnomalyDataModule, Sample, normal_samples
+from .mvtec import defect_folder_samples
 from .registry import register_dataset
 
 LOCO_CATEGORIES: tuple[str, ...] = (
@@ -53,39 +53,14 @@ LOCO_URL = (
 )
 LOCO_SHA256 = "9e7c84dba550fd2e59d8e9e231c929c45ba737b6b6a6d3814100f54d63aae687"
 LOCO_ARCHIVE = "mvtec_loco_anomaly_detection.tar.xz"
-GOOD = "good"
-
-
-def _normal_images(folder: Path, what: str, hint: str = "") -> list[Sample]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"missing {what} folder {str(folder)!r} (expected MVTec LOCO AD layout){hint}")
-    files = image_files(folder)
-    if not files:
-        raise DatasetError(f"no images in {what} folder {str(folder)!r}")
-    return [Sample(path, None, 0, GOOD) for path in files]
+#: Where a defective test image's masks are: a folder of them (the trailing ``/``).
+LOCO_MASK = "ground_truth/{defect}/{stem}/"
 
 
 def list_loco_test_samples(category_dir: Path) -> list[Sample]:
     """The test images of a category folder in LOCO layout; a defective image's ``mask_path`` is
     its folder of mask files (read as their union)."""
-    test_dir = category_dir / "test"
-    if not test_dir.is_dir():
-        raise FileNotFoundError(f"missing test folder {str(test_dir)!r} (expected MVTec LOCO AD layout)")
-    samples = []
-    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        defect = type_dir.name
-        for path in image_files(type_dir):
-            if defect == GOOD:
-                samples.append(Sample(path, None, 0, defect))
-                continue
-            masks = category_dir / "ground_truth" / defect / path.stem
-            if not masks.is_dir() or not image_files(masks):
-                raise DatasetError(f"defective test image {str(path)!r} has no mask folder with mask images "
-                                   f"at {str(masks)!r}")
-            samples.append(Sample(path, masks, 1, defect))
-    if not samples:
-        raise DatasetError(f"no images in test folder {str(test_dir)!r}")
-    return samples
+    return defect_folder_samples(category_dir, MVTecLOCODataModule.title, LOCO_MASK)
 
 
 @register_dataset("loco")
@@ -102,50 +77,24 @@ class MVTecLOCODataModule(AnomalyDataModule):
 
     categories = LOCO_CATEGORIES
     report_per_defect_type = True
+    title = "MVTec LOCO AD"
+    category_markers = ("train/good", "test")
+    archive_name = LOCO_ARCHIVE
 
     def __init__(self, *args: Any, use_official_validation: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_official_validation = use_official_validation
 
-    def category_folder(self, category: str) -> Path:
-        """``category``'s folder, or an error that says what is there instead."""
-        root = self.dataset_root
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
-        folder = root / category
-        if not folder.is_dir():
-            present = self.find_categories()
-            raise FileNotFoundError(
-                f"category {category!r} not found under {str(root)!r}: MVTec LOCO AD categories there: "
-                f"{', '.join(present) or 'none'} (official: {', '.join(LOCO_CATEGORIES)})"
-            )
-        return folder
-
-    def _looks_like_category(self, folder: Path) -> bool:
-        return (folder / "train" / GOOD).is_dir() and (folder / "test").is_dir()
-
     def train_samples(self, category: str) -> list[Sample]:
-        return _normal_images(self.category_folder(category) / "train" / GOOD, "training")
+        return normal_samples(self.category_folder(category) / "train" / GOOD, "training", self.title)
 
     def validation_samples(self, category: str) -> list[Sample]:
         """The official validation images of ``category`` (all normal)."""
-        return _normal_images(self.category_folder(category) / "validation" / GOOD, "validation",
+        return normal_samples(self.category_folder(category) / "validation" / GOOD, "validation", self.title,
                               "; use_official_validation=False carves validation from train/good")
 
     def test_samples(self, category: str) -> list[Sample]:
         return list_loco_test_samples(self.category_folder(category))
-
-    def _split(self, category: str) -> tuple[list[Sample], list[Sample]]:
-        if not self.use_official_validation:
-            return super()._split(category)
-        train = [replace(s, category=category) for s in self.train_samples(category)]
-        val = [replace(s, category=category) for s in self.validation_samples(category)]
-        if self.train_shots is not None:  # the few-shot draw, as the base does after its split
-            train = select_shots(train, self.train_shots, self.split_seed)
-        return train, val
-
-    def category_missing(self, category: str) -> bool:
-        return download.needs_extraction(self.dataset_root / category, LOCO_ARCHIVE)
 
     def download_category(self, category: str) -> None:
         # The module's constants are read at call time, so a mirror (or a test) can set them.

@@ -17,10 +17,8 @@ https://github.com/stepanje/MPDD through a shared drive), so the suite does not 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from .base import AnomalyDataModule, DatasetError, Sample
-from .mvtec import list_test_samples, list_train_samples, resolve_category
+from .mvtec import list_test_samples, list_train_samples
 from .registry import register_dataset
 
 MPDD_CATEGORIES: tuple[str, ...] = (
@@ -36,28 +34,18 @@ class MPDDDataModule(AnomalyDataModule):
     arguments. Not downloadable by the suite: point ``root`` at a copy."""
 
     categories = MPDD_CATEGORIES
-
-    def _category_dir(self, category: str) -> Path:
-        root = self.dataset_root
-        # resolve_category's message for a missing category speaks of MVTec AD's categories.
-        if root.is_dir() and not (root / category).is_dir():
-            hint = "" if category in MPDD_CATEGORIES else f"; MPDD's categories: {', '.join(MPDD_CATEGORIES)}"
-            raise FileNotFoundError(f"category {category!r} not found under {str(root)!r}: MPDD categories "
-                                    f"there: {', '.join(self.find_categories()) or 'none'}{hint}")
-        return resolve_category(root, category)
-
-    def _looks_like_category(self, folder: Path) -> bool:
-        return (folder / "train" / "good").is_dir()
+    title = "MPDD"
+    category_markers = ("train/good",)
 
     def train_samples(self, category: str) -> list[Sample]:
-        return list_train_samples(self._category_dir(category))
+        return list_train_samples(self.category_folder(category))
 
     def test_samples(self, category: str) -> list[Sample]:
-        return list_test_samples(self._category_dir(category))
+        return list_test_samples(self.category_folder(category))
 
     def download_category(self, category: str) -> None:
         raise DatasetError(
-            f"MPDD category {category!r} is not under {str(self.dataset_root)!r} and MPDD cannot be "
+            f"{self.title} category {category!r} is not under {str(self.dataset_root)!r} and it cannot be "
             f"downloaded by the suite (no archive with a published checksum): get it from {MPDD_SOURCE} "
             "and point root (--data.root) at the folder that holds its category folders"
         )

@@ -25,12 +25,11 @@ the user computes from a copy whose MD5 they checked; without it the download is
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
-from .base import AnomalyDataModule, DatasetError, Sample, image_files, select_shots
-from .download import download_category, needs_extraction
+from .base import GOOD, AnomalyDataModule, DatasetError, Sample, normal_samples
+from .download import download_category
+from .mvtec import defect_folder_samples
 from .registry import register_dataset
 
 MVTEC3D_CATEGORIES: tuple[str, ...] = (
@@ -45,15 +44,8 @@ MVTEC3D_URL = (
 MVTEC3D_MD5 = "d8bb2800fbf3ac88e798da6ae10dc819"
 #: The archive's file name in the dataset root.
 MVTEC3D_ARCHIVE = "mvtec_3d_anomaly_detection.tar.xz"
-
-
-def _normal_images(folder: Path, what: str) -> list[Sample]:
-    if not folder.is_dir():
-        raise FileNotFoundError(f"missing {what} folder {str(folder)!r} (expected MVTec 3D-AD layout)")
-    files = image_files(folder)
-    if not files:
-        raise DatasetError(f"no images in {what} folder {str(folder)!r}")
-    return [Sample(path, None, 0, "good") for path in files]
+#: Where a defective test image's mask is (:func:`adbench.datamodules.mvtec.defect_folder_samples`).
+MVTEC3D_MASK = "test/{defect}/gt/{name}"
 
 
 @register_dataset("mvtec3d")
@@ -69,6 +61,9 @@ class MVTec3DDataModule(AnomalyDataModule):
     """
 
     categories = MVTEC3D_CATEGORIES
+    title = "MVTec 3D-AD"
+    category_markers = ("train/good/rgb",)
+    archive_name = MVTEC3D_ARCHIVE
 
     def __init__(
         self, *args: Any, use_official_validation: bool = False, download_sha256: str | None = None, **kwargs: Any
@@ -77,64 +72,20 @@ class MVTec3DDataModule(AnomalyDataModule):
         self.use_official_validation = use_official_validation
         self.download_sha256 = download_sha256
 
-    def _category_dir(self, category: str) -> Path:
-        root = self.dataset_root
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
-        folder = root / category
-        if not folder.is_dir():
-            hint = "" if category in MVTEC3D_CATEGORIES else f"; MVTec 3D-AD's categories: {', '.join(MVTEC3D_CATEGORIES)}"
-            raise FileNotFoundError(f"category {category!r} not found under {str(root)!r}: MVTec 3D-AD "
-                                    f"categories there: {', '.join(self.find_categories()) or 'none'}{hint}")
-        return folder
-
-    def _looks_like_category(self, folder: Path) -> bool:
-        return (folder / "train" / "good" / "rgb").is_dir()
-
     def train_samples(self, category: str) -> list[Sample]:
-        return _normal_images(self._category_dir(category) / "train" / "good" / "rgb", "training")
+        return normal_samples(self.category_folder(category) / "train" / GOOD / "rgb", "training", self.title)
 
     def validation_samples(self, category: str) -> list[Sample]:
         """The official validation images of ``category`` (normal)."""
-        return _normal_images(self._category_dir(category) / "validation" / "good" / "rgb", "validation")
+        return normal_samples(self.category_folder(category) / "validation" / GOOD / "rgb", "validation", self.title)
 
     def test_samples(self, category: str) -> list[Sample]:
-        test_dir = self._category_dir(category) / "test"
-        if not test_dir.is_dir():
-            raise FileNotFoundError(f"missing test folder {str(test_dir)!r} (expected MVTec 3D-AD layout)")
-        samples = []
-        for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-            rgb = defect_dir / "rgb"
-            if not rgb.is_dir():
-                raise FileNotFoundError(f"missing test folder {str(rgb)!r} (expected MVTec 3D-AD layout)")
-            for path in image_files(rgb):
-                if defect_dir.name == "good":
-                    samples.append(Sample(path, None, 0, "good"))
-                    continue
-                mask = defect_dir / "gt" / path.name
-                if not mask.is_file():
-                    raise DatasetError(f"defective test image {str(path)!r} has no mask at {str(mask)!r}")
-                samples.append(Sample(path, mask, 1, defect_dir.name))
-        if not samples:
-            raise DatasetError(f"no images in test folder {str(test_dir)!r}")
-        return samples
-
-    def _split(self, category: str) -> tuple[list[Sample], list[Sample]]:
-        if not self.use_official_validation:
-            return super()._split(category)
-        train = [replace(s, category=category) for s in self.train_samples(category)]
-        val = [replace(s, category=category) for s in self.validation_samples(category)]
-        if self.train_shots is not None:
-            train = select_shots(train, self.train_shots, self.split_seed)
-        return train, val
-
-    def category_missing(self, category: str) -> bool:
-        return needs_extraction(self.dataset_root / category, MVTEC3D_ARCHIVE)
+        return defect_folder_samples(self.category_folder(category), self.title, MVTEC3D_MASK, images_in="rgb")
 
     def download_category(self, category: str) -> None:
         if not self.download_sha256:
             raise DatasetError(
-                f"MVTec 3D-AD category {category!r} is not under {str(self.dataset_root)!r}, and download=True "
+                f"{self.title} category {category!r} is not under {str(self.dataset_root)!r}, and download=True "
                 "needs the archive's SHA-256, which MVTec does not publish (only an MD5). Download "
                 f"{MVTEC3D_URL}, check that `md5sum {MVTEC3D_ARCHIVE}` prints {MVTEC3D_MD5}, then pass "
                 f"--data.download_sha256 with what `sha256sum {MVTEC3D_ARCHIVE}` prints (placing the file in "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from .base import AnomalyDataModule, DatasetError, Sample
+from .base import GOOD, AnomalyDataModule, DatasetError, Sample
 from .download import download_file, extract_category, needs_extraction
 from .registry import register_dataset
 
@@ -82,7 +82,7 @@ def _sample(root: Path, row: dict[str, str], where: str) -> Sample:
     if not image.is_file():
         raise FileNotFoundError(f"image {str(image)!r} listed in {where} does not exist")
     if _LABELS[row["label"]] == 0:
-        return Sample(image, None, 0, "good")
+        return Sample(image, None, 0, GOOD)
     if row["split"] == "train":
         raise DatasetError(f"{where}: an anomalous image in the training split of the 1-class split")
     mask = root / row["mask"] if row["mask"] else None
@@ -98,23 +98,12 @@ class VisADataModule(AnomalyDataModule):
     arguments. ``download=True`` fetches the official archive (SHA-256 verified)."""
 
     categories = VISA_CATEGORIES
-
-    def _category_dir(self, category: str) -> Path:
-        root = self.dataset_root
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {str(root)!r} does not exist or is not a folder")
-        folder = root / category
-        if not folder.is_dir():
-            hint = "" if category in VISA_CATEGORIES else f"; VisA's categories: {', '.join(VISA_CATEGORIES)}"
-            raise FileNotFoundError(f"category {category!r} not found under {str(root)!r}: VisA categories "
-                                    f"there: {', '.join(self.find_categories()) or 'none'}{hint}")
-        return folder
-
-    def _looks_like_category(self, folder: Path) -> bool:
-        return (folder / "Data" / "Images").is_dir()
+    title = "VisA"
+    category_markers = ("Data/Images",)
+    archive_name = VISA_ARCHIVE
 
     def _rows(self, category: str, split: str) -> list[Sample]:
-        self._category_dir(category)
+        self.category_folder(category)
         samples = read_split(self.dataset_root, category)[split]
         if not samples:
             raise DatasetError(f"no {split} rows for category {category!r} in "
@@ -128,8 +117,7 @@ class VisADataModule(AnomalyDataModule):
         return self._rows(category, "test")
 
     def category_missing(self, category: str) -> bool:
-        root = self.dataset_root
-        return needs_extraction(root / category, VISA_ARCHIVE) or needs_extraction(root / SPLIT_FOLDER, VISA_ARCHIVE)
+        return super().category_missing(category) or needs_extraction(self.dataset_root / SPLIT_FOLDER, VISA_ARCHIVE)
 
     def download_category(self, category: str) -> None:
         root = self.dataset_root

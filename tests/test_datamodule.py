@@ -21,7 +21,7 @@ from adbench.datamodules import AnomalyDataset, MVTecDataModule
 from adbench.datamodules import download as download_module
 from adbench.datamodules.base import DatasetError
 from adbench.datamodules.download import ChecksumError, download_mvtec
-from adbench.datamodules.embedded import EMBEDDED_CATEGORIES
+from adbench.datamodules.embedded_render import EMBEDDED_CATEGORIES
 from adbench.datamodules.mvtec import list_test_samples, list_train_samples
 
 from .conftest import MVTEC_ROOT, REPO, requires_mvtec
@@ -198,7 +198,7 @@ def test_missing_root(tmp_path: Path) -> None:
 
 def test_unknown_category_lists_what_is_there(tiny_root: Path) -> None:
     data = MVTecDataModule(root=str(tiny_root), category="bottel")
-    with pytest.raises(FileNotFoundError, match=r"'bottel'.*widget.*not an MVTec AD category"):
+    with pytest.raises(FileNotFoundError, match=r"MVTec AD category 'bottel'.*widget.*not an official MVTec AD category"):
         data.setup("fit")
 
 

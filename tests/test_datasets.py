@@ -189,6 +189,30 @@ def test_missing_folders_are_named(name: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_a_missing_category_names_the_dataset_and_the_categories_there(name: str, tmp_path: Path) -> None:
+    cls = get_dataset_class(name)
+    first, missing, last = cls.categories[0], cls.categories[1], cls.categories[-1]
+    for category in (last, first):
+        BUILDERS[name](tmp_path, category)
+    (tmp_path / "notes").mkdir()  # no category: not listed
+    title = {"visa": "VisA", "btad": "BTAD", "mpdd": "MPDD", "mvtec3d": "MVTec 3D-AD"}[name]
+    assert cls.display_name() == title
+    with pytest.raises(FileNotFoundError) as error:
+        cls(root=str(tmp_path), category=missing).setup("fit")
+    assert str(error.value) == (f"{title} category {missing!r} not found under {str(tmp_path)!r}: "
+                                f"{title} categories there: {first}, {last}")
+    with pytest.raises(FileNotFoundError) as error:  # the classmethod, and a name that is not official
+        cls.category_folder_under(tmp_path, "nope")
+    assert str(error.value).startswith(f"{title} category 'nope' not found under {str(tmp_path)!r}: "
+                                       f"{title} categories there: {first}, {last}; 'nope' is not an official")
+    assert str(error.value).endswith(f"({title}'s categories: {', '.join(cls.categories)})")
+    assert cls.categories_under(tmp_path) == [first, last]
+    assert cls.category_folder_under(tmp_path, first) == tmp_path / first
+    with pytest.raises(FileNotFoundError, match=rf"^{re.escape(title)} dataset root .*nowhere' does not exist"):
+        cls.categories_under(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_defect_image_without_mask_is_named(name: str, tmp_path: Path) -> None:
     counts = BUILDERS[name](tmp_path)
     image = sorted(counts.masks)[0]
