@@ -18,23 +18,25 @@ import pytest
 import timm
 import torch
 
-from adbench.benchmark import compare
-from adbench.benchmark.compare import (
-    AnomalibMissingError,
-    CompareError,
+from adbench.benchmark.compare import cli, pairs
+from adbench.benchmark.compare.build_ours import restrict_dataset
+from adbench.benchmark.compare.cli import parse_args, pick_evenly
+from adbench.benchmark.compare.offline_weights import (
     WeightsMismatchError,
-    build_table,
     check_backbone_weights,
-    format_table,
-    load_ground_truth,
-    metrics_from_predictions,
     offline_hf_env,
-    parse_args,
-    pick_evenly,
-    require_anomalib,
-    table_markdown,
     write_timm_hf_cache,
 )
+from adbench.benchmark.compare.pairs import (
+    METHODS,
+    AnomalibMissingError,
+    CompareError,
+    layer_names,
+    our_init_args,
+    require_anomalib,
+)
+from adbench.benchmark.compare.report import build_table, format_table, table_markdown
+from adbench.benchmark.compare.scoring import load_ground_truth, metrics_from_predictions
 from adbench.datamodules.base import AnomalyDataset
 from adbench.datamodules.mvtec import list_test_samples
 
@@ -46,7 +48,7 @@ LITE0 = "tf_efficientnet_lite0"
 
 
 def test_missing_anomalib_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(compare, "_find_spec", lambda name: None)
+    monkeypatch.setattr(pairs, "_find_spec", lambda name: None)
     with pytest.raises(AnomalibMissingError, match=r"make compare") as info:
         require_anomalib()
     assert ".venv-compare" in str(info.value) and "--sides ours" in str(info.value)
@@ -55,8 +57,8 @@ def test_missing_anomalib_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> No
 def test_main_without_anomalib_exits_before_any_work(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(compare, "_find_spec", lambda name: None)
-    assert compare.main(["--methods", "stpm", "--out-dir", str(tmp_path / "out")]) == 2
+    monkeypatch.setattr(pairs, "_find_spec", lambda name: None)
+    assert cli.main(["--methods", "stpm", "--out-dir", str(tmp_path / "out")]) == 2
     assert "make compare" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -80,7 +82,7 @@ def test_hf_cache_gives_timm_our_weights_offline(tmp_path: Path) -> None:
     script = (
         "import huggingface_hub, timm\n"
         "from huggingface_hub import constants\n"
-        "from adbench.benchmark.compare import check_backbone_weights\n"
+        "from adbench.benchmark.compare.offline_weights import check_backbone_weights\n"
         "assert constants.HF_HUB_OFFLINE\n"
         "where = huggingface_hub.hf_hub_download('timm/tf_efficientnet_lite0.in1k', 'model.safetensors')\n"
         "print('FILE', where)\n"
@@ -103,7 +105,7 @@ def test_hf_cache_gives_timm_our_weights_offline(tmp_path: Path) -> None:
 
 
 def test_weight_check_fails_loudly_on_other_weights() -> None:
-    from adbench.models.backbones import resolve_state_dict
+    from adbench.models.weights import resolve_state_dict
 
     model = timm.create_model(LITE0, pretrained=False, features_only=True, out_indices=[2, 3])
     with pytest.raises(WeightsMismatchError, match="differs from ours"):
@@ -150,7 +152,7 @@ def test_restricting_our_dataset_keeps_the_chosen_images(embedded_root: Path) ->
     samples = list_test_samples(embedded_root / "weave")
     dataset = AnomalyDataset(samples, 32)
     keep = pick_evenly([str(s.image_path) for s in samples], 5)
-    compare._restrict_ours(dataset, keep)
+    restrict_dataset(dataset, keep)
     assert [str(s.image_path) for s in dataset.samples] == keep
     assert len(dataset) == 5 and dataset.images.shape[0] == dataset.masks.shape[0] == 5
     assert dataset.labels.shape == (5,) and len(dataset.defect_types) == 5
@@ -236,7 +238,7 @@ def test_table_ratios_rows_and_failures() -> None:
 
 def test_arguments_and_quick_smoke() -> None:
     args = parse_args([])
-    assert args.methods == list(compare.METHODS) and args.sides == ["ours", "anomalib"]
+    assert args.methods == list(METHODS) and args.sides == ["ours", "anomalib"]
     assert (args.image_size, args.batch_size, args.draem_width) == (256, 8, (128, 64))
     assert args.out_dir == "results/compare"
     smoke = parse_args(["--quick-smoke", "--image-size", "96", "--methods", "stpm,draem"])
@@ -257,10 +259,10 @@ def test_pick_evenly_spreads_over_the_list() -> None:
 
 def test_our_configs_match_anomalib_settings() -> None:
     """The pairs compare like with like: lite0 layers, anomalib's DRAEM widths, no lr decay."""
-    _, patchcore = compare._our_init_args(compare.METHODS["patchcore_10pct"], (128, 64))
+    _, patchcore = our_init_args(METHODS["patchcore_10pct"], (128, 64))
     assert patchcore["backbone"] == LITE0 and list(patchcore["layers"]) == [2, 3]
     assert patchcore["coreset_ratio"] == 0.1
-    assert compare._layer_names(LITE0, [2, 3]) == ["blocks.2", "blocks.4"]
-    _, draem = compare._our_init_args(compare.METHODS["draem"], (128, 64))
+    assert layer_names(LITE0, [2, 3]) == ["blocks.2", "blocks.4"]
+    _, draem = our_init_args(METHODS["draem"], (128, 64))
     assert (draem["recon_base_width"], draem["disc_base_width"], draem["lr"]) == (128, 64, 1e-4)
     assert draem["lr_gamma"] == 1.0

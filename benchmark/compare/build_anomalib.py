@@ -1,0 +1,188 @@
+"""anomalib's side of a worker: its model of each pair and its MVTecAD, on the chosen images.
+
+Imported only in a worker running anomalib's side (``.venv-compare``): it needs anomalib.
+Post-processor, evaluator and visualiser are disabled on every model so that its raw scores
+and maps are what gets scored (see the package docstring, "Same raw outputs").
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .offline_weights import check_backbone_weights
+from .pairs import CompareError
+from .worker import WORKER_PREFIX
+
+_DISABLED = {"post_processor": False, "evaluator": False, "visualizer": False}
+
+
+def _pre_processor(spec: dict[str, Any], backbone: str | None) -> Any:
+    """Resize to the comparison's size (no 224 crop), then ``backbone``'s normalisation if any."""
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    from adbench.models.weights import default_normalisation
+
+    size = (spec["image_size"], spec["image_size"])
+    steps = [Resize(size, antialias=True)]
+    if backbone is not None:  # None for DRAEM: anomalib's Draem refuses Normalize
+        mean, std = default_normalisation(backbone)
+        steps.append(Normalize(mean=list(mean), std=list(std)))
+    return PreProcessor(transform=Compose(steps))
+
+
+def _patchcore(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, Any]]:
+    from anomalib.models import Patchcore
+
+    names = spec["anomalib_layers"]
+    model = Patchcore(
+        backbone=backbone, layers=names, pre_trained=True,
+        coreset_sampling_ratio=spec["coreset_ratio"],
+        num_neighbors=spec["our_init_args"].get("num_neighbors", 9),
+        pre_processor=_pre_processor(spec, backbone), **_DISABLED,
+    )  # fmt: skip
+    extractor = model.model.feature_extractor
+    notes = {
+        "model": f"Patchcore(backbone={backbone}, layers={names}, coreset_sampling_ratio="
+                 f"{spec['coreset_ratio']}, num_neighbors={model.model.num_neighbors})",
+        "embedding": f"{sum(extractor.out_dims)}-d",
+    }  # fmt: skip
+    return model, extractor, notes
+
+
+def _stfpm(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+    from anomalib.models import Stfpm
+
+    names = spec["anomalib_layers"]
+    cls = Stfpm
+    notes = {"optimizer": "anomalib's own: SGD lr 0.4, momentum 0.9, weight decay 1e-3"}
+    if spec["stfpm_optimizer"] == "matched":
+        # anomalib's SGD lr 0.4 is tuned for ResNet-18 and diverges for depthwise students.
+        ours = spec["our_init_args"]
+        lr, weight_decay = float(ours.get("lr", 1e-3)), float(ours.get("weight_decay", 0.0))
+        use_adam = ours.get("optimizer", "adam") == "adam"
+        momentum = float(ours.get("momentum", 0.9))
+
+        class MatchedStfpm(Stfpm):
+            """anomalib's Stfpm with our profile's optimiser (nothing else changed)."""
+
+            def configure_optimizers(self) -> torch.optim.Optimizer:
+                params = self.model.student_model.parameters()
+                if use_adam:
+                    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+                return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+        cls = MatchedStfpm
+        notes["optimizer"] = (f"ours (matched): {'Adam' if use_adam else 'SGD'} lr {lr:g}, "
+                              f"weight decay {weight_decay:g}")  # fmt: skip
+    model = cls(
+        backbone=backbone, layers=names, pre_processor=_pre_processor(spec, backbone), **_DISABLED
+    )
+    notes["model"] = f"Stfpm(backbone={backbone}, layers={names})"
+    return model, model.model.teacher_model, notes
+
+
+def _draem(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+    from anomalib.models import Draem
+    from anomalib.models.image.draem import lightning_model as draem_module
+    from anomalib.models.image.draem.torch_model import (
+        DiscriminativeSubNetwork,
+        DraemModel,
+        ReconstructiveSubNetwork,
+    )
+
+    dtd = spec["texture_root"]
+    if dtd is None:  # an existing empty folder: Perlin-noise sources, and no DTD download
+        dtd = str(work_dir / "no-textures")
+        Path(dtd).mkdir(parents=True, exist_ok=True)
+    recon, disc = spec["draem_width"]
+
+    class WidthDraemModel(DraemModel):
+        """anomalib's DraemModel built from its own sub-networks at the requested widths."""
+
+        def __init__(self, sspcab: bool = False) -> None:
+            torch.nn.Module.__init__(self)
+            self.reconstructive_subnetwork = ReconstructiveSubNetwork(
+                sspcab=sspcab, base_width=recon
+            )
+            self.discriminative_subnetwork = DiscriminativeSubNetwork(
+                in_channels=6, out_channels=2, base_width=disc
+            )
+
+    # anomalib's Draem builds DraemModel() at fixed widths 128/64; for other widths, build the
+    # narrow one directly (not after the full one, which would inflate the peak RSS).
+    swap = (recon, disc) != (128, 64)
+    if swap:
+        draem_module.DraemModel = WidthDraemModel
+    try:
+        model = Draem(dtd_dir=dtd, pre_processor=_pre_processor(spec, None),
+                      **_DISABLED)  # fmt: skip
+    finally:
+        draem_module.DraemModel = DraemModel
+    widths = (
+        model.model.reconstructive_subnetwork.encoder.block1[0].out_channels,
+        model.model.discriminative_subnetwork.encoder_segment.block1[0].out_channels,
+    )
+    if widths != (recon, disc):
+        raise CompareError(f"anomalib's Draem has widths {widths}, expected {(recon, disc)}")
+    notes = {
+        "model": f"Draem(dtd_dir={spec['texture_root'] or 'none (Perlin noise)'}), widths {recon}/{disc}"
+    }
+    return model, None, notes
+
+
+def _datamodule(spec: dict[str, Any]) -> Any:
+    """anomalib's MVTecAD on the comparison's images, all of train/good, no validation split."""
+    from anomalib.data import MVTecAD
+
+    train_paths, test_paths = spec["train_paths"], spec["test_paths"]
+
+    def _subset(dataset: Any, keep: list[str] | None) -> Any:
+        if keep is None:
+            return dataset
+        wanted = {os.path.realpath(p) for p in keep}
+        index = [
+            i for i, p in enumerate(dataset.samples.image_path) if os.path.realpath(p) in wanted
+        ]
+        return dataset.subsample(index)
+
+    class ComparisonMVTecAD(MVTecAD):
+        """anomalib's MVTecAD, restricted to the images the comparison chose (``--max-*-images``)."""
+
+        def _setup(self, _stage: str | None = None) -> None:
+            super()._setup(_stage)
+            self.train_data = _subset(self.train_data, train_paths)
+            self.test_data = _subset(self.test_data, test_paths)
+
+    return ComparisonMVTecAD(
+        root=spec["root"], category=spec["category"], train_batch_size=spec["batch_size"],
+        eval_batch_size=spec["eval_batch_size"], num_workers=spec["num_workers"],
+        val_split_mode="none", seed=spec["seed"],
+    )  # fmt: skip
+
+
+def build_anomalib(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """anomalib's model, DataModule and notes for the report, as a worker ``spec`` describes them.
+
+    Stops with :class:`~.offline_weights.WeightsMismatchError` unless the model's pretrained
+    backbone holds exactly our ImageNet weights.
+    """
+    kind = spec["kind"]
+    backbone = spec["our_init_args"].get("backbone")
+    if kind == "patchcore":
+        model, extractor, notes = _patchcore(spec, backbone)
+    elif kind == "stpm":
+        model, extractor, notes = _stfpm(spec, backbone)
+    elif kind == "draem":
+        model, extractor, notes = _draem(spec, work_dir)
+    else:  # pragma: no cover - METHODS only has the kinds above
+        raise CompareError(f"unknown method kind {kind!r}")
+
+    if extractor is not None:
+        notes["weights_check"] = check_backbone_weights(extractor.feature_extractor, backbone)
+        print(f"{WORKER_PREFIX} weights check passed: {notes['weights_check']}", flush=True)
+    return model, _datamodule(spec), notes

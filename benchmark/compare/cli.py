@@ -1,0 +1,244 @@
+"""``python -m adbench.benchmark.compare``: the arguments, and the main process that prepares the
+data and the offline weights, runs one worker per (method, side), scores them and writes the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .offline_weights import DEFAULT_HF_CACHE, offline_hf_env, write_timm_hf_cache
+from .pairs import METHODS, SIDES, CompareError, require_anomalib
+from .report import build_table, markdown_report, table_markdown
+from .scoring import GroundTruth, load_ground_truth, metrics_from_predictions
+from .worker import json_default, run_worker_process, worker_main, worker_specs
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _int_pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two comma-separated integers, got {text!r}"
+        ) from None
+    if a < 1 or b < 1:
+        raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
+    return a, b
+
+
+def _name_list(choices: tuple[str, ...]) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        if names == ["all"]:
+            return list(choices)
+        unknown = [n for n in names if n not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {unknown or text!r}; choose from {', '.join(choices)}"
+            )
+        return names
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m adbench.benchmark.compare",
+        description="Our methods against anomalib 2.7.0's: same data, backbone, weights, image size "
+        "and budget; fit time, steps/s, test images/s, peak RSS and metrics (ours, on raw scores).",
+    )
+    parser.add_argument("--root", help="MVTec AD root (default: the embedded dataset, no download)")
+    parser.add_argument("--category", help="category (default: bottle with --root, else weave)")
+    parser.add_argument("--methods", type=_name_list(tuple(METHODS)), default=list(METHODS),
+                        help=f"comma-separated, or 'all' (default): {', '.join(METHODS)}")  # fmt: skip
+    parser.add_argument("--sides", type=_name_list(SIDES), default=list(SIDES),
+                        help="ours,anomalib (default both)")  # fmt: skip
+    parser.add_argument(
+        "--texture-root", help="DTD folder for DRAEM's pseudo-anomalies (both sides)"
+    )
+    parser.add_argument("--image-size", type=_positive_int, default=256)
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size")
+    parser.add_argument("--eval-batch-size", type=_positive_int, default=8)
+    parser.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader workers (both sides)"
+    )
+    parser.add_argument("--stpm-epochs", type=_positive_int, default=10)
+    parser.add_argument(
+        "--draem-steps", type=_positive_int, default=10, help="optimizer steps of each DRAEM"
+    )
+    parser.add_argument("--draem-width", type=_int_pair, default=(128, 64),
+                        help="reconstructive,discriminative base widths (anomalib's: 128,64)")  # fmt: skip
+    parser.add_argument("--stfpm-optimizer", choices=("matched", "native"), default="matched",
+                        help="anomalib Stfpm's optimizer: ours (matched, default) or its SGD lr 0.4")  # fmt: skip
+    parser.add_argument(
+        "--max-train-images", type=_positive_int, help="evenly spaced subset of train/good"
+    )
+    parser.add_argument(
+        "--max-test-images", type=_positive_int, help="evenly spaced subset of the test set"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=_positive_int, help="torch threads in each worker (default: torch's)"
+    )
+    parser.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator (auto, cpu, gpu)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, help="seconds before a worker is killed (default: none)"
+    )
+    parser.add_argument("--hf-cache", default=str(DEFAULT_HF_CACHE),
+                        help="private Hugging Face cache for the offline timm weights")  # fmt: skip
+    parser.add_argument(
+        "--out-dir", help="default results/compare (results/compare/smoke with --quick-smoke)"
+    )
+    parser.add_argument("--quick-smoke", action="store_true",
+                        help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM epoch, "
+                        "2 DRAEM steps at widths 16,16, 1 thread (explicit options still win)")  # fmt: skip
+    args = parser.parse_args(argv)
+    explicit = {
+        a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")
+    }
+    if args.quick_smoke:
+        smoke = {"image_size": 64, "max_train_images": 16, "max_test_images": 12, "stpm_epochs": 1,
+                 "draem_steps": 2, "draem_width": (16, 16), "threads": 1}  # fmt: skip
+        for key, value in smoke.items():
+            if "--" + key.replace("_", "-") not in explicit:
+                setattr(args, key, value)
+    if args.out_dir is None:
+        args.out_dir = "results/compare/smoke" if args.quick_smoke else "results/compare"
+    return args
+
+
+# --------------------------------------------------------------------------- main process
+
+
+def pick_evenly(items: list[Any], count: int | None) -> list[Any]:
+    """``count`` items spread evenly over ``items`` (all when ``count`` is None or large enough)."""
+    if count is None or count >= len(items):
+        return list(items)
+    if count < 1:
+        raise CompareError("image counts must be positive")
+    step = len(items) / count
+    return [items[int(i * step)] for i in range(count)]
+
+
+@dataclass
+class _Plan:
+    """Everything the runs need, prepared before the first worker starts."""
+
+    root: str
+    category: str
+    train_paths: list[str]
+    test_paths: list[str]
+    specs: list[dict[str, Any]]
+    env: dict[str, str]
+    truth: GroundTruth
+    out_dir: Path
+    run_dir: Path
+
+
+def _prepare(args: argparse.Namespace) -> _Plan:
+    """Check anomalib, find the data, choose the images, write the offline weights, read the truth."""
+    if "anomalib" in args.sides:
+        require_anomalib()
+    from adbench.datamodules.embedded import ensure_embedded_dataset
+    from adbench.datamodules.embedded_render import EMBEDDED_CATEGORIES
+    from adbench.datamodules.mvtec import list_test_samples, list_train_samples, resolve_category
+
+    root = str(Path(args.root).expanduser().resolve()) if args.root else str(ensure_embedded_dataset())
+    category = args.category or ("bottle" if args.root else EMBEDDED_CATEGORIES[0])
+    category_dir = resolve_category(root, category)
+    if args.texture_root and not Path(args.texture_root).is_dir():
+        raise CompareError(f"--texture-root {args.texture_root!r} is not a folder")
+    train_all = [str(s.image_path) for s in list_train_samples(category_dir)]
+    test_all = [str(s.image_path) for s in list_test_samples(category_dir)]
+    train_paths = pick_evenly(train_all, args.max_train_images)
+    test_paths = pick_evenly(test_all, args.max_test_images)
+    out_dir = Path(args.out_dir)
+    run_dir = out_dir / "runs"
+    specs = worker_specs(args, root, category,
+                         None if len(train_paths) == len(train_all) else train_paths,
+                         None if len(test_paths) == len(test_all) else test_paths, run_dir)  # fmt: skip
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    backbones = {s["our_init_args"]["backbone"] for s in specs if s["our_init_args"].get("backbone")}
+    if backbones:
+        for backbone in sorted(backbones):
+            path = write_timm_hf_cache(backbone, args.hf_cache)
+            print(f"[compare] offline timm weights for {backbone}: {path}")
+        env.update(offline_hf_env(args.hf_cache))  # both sides get the same environment
+    truth = load_ground_truth(root, category, args.image_size, test_paths)
+    return _Plan(root, category, train_paths, test_paths, specs, env, truth, out_dir, run_dir)
+
+
+def _run(spec: dict[str, Any], plan: _Plan, timeout: float | None, label: str) -> dict[str, Any]:
+    """One worker, then our metrics of its predictions; a failure is recorded, never raised."""
+    print(f"[compare] {label} starting", flush=True)
+    record = run_worker_process(spec, plan.run_dir, plan.env, timeout, label)
+    if record.get("status") == "ok":
+        try:
+            record["metrics"] = metrics_from_predictions(spec["predictions"], plan.truth)
+        except CompareError as error:
+            record.update(status="failed", error=str(error))
+    if record.get("status") == "ok":
+        m = record["metrics"]
+        print(f"[compare] {label} done in {record['worker_seconds']:.0f} s: fit {record['fit_seconds']:.1f} s, "
+              f"image AUROC {m['image_auroc']:.4f}, pixel AUROC {m['pixel_auroc']:.4f}, PRO {m['pro']:.4f}",
+              flush=True)  # fmt: skip
+    else:
+        print(f"[compare] {label} FAILED: {record.get('error')} (log: {record.get('log')})", flush=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["worker"]:  # the subprocess side of the protocol (worker.py)
+        return worker_main(argv[1:])
+    args = parse_args(argv)
+    command = shlex.join(
+        getattr(sys, "orig_argv", None) or [sys.executable, "-m", "adbench.benchmark.compare", *argv]
+    )
+    try:
+        plan = _prepare(args)
+    except (CompareError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    out_dir, run_dir, specs = plan.out_dir, plan.run_dir, plan.specs
+    print(f"[compare] {plan.root} / {plan.category}: {len(plan.train_paths)} train, "
+          f"{len(plan.test_paths)} test images, {args.image_size} px; {len(specs)} run(s), "
+          f"one process each -> {out_dir}")  # fmt: skip
+    results = [_run(spec, plan, args.timeout, f"({i}/{len(specs)}) {spec['method']} / {spec['side']}:")
+               for i, spec in enumerate(specs, 1)]  # fmt: skip
+
+    table = build_table(results)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.drop(columns=["key"]).to_csv(out_dir / "compare.csv", index=False)
+    report = markdown_report(table, results, args, plan.root, plan.category,
+                             len(plan.train_paths), len(plan.test_paths), command)  # fmt: skip
+    (out_dir / "compare.md").write_text(report)
+    (run_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=json_default))
+    print()
+    print(table_markdown(table, results))
+    print(f"\n[compare] wrote {out_dir / 'compare.csv'} and {out_dir / 'compare.md'}")
+    return 0 if all(r.get("status") == "ok" for r in results) else 1

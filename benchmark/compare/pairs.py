@@ -1,0 +1,98 @@
+"""What is compared: the method pairs, our side's settings for each, and the anomalib check."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from adbench.project import project_root
+
+REPO = project_root()
+ANOMALIB_VERSION = "2.7.0"
+
+
+class CompareError(RuntimeError):
+    """A comparison that cannot run as asked; the message says why and what to do."""
+
+
+class AnomalibMissingError(CompareError):
+    """anomalib is not importable from this interpreter."""
+
+
+@dataclass(frozen=True)
+class MethodPair:
+    """One row group of the table: our config and anomalib's model of the same method."""
+
+    name: str
+    kind: str  # patchcore | stpm | draem
+    our_config: str  # YAML under configs/ whose model.init_args define our side
+    our_overrides: tuple[tuple[str, Any], ...] = ()
+    coreset_ratio: float | None = None
+
+
+METHODS: dict[str, MethodPair] = {
+    "patchcore_1pct": MethodPair("patchcore_1pct", "patchcore", "configs/patchcore/quick.yaml",
+                                 (("coreset_ratio", 0.01),), 0.01),
+    "patchcore_10pct": MethodPair("patchcore_10pct", "patchcore", "configs/patchcore/quick.yaml",
+                                  (("coreset_ratio", 0.10),), 0.10),
+    "stpm": MethodPair("stpm", "stpm", "configs/stpm/quick.yaml"),
+    # anomalib's Draem widths are fixed (128 / 64): the paper profile has exactly those.
+    "draem": MethodPair("draem", "draem", "configs/draem/paper.yaml", (("lr_gamma", 1.0),)),
+}  # fmt: skip
+SIDES = ("ours", "anomalib")
+
+
+def _find_spec(name: str) -> Any:
+    # A seam of its own so that the tests can pretend anomalib is missing.
+    return importlib.util.find_spec(name)
+
+
+def require_anomalib() -> str:
+    """anomalib's installed version; :class:`AnomalibMissingError` with the fix when absent."""
+    if _find_spec("anomalib") is None:
+        raise AnomalibMissingError(
+            f"anomalib is not installed in this Python ({sys.executable}). The comparison runs in its "
+            f"own virtualenv because anomalib pins jsonargparse<4.47: run `make compare` (it creates "
+            f".venv-compare with anomalib=={ANOMALIB_VERSION} and runs this script), or, once it "
+            f"exists, `.venv-compare/bin/python -m adbench.benchmark.compare ...`. To run only our side, "
+            f"pass --sides ours."
+        )
+    try:
+        version = importlib.metadata.version("anomalib")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    if version != ANOMALIB_VERSION:
+        print(
+            f"warning: anomalib {version} is installed; this comparison was written against "
+            f"{ANOMALIB_VERSION} (`make compare` installs it)",
+            file=sys.stderr,
+        )
+    return version
+
+
+def our_init_args(pair: MethodPair, draem_width: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+    """Our model's class path and init args: the pair's config with its overrides applied."""
+    import yaml
+
+    config = yaml.safe_load((REPO / pair.our_config).read_text())
+    model = config["model"]
+    init_args = dict(model.get("init_args") or {})
+    init_args.update(dict(pair.our_overrides))
+    if pair.kind == "draem":
+        init_args["recon_base_width"], init_args["disc_base_width"] = draem_width
+    return model["class_path"], init_args
+
+
+def layer_names(backbone: str, layers: list[int]) -> list[str]:
+    """timm module names of ``features_only`` out_indices (what anomalib's layer names mean)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        body = timm.create_model(
+            backbone, features_only=True, out_indices=tuple(layers), pretrained=False
+        )
+    return list(body.feature_info.module_name())

@@ -1,0 +1,175 @@
+"""The comparison table (ours, anomalib, ours / anomalib per quantity) and ``compare.md``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import importlib.metadata
+import math
+import os
+import platform
+from typing import Any
+
+from adbench.benchmark.orchestration.environment import cpu_model
+
+from .pairs import METHODS
+
+#: (result key, label, better, kinds it applies to or None for all)
+ROWS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
+    ("fit_seconds", "fit time (s)", "lower", None),
+    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem")),
+    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem")),
+    ("train_images_per_second", "feature collection images/s", "higher", ("patchcore",)),
+    ("test_images_per_second", "test images/s (predict loop)", "higher", None),
+    ("predict_seconds", "test wall time incl. data setup (s)", "lower", None),
+    ("peak_rss_mb", "peak RSS (MiB)", "lower", None),
+    ("rss_before_fit_mb", "peak RSS before fit: imports + model (MiB)", "lower", None),
+    ("cuda_peak_mb", "peak CUDA memory (MiB)", "lower", None),
+    ("image_auroc", "image AUROC", "higher", None),
+    ("pixel_auroc", "pixel AUROC", "higher", None),
+    ("pro", "PRO (FPR <= 0.3)", "higher", None),
+)
+METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro")
+
+
+def _value(result: dict[str, Any] | None, key: str) -> float:
+    if not result or result.get("status") != "ok":
+        return math.nan
+    value = result.get("metrics", {}).get(key) if key in METRIC_KEYS else result.get(key)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def build_table(results: list[dict[str, Any]]) -> Any:
+    """Long table: one row per (method, quantity) with ours, anomalib and ours / anomalib.
+
+    ``results`` are worker records (``method``, ``side``, ``status``, measured values and
+    ``metrics``). Rows that apply to neither side (e.g. CUDA memory on a CPU) are dropped.
+    """
+    import pandas as pd
+
+    by_key = {(r["method"], r["side"]): r for r in results}
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    rows = []
+    for method in methods:
+        kind = METHODS[method].kind if method in METHODS else None
+        ours, theirs = by_key.get((method, "ours")), by_key.get((method, "anomalib"))
+        for key, label, better, kinds in ROWS:
+            if kinds is not None and kind not in kinds:
+                continue
+            a, b = _value(ours, key), _value(theirs, key)
+            if math.isnan(a) and math.isnan(b) and key == "cuda_peak_mb":
+                continue
+            ratio = a / b if not (math.isnan(a) or math.isnan(b)) and b != 0 else math.nan
+            rows.append({"method": method, "quantity": label, "ours": a, "anomalib": b,
+                         "ratio": ratio, "better": better, "key": key})  # fmt: skip
+    return pd.DataFrame(
+        rows, columns=["method", "quantity", "ours", "anomalib", "ratio", "better", "key"]
+    )
+
+
+def _format_value(value: float, key: str, status: str | None) -> str:
+    if status is not None and status != "ok":
+        return status
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if key in METRIC_KEYS:
+        return f"{value:.4f}"
+    if key == "optimizer_steps":
+        return f"{value:.0f}"
+    magnitude = abs(value)
+    return (
+        f"{value:.0f}"
+        if magnitude >= 100
+        else f"{value:.1f}"
+        if magnitude >= 10
+        else f"{value:.2f}"
+    )
+
+
+def format_table(table: Any, results: list[dict[str, Any]]) -> Any:
+    """The table with formatted strings (``failed`` where a side failed), for printing."""
+    status = {(r["method"], r["side"]): r.get("status") for r in results}
+    shown = table.copy()
+    shown["ours"] = [_format_value(v, k, status.get((m, "ours")))
+                     for v, k, m in zip(table["ours"], table["key"], table["method"], strict=True)]  # fmt: skip
+    shown["anomalib"] = [_format_value(v, k, status.get((m, "anomalib")))
+                         for v, k, m in zip(table["anomalib"], table["key"], table["method"], strict=True)]  # fmt: skip
+    shown["ratio"] = ["n/a" if math.isnan(r) else f"{r:.2f}x" for r in table["ratio"]]
+    shown = shown.drop(columns=["key"]).rename(columns={"ratio": "ours / anomalib"})
+    return shown
+
+
+def table_markdown(table: Any, results: list[dict[str, Any]]) -> str:
+    # disable_numparse: "0.9900" stays as formatted, not re-parsed into 0.99.
+    return format_table(table, results).to_markdown(index=False, disable_numparse=True)
+
+
+def machine_description() -> dict[str, str]:
+    """CPU, cores, memory, GPU and the versions the report's header names."""
+    info = {"cpu": cpu_model(), "cpu_cores": str(os.cpu_count()), "python": platform.python_version(),
+            "host": platform.node()}  # fmt: skip
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory"] = f"{pages * page_size / 2**30:.1f} GiB"
+    except (ValueError, OSError, AttributeError):
+        pass
+    for package in ("torch", "lightning", "timm", "anomalib", "numpy"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = "not installed"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name()
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Namespace, root: str,
+                    category: str, n_train: int, n_test: int, command: str) -> str:  # fmt: skip
+    """``compare.md``: date, machine, software, data, budgets, command, the table, each run's notes."""
+    machine = machine_description()
+    lines = [
+        f"# adbench vs anomalib {machine.get('anomalib')}: {category}",
+        "",
+        f"* date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"* machine: {machine['cpu']}, {machine['cpu_cores']} CPU cores, {machine.get('memory', '?')} RAM"
+        + (f", GPU {machine['gpu']}" if "gpu" in machine else ", no GPU"),
+        f"* software: Python {machine['python']}, torch {machine['torch']}, lightning {machine['lightning']}, "
+        f"timm {machine['timm']}, anomalib {machine['anomalib']}",
+        f"* data: `{root}` / {category}: {n_train} train/good images (all used for training by both, "
+        f"no validation), {n_test} test images; {args.image_size} px, batch {args.batch_size} "
+        f"(test {args.eval_batch_size}), {args.num_workers} DataLoader workers, seed {args.seed}, "
+        f"torch threads {args.threads or 'default'}",
+        f"* budgets: PatchCore 1 epoch; STPM {args.stpm_epochs} epoch(s); DRAEM {args.draem_steps} "
+        f"optimizer steps at widths {args.draem_width[0]}/{args.draem_width[1]}",
+        f"* command: `{command}`",
+        "",
+        "Metrics are ours (`callbacks/metrics.py`) on each side's raw scores and maps, against the "
+        "same ground truth. Ratio = ours / anomalib; `better` says which direction is better.",
+        "",
+        table_markdown(table, results),
+        "",
+        "## Settings and checks per run",
+        "",
+    ]
+    for r in results:
+        head = f"* **{r['method']} / {r['side']}**: {r.get('status')}"
+        if r.get("status") == "ok":
+            head += (f", device {r.get('device')}, {r.get('train_images')} train images in "
+                     f"{r.get('train_batches')} batches, {r.get('test_images')} test images, worker "
+                     f"{r.get('worker_seconds', math.nan):.0f} s")  # fmt: skip
+        else:
+            head += f": {r.get('error')}"
+        lines.append(head)
+        for key, value in (r.get("notes") or {}).items():
+            lines.append(f"  * {key}: {value}")
+        lines.append(f"  * log: `{r.get('log')}`")
+    lines.append("")
+    return "\n".join(lines)
