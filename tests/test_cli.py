@@ -126,4 +126,4 @@ def test_input_error_is_one_line_without_traceback(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("adbench fit: error: FileNotFoundError: dataset root") and "nowhere" in last
+    assert last.startswith("adbench fit: error: FileNotFoundError: MVTec AD dataset root") and "nowhere" in last
