@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
@@ -178,12 +179,71 @@ def expand_model_names(argv: Sequence[str]) -> list[str]:
     return out
 
 
+#: A sweep job's settings (benchmark/orchestration/sweep.py, ``JobSpec.settings``) -> the config keys
+#: that realise them: the one place where the sweep's names meet the CLI's.
+JOB_SETTINGS = {
+    "seed": "seed_everything",
+    "categories": "data.init_args.category",
+    "root": "data.init_args.root",
+    "texture_root": "data.init_args.texture_source",
+    "shots": "data.init_args.train_shots",
+    "val_fraction": "data.init_args.val_fraction",
+    "precision": "trainer.precision",
+    "accelerator": "trainer.accelerator",
+    "devices": "trainer.devices",
+    "strategy": "trainer.strategy",
+}
+#: Config groups whose value is a class (``class_path`` + ``init_args``).
+_CLASS_GROUPS = ("model", "data")
+
+
+def job_config(config_file: str | Path, dataset: str, settings: dict[str, Any],
+               overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A sweep job's whole config, as :class:`AnomalyCLI` takes it (``args=``) and as
+    ``adbench fit --config`` reads it back: the method's YAML, then the dataset, the job's
+    ``settings`` (keys of :data:`JOB_SETTINGS`; ``None`` values are left out) and ``overrides``
+    (dotted config keys, e.g. ``model.init_args.lr`` or ``trainer.max_epochs``), in that order."""
+    config = yaml.safe_load(Path(config_file).read_text()) or {}
+    for group in _CLASS_GROUPS:  # ``data: {image_size: 256}`` -> ``data: {init_args: {image_size: 256}}``
+        value = config.get(group) or {}
+        if isinstance(value, dict):
+            init_args = {k: v for k, v in value.items() if k not in ("class_path", "init_args")}
+            config[group] = {**({"class_path": value["class_path"]} if "class_path" in value else {}),
+                             "init_args": {**init_args, **(value.get("init_args") or {})}}
+    config["data"] = {"class_path": datamodules.dataset_class_path(dataset), "init_args": config["data"]["init_args"]}
+    unknown = set(settings) - set(JOB_SETTINGS)
+    if unknown:
+        raise KeyError(f"job setting(s) {sorted(unknown)} have no config key (adbench.cli.JOB_SETTINGS)")
+    for key, value in settings.items():
+        if value is not None:
+            _set_dotted(config, JOB_SETTINGS[key], value)
+    for key, value in (overrides or {}).items():
+        _set_dotted(config, key, value)
+    if isinstance(config.get("model"), dict) and "class_path" in config["model"]:
+        config["model"]["class_path"] = _class_path(str(config["model"]["class_path"]))
+    return config
+
+
+def _set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
+    """``config[a][b][c] = value`` for ``key`` ``a.b.c``; a class group's options go under its
+    ``init_args`` whether or not the key says so (``model.lr`` = ``model.init_args.lr``)."""
+    parts = key.split(".")
+    if parts[0] in _CLASS_GROUPS and len(parts) > 1 and parts[1] not in ("class_path", "init_args"):
+        parts.insert(1, "init_args")
+    node = config
+    for part in parts[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+
+
 class AnomalyCLI(LightningCLI):
     """LightningCLI with the suite's protocol: any AnomalyModule, the MVTec DataModule, the run folder."""
 
     def __init__(
         self,
-        args: Sequence[str] | None = None,
+        args: Sequence[str] | dict[str, Any] | None = None,
         run: bool = True,
         extra_callbacks: Sequence[Callback] = (),
         trainer_defaults: dict[str, Any] | None = None,
@@ -202,7 +262,7 @@ class AnomalyCLI(LightningCLI):
             },
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "adbench"},
-            args=None if args is None else expand_model_names(args),
+            args=args if args is None or isinstance(args, dict) else expand_model_names(args),
             run=run,
             **kwargs,
         )
@@ -240,7 +300,8 @@ class AnomalyCLI(LightningCLI):
         folder = Path(RUNS_FOLDER) / name
         if dataset != MVTecDataModule.__name__:  # runs on other datasets get their own level
             folder /= getattr(_dataset_class(str(config.data.class_path)), "dataset_name", None) or dataset.lower()
-        category = str(data.category).replace(",", "+")
+        categories = data.category if isinstance(data.category, list) else str(data.category).split(",")
+        category = "+".join(c.strip() for c in categories)
         shots = f"-shots{data.train_shots}" if data.get("train_shots") else ""
         return folder / category / f"seed{config.seed_everything}{shots}"
 
@@ -277,13 +338,13 @@ class _ParseOnly(AnomalyCLI):
         pass
 
 
-def config_error(args: Sequence[str]) -> str | None:
-    """What the Lightning CLI would refuse in ``fit`` + ``args`` (a key no class takes, a value of the
-    wrong type), as its one-paragraph message; None when the arguments parse. Builds nothing."""
+def config_error(args: Sequence[str] | dict[str, Any]) -> str | None:
+    """What the Lightning CLI would refuse in ``args`` (arguments or a config dict: a key no class
+    takes, a value of the wrong type), as its one-paragraph message; None when they parse. Builds nothing."""
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(io.StringIO()):
-            _ParseOnly(args=expand_model_names(args), run=False)
+            _ParseOnly(args=args, run=False)
     except SystemExit:
         text = captured.getvalue()
         text = text[text.rfind("error:"):].removeprefix("error:").strip() if "error:" in text else text.strip()

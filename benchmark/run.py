@@ -14,6 +14,7 @@ same command resumes an interrupted sweep.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -89,11 +90,14 @@ def check_job_configs(jobs: list[JobSpec]) -> None:
     class takes, a value of the wrong type): once per distinct config, not once per failed job."""
     checked: set[str] = set()
     for job in jobs:
-        args = [a for a in job.cli_args() if not a.startswith(("--data.category=", "--seed_everything="))]
-        if (key := "\0".join(args)) in checked:
+        config = job.config()
+        # Jobs that differ only in seed or categories parse alike.
+        same_parse = {**config, "seed_everything": None,
+                      "data": {**config["data"], "init_args": {**config["data"]["init_args"], "category": None}}}
+        if (key := json.dumps(same_parse, sort_keys=True, default=str)) in checked:
             continue
         checked.add(key)
-        if error := config_error(args):
+        if error := config_error(config):
             raise SweepConfigError(f"job {job.job_id} ({job.config_file}, overrides {job.overrides}): {error}")
 
 

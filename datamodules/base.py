@@ -265,8 +265,8 @@ class AnomalyDataModule(LightningDataModule):
 
     Args:
         root: dataset root (each dataset documents its layout under it).
-        category: the category to train and test on. Several, comma-separated, or
-            ``"all"`` (every category present under ``root``): the unified setting, one
+        category: the category to train and test on. Several (a list, or comma-separated on the
+            command line), or ``"all"`` (every category present under ``root``): the unified setting, one
             model trained on the union of their training images and tested on each
             (items carry their ``category``; metrics are reported per category).
         image_size: images and masks are resized to ``image_size`` x ``image_size``.
@@ -324,7 +324,7 @@ class AnomalyDataModule(LightningDataModule):
     def __init__(
         self,
         root: str | None = None,
-        category: str | None = None,
+        category: str | list[str] | None = None,
         image_size: int = 256,
         batch_size: int = 8,
         eval_batch_size: int = 32,
@@ -473,7 +473,9 @@ class AnomalyDataModule(LightningDataModule):
             if not found:
                 raise DatasetError(f"category 'all': no {self.display_name()} category under {str(self.dataset_root)!r}")
             return found
-        return [c.strip() for c in str(self.category).split(",") if c.strip()]
+        if isinstance(self.category, str):  # the command line's form: "bottle" or "bottle,transistor"
+            return [c.strip() for c in self.category.split(",") if c.strip()]
+        return list(self.category)
 
     @property
     def unified(self) -> bool:

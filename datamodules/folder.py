@@ -116,9 +116,11 @@ class FolderDataModule(AnomalyDataModule):
         if not normal:
             raise ValueError("the folder dataset needs normal: the folder or glob pattern of the normal "
                              "training images (relative to root, or absolute)")
-        if "," in self.category or self.category == "all":
+        names = [self.category] if isinstance(self.category, str) else list(self.category)
+        if len(names) != 1 or "," in names[0] or names[0] == "all":
             raise ValueError(f"category {self.category!r}: for the folder dataset the category is only the "
                              "name of the data (one name: no commas, not 'all')")
+        self.category = names[0]
         if mask is not None:
             check_mask_pattern(mask)
         self.normal = normal

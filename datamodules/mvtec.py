@@ -119,9 +119,3 @@ class MVTecDataModule(AnomalyDataModule):
         if self.root is None:
             ensure_embedded_dataset()
         super().prepare_data()
-
-
-def resolve_category(root: str | Path, category: str) -> Path:
-    """The MVTec AD category folder ``root/category``, or an error that says what is there instead
-    (:meth:`AnomalyDataModule.category_folder_under`; kept for the callers of this name)."""
-    return MVTecDataModule.category_folder_under(root, category)

@@ -63,10 +63,35 @@ def test_sweep_expansion_and_overrides(tmp_path: Path, embedded_root: Path) -> N
     assert [(j.method, j.category, j.seed) for j in jobs] == [
         ("stpm", c, 3) for c in ("weave", "marble", "disc")
     ]
-    args = jobs[0].cli_args()
-    assert "--data.image_size=64" in args and "--seed_everything=3" in args
-    assert f"--data.root={embedded_root}" in args
+    config = jobs[0].config()
+    assert config["data"]["init_args"]["image_size"] == 64 and config["seed_everything"] == 3
+    assert config["data"]["init_args"]["root"] == str(embedded_root)
+    assert config["data"]["init_args"]["category"] == ["weave"], "categories travel as a list"
     assert jobs[0].fingerprint() != jobs[1].fingerprint()
+
+
+def test_a_jobs_config_is_data_and_reads_back_from_its_yaml(tmp_path: Path, embedded_root: Path) -> None:
+    import yaml
+
+    from adbench.cli import AnomalyCLI, job_config
+
+    sweep = SweepConfig(methods=["stpm"], categories=["weave", "disc"], setting="unified", root=str(embedded_root),
+                        overrides={**TINY, "model.lr": 0.01}, texture_root="procedural")
+    job = sweep.jobs()[0]
+    config = job.config()
+    assert config["model"]["init_args"]["lr"] == 0.01, "a class group's shorthand key lands in its init_args"
+    assert config["data"]["init_args"]["category"] == ["weave", "disc"]
+    assert config["data"]["init_args"]["texture_source"] == "procedural"
+    from_dict = AnomalyCLI(args=config, run=False)
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(config))
+    from_file = AnomalyCLI(args=["--config", str(saved)], run=False)
+    for cli in (from_dict, from_file):
+        assert cli.datamodule.category_names == ["weave", "disc"] and cli.datamodule.image_size == 64
+        assert cli.model.hparams.lr == 0.01 and cli.trainer.max_epochs == TINY["trainer.max_epochs"]
+    assert from_dict.config.as_dict() == from_file.config.as_dict() | {"config": from_dict.config.as_dict()["config"]}
+    with pytest.raises(KeyError, match="no config key"):
+        job_config(job.config_file, "mvtec", {"epochs": 3})
 
 
 def test_sweep_all_methods_come_from_the_registry(tmp_path: Path, embedded_root: Path) -> None:
@@ -296,8 +321,8 @@ def test_named_variants_become_their_own_jobs_and_rows(tmp_path: Path, embedded_
     )  # fmt: skip
     plain, variant = sweep.jobs()
     assert (plain.name, plain.method, variant.name, variant.method) == ("stpm", "stpm", "stpm-sum", "stpm")
-    assert "--model.init_args.map_fusion=sum" in variant.cli_args()
-    assert "--model.init_args.map_fusion=sum" not in plain.cli_args()
+    assert variant.config()["model"]["init_args"]["map_fusion"] == "sum"
+    assert plain.config()["model"]["init_args"]["map_fusion"] == "product"
     assert plain.job_id != variant.job_id
 
     results = tmp_path / "results"
@@ -324,7 +349,8 @@ def test_paper_protocol_trains_on_all_of_train_good_and_is_named_in_the_leaderbo
 
     selected = SweepConfig(methods=["stpm"], categories=["weave"]).jobs()[0]
     paper = SweepConfig(methods=["stpm"], categories=["weave"], protocol="paper").jobs()[0]
-    assert "--data.val_fraction=0" in paper.cli_args() and "--data.val_fraction=0" not in selected.cli_args()
+    assert paper.config()["data"]["init_args"]["val_fraction"] == 0
+    assert "val_fraction" not in selected.config()["data"]["init_args"]
     assert paper.fingerprint() != selected.fingerprint()
     with pytest.raises(SweepConfigError, match="protocol"):
         SweepConfig(protocol="tuned").validate()

@@ -75,7 +75,7 @@ def test_the_sweep_selects_a_dataset_by_name_and_its_jobs_load_it(tmp_path: Path
     jobs = sweep.jobs()
     assert [j.category for j in jobs] == [counts.category]
     assert jobs[0].job_id == f"stpm__quick__{name}-{counts.category}__seed0"
-    cli = AnomalyCLI(args=jobs[0].cli_args(), run=False)
+    cli = AnomalyCLI(args=jobs[0].config(), run=False)
     assert type(cli.datamodule) is get_dataset_class(name)
     data = cli.datamodule
     data.setup()
@@ -104,12 +104,13 @@ def test_shots_and_unified_sweep_expand_and_the_leaderboard_has_their_columns(
 ) -> None:
     sweep = _sweep(tmp_path, root=str(embedded_root), categories=["weave", "disc"], shots=[1, 4])
     assert [(j.category, j.shots) for j in sweep.jobs()] == [("weave", 1), ("weave", 4), ("disc", 1), ("disc", 4)]
-    assert "--data.train_shots=4" in sweep.jobs()[1].cli_args()
+    assert sweep.jobs()[1].config()["data"]["init_args"]["train_shots"] == 4
 
     unified = _sweep(tmp_path, root=str(embedded_root), categories=["weave", "disc"], setting="unified",
                      shots=[2])
     jobs = unified.jobs()
-    assert [(j.category, j.job_id) for j in jobs] == [("weave,disc", "stpm__quick__unified__seed0__shots2")]
+    assert [(j.categories, j.job_id) for j in jobs] == [(["weave", "disc"], "stpm__quick__unified__seed0__shots2")]
+    assert jobs[0].config()["data"]["init_args"]["category"] == ["weave", "disc"]
     results = tmp_path / "results"
     records = run_jobs(jobs, results, device_slots(1, None, "auto"))
     record = records[0]
@@ -178,7 +179,7 @@ def test_loco_and_folder_load_through_the_sweep(tmp_path: Path) -> None:
     mask(loco / "ground_truth" / "logical_anomalies" / "000" / "001.png")
     jobs = _sweep(tmp_path, dataset="loco", root=str(tmp_path / "loco"), categories="all").jobs()
     assert [j.job_id for j in jobs] == ["stpm__quick__loco-pushpins__seed0"]
-    data = AnomalyCLI(args=jobs[0].cli_args(), run=False).datamodule
+    data = AnomalyCLI(args=jobs[0].config(), run=False).datamodule
     data.setup()
     assert (len(data.train_set), len(data.val_set), len(data.test_set)) == (4, 2, 3)
     assert type(data).report_per_defect_type
@@ -194,6 +195,6 @@ def test_loco_and_folder_load_through_the_sweep(tmp_path: Path) -> None:
                  "data.test_abnormal": "defects/*/*.jpg", "data.mask": "{parent}/{stem}.png"}
     jobs = _sweep(tmp_path, dataset="folder", root=str(own), categories=["my-part"], overrides=overrides).jobs()
     assert [j.job_id for j in jobs] == ["stpm__quick__folder-my-part__seed0"]
-    data = AnomalyCLI(args=jobs[0].cli_args(), run=False).datamodule
+    data = AnomalyCLI(args=jobs[0].config(), run=False).datamodule
     data.setup()
     assert len(data.train_set) + len(data.val_set or []) == 5 and sorted(data.test_set.defect_types) == ["dent", "good"]

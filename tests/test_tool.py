@@ -16,6 +16,7 @@ from PIL import Image
 
 import adbench
 from adbench import models
+from adbench.benchmark.orchestration.job import JOB_CONFIG_FILE
 from adbench.benchmark.orchestration.runner import device_slots, run_jobs
 from adbench.benchmark.orchestration.sweep import SweepConfig
 from adbench.checkpoints import LegacyCheckpointError, upgrade
@@ -57,16 +58,16 @@ def _job(tmp_path: Path, embedded_root: Path) -> tuple[dict, Path]:
 
 
 @pytest.mark.slow
-def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Path, embedded_root: Path) -> None:
+def test_a_sweep_row_is_reproduced_by_adbench_test_and_fit_from_its_config(tmp_path: Path, embedded_root: Path) -> None:
     record, job_dir = _job(tmp_path, embedded_root)
     curves = pd.read_csv(job_dir / "metrics.csv")  # the job keeps its training curves
     assert "val/selection_score" in curves.columns and curves["val/selection_score"].notna().any()
     assert len(list((job_dir / "anomaly_maps").glob("*.png"))) == len(pd.read_csv(tmp_path / "results" / record["image_scores"]))
-    spec = SweepConfig(name="tool", methods=["stpm"], categories=["weave"], root=str(embedded_root),
-                       overrides=dict(TINY_OVERRIDES)).jobs()[0]
+    # The job's saved config is the whole of it: `adbench test --config` with it reproduces the row.
     result = subprocess.run(
-        [sys.executable, "-m", "adbench", "test", *spec.cli_args(), f"--trainer.default_root_dir={job_dir}",
-         "--ckpt_path=best"], capture_output=True, text=True, cwd=REPO, timeout=600,
+        [sys.executable, "-m", "adbench", "test", f"--config={job_dir / JOB_CONFIG_FILE}",
+         f"--trainer.default_root_dir={job_dir}", "--ckpt_path=best"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     printed = dict(re.findall(r"test/(\w+)\s+([0-9.]+)", result.stdout))
@@ -77,6 +78,18 @@ def test_a_sweep_row_is_reproduced_by_adbench_test_in_a_new_process(tmp_path: Pa
     ours, sweeps = pd.read_csv(job_dir / TEST_SCORES_FILE), pd.read_csv(tmp_path / "results" / record["image_scores"])
     assert list(ours.path) == list(sweeps.path) and ours.score.to_numpy() == pytest.approx(sweeps.score.to_numpy(), rel=1e-5)
     assert (ours.predicted_anomalous == sweeps.predicted_anomalous).all()
+    # Training again from the same config, in a new folder, gives the row again.
+    refit = tmp_path / "refit"
+    for command in ("fit", "test"):
+        result = subprocess.run(
+            [sys.executable, "-m", "adbench", command, f"--config={job_dir / JOB_CONFIG_FILE}",
+             f"--trainer.default_root_dir={refit}", *(["--ckpt_path=best"] if command == "test" else [])],
+            capture_output=True, text=True, cwd=REPO, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+    printed = dict(re.findall(r"test/(\w+)\s+([0-9.]+)", result.stdout))
+    for metric in ("image_auroc", "pixel_auroc", "pro"):
+        assert float(printed[metric]) == pytest.approx(record["metrics"][metric], abs=1e-6), metric
 
 
 @pytest.mark.slow

@@ -160,15 +160,15 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         require_anomalib()
     from adbench.datamodules.embedded import ensure_embedded_dataset
     from adbench.datamodules.embedded_render import EMBEDDED_CATEGORIES
-    from adbench.datamodules.mvtec import list_test_samples, list_train_samples, resolve_category
+    from adbench.datamodules import MVTecDataModule
 
     root = str(Path(args.root).expanduser().resolve()) if args.root else str(ensure_embedded_dataset())
     category = args.category or ("bottle" if args.root else EMBEDDED_CATEGORIES[0])
-    category_dir = resolve_category(root, category)
+    data = MVTecDataModule(root=root, category=category)
     if args.texture_root and not Path(args.texture_root).is_dir():
         raise CompareError(f"--texture-root {args.texture_root!r} is not a folder")
-    train_all = [str(s.image_path) for s in list_train_samples(category_dir)]
-    test_all = [str(s.image_path) for s in list_test_samples(category_dir)]
+    train_all = [str(s.image_path) for s in data.train_samples(category)]
+    test_all = [str(s.image_path) for s in data.test_samples(category)]
     train_paths = pick_evenly(train_all, args.max_train_images)
     test_paths = pick_evenly(test_all, args.max_test_images)
     out_dir = Path(args.out_dir)

@@ -25,9 +25,9 @@ def load_ground_truth(
     import numpy as np
 
     from adbench.datamodules.base import read_mask
-    from adbench.datamodules.mvtec import list_test_samples, resolve_category
+    from adbench.datamodules import MVTecDataModule
 
-    samples = list_test_samples(resolve_category(root, category))
+    samples = MVTecDataModule(root=root, category=category).test_samples(category)
     if keep is not None:
         wanted = {os.path.realpath(p) for p in keep}
         samples = [s for s in samples if os.path.realpath(s.image_path) in wanted]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from adbench.benchmark.orchestration.environment import environment, pin_cpu_isa
 from adbench.benchmark.orchestration.records import (
@@ -33,6 +34,7 @@ from adbench.benchmark.orchestration.records import (
     LAUNCH_TOKEN_VARIABLE,
     LAUNCHED_AT_VARIABLE,
     write_json_atomic,
+    write_text_atomic,
 )
 from adbench.benchmark.orchestration.sweep import JobSpec
 from adbench.callbacks.evaluation import NOT_READY_SCORE
@@ -83,6 +85,8 @@ def selection_saturation(history: list[dict[str, Any]], best: float | None) -> d
 
 
 SCORES_FOLDER = "scores"
+#: In the job's folder: its whole config; ``adbench fit/test --config`` with it reproduces the job.
+JOB_CONFIG_FILE = "config.yaml"
 
 
 def result_warnings(metrics: dict[str, float], images: dict[str, list[Any]], losses: LossHistory) -> list[str]:
@@ -126,14 +130,15 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         trainer_defaults["plugins"] = [SLURMEnvironment(auto_requeue=False)]
+    config = spec.config()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # what `adbench fit/test --config` reads back
+        job_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(job_dir / JOB_CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
     parse_errors = io.StringIO()
     try:
         with contextlib.redirect_stderr(parse_errors):
-            cli = AnomalyCLI(
-                args=spec.cli_args(),
-                run=False,
-                trainer_defaults=trainer_defaults,
-            )
+            # The job's own config file stands for Lightning's (which would add this folder's logger and paths).
+            cli = AnomalyCLI(args=config, run=False, trainer_defaults=trainer_defaults, save_config_callback=None)
     except SystemExit as error:  # the argument parser's message, not a bare "SystemExit: 2"
         lines = [line for line in parse_errors.getvalue().splitlines() if line.strip()]
         raise ValueError(lines[-1] if lines else f"the CLI exited with {error.code}") from None

@@ -23,13 +23,14 @@ LAUNCH_TOKEN_VARIABLE = "ADBENCH_LAUNCH_TOKEN"
 LAUNCHED_AT_VARIABLE = "ADBENCH_LAUNCHED_UNIX"
 
 
-def write_json_atomic(path: str | Path, payload: Any) -> Path:
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file: a reader sees the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True, default=str)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
@@ -37,6 +38,10 @@ def write_json_atomic(path: str | Path, payload: Any) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> Path:
+    return write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
 def read_record(path: str | Path) -> dict[str, Any] | None:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from adbench import datamodules, models
-from adbench.datamodules import ensure_embedded_dataset
+from adbench.cli import job_config
 from adbench.project import config_dir
 
 #: Code every job runs whatever the method (with what these import, found by code_modules):
@@ -163,7 +163,8 @@ class SweepConfig:
 
     def _datamodule(self) -> datamodules.AnomalyDataModule:
         """The sweep's dataset, built with its data arguments, to list what is present."""
-        arguments = {k.removeprefix("data."): v for k, v in self.overrides.items() if k.startswith("data.")}
+        arguments = {k.removeprefix("data.").removeprefix("init_args."): v
+                     for k, v in self.overrides.items() if k.startswith("data.")}
         # A named category, when there is one: a dataset whose category is only a name (folder) has no "all".
         first = None if self.categories == "all" else (_as_list(self.categories) or [None])[0]
         arguments.update(root=self.root, category=first or datamodules.ALL_CATEGORIES)
@@ -173,11 +174,11 @@ class SweepConfig:
             raise SweepConfigError(f"dataset {self.dataset!r}: {error}") from error
 
     def resolve_categories(self) -> list[str]:
-        root = Path(self.root).expanduser() if self.root else ensure_embedded_dataset()
-        if not root.is_dir():
-            raise SweepConfigError(f"dataset root {str(root)!r} does not exist")
+        """The sweep's categories, as its datamodule finds them under the root."""
+        data = self._datamodule()
         try:
-            present = self._datamodule().find_categories()
+            root = data.existing_root(data.dataset_root)
+            present = data.find_categories()
         except (OSError, datamodules.DatasetError) as error:
             raise SweepConfigError(str(error)) from error
         if self.categories == "all":
@@ -195,14 +196,14 @@ class SweepConfig:
     def jobs(self) -> list[JobSpec]:
         categories = self.resolve_categories()
         # Unified: one job per method and seed, trained on all the categories, tested on each.
-        groups = [",".join(categories)] if self.setting == "unified" else categories
+        groups = [categories] if self.setting == "unified" else [[category] for category in categories]
         return [
             JobSpec(
                 sweep=self.name,
                 name=name,
                 method=self.variants.get(name, {}).get("method", name),
                 profile=self.profile,
-                category=category,
+                categories=group,
                 seed=seed,
                 root=self.root,
                 texture_root=self.texture_root,
@@ -222,7 +223,7 @@ class SweepConfig:
                 setting=self.setting,
             )
             for name in self.resolve_methods()
-            for category in groups
+            for group in groups
             for shots in self.shots
             for seed in self.seeds
         ]
@@ -236,7 +237,7 @@ class JobSpec:
     name: str  # leaderboard row: the method's registry name, or a variant's name
     method: str
     profile: str
-    category: str
+    categories: list[str]  # one, or all of the sweep's in the unified setting
     seed: int
     root: str | None
     texture_root: str | None
@@ -248,19 +249,19 @@ class JobSpec:
     protocol: str = "selected"
     dataset: str = "mvtec"
     shots: int | None = None  # few-shot: normal training images per category; None: all
-    setting: str = "per-category"  # or "unified": ``category`` lists every category, comma-separated
+    setting: str = "per-category"  # or "unified": one model for all of ``categories``
     cpu_isa: str | None = None  # ONEDNN_MAX_CPU_ISA of a CPU job; None: the CPU's best
     #: Where the job runs, as the runner's slot sets it: {"device": ..., "threads": ...}.
     execution: dict[str, Any] = field(default_factory=dict)
 
     @property
-    def categories(self) -> list[str]:
-        """The categories the job covers: one, or all of them in the unified setting."""
-        return self.category.split(",")
+    def category(self) -> str:
+        """The job's category, or ``unified`` for a model of several."""
+        return "unified" if self.setting == "unified" else self.categories[0]
 
     @property
     def job_id(self) -> str:
-        data = "unified" if self.setting == "unified" else self.category
+        data = self.category
         if self.dataset != "mvtec":
             data = f"{self.dataset}-{data}"
         shots = "" if self.shots is None else f"__shots{self.shots}"
@@ -283,30 +284,25 @@ class JobSpec:
         content["code"] = code_hash(self.method)
         return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    def cli_args(self) -> list[str]:
-        """The Lightning CLI arguments that realise this job."""
-        args = [
-            f"--config={self.config_file}",
-            # Before any --data.* argument: naming the class after them would reset them.
-            *([f"--data={datamodules.dataset_class_path(self.dataset)}"] if self.dataset != "mvtec" else []),
-            f"--seed_everything={self.seed}",
-            f"--data.category={self.category}",
-            f"--trainer.precision={self.precision}",
-            f"--trainer.accelerator={self.accelerator}",
-            f"--trainer.devices={self.devices}",
-        ]
-        if self.devices > 1:
-            args.append(f"--trainer.strategy={models.get_model_class(self.method).ddp_strategy}")
-        if self.protocol == "paper":  # all of train/good for training; no validation, the last epoch is tested
-            args.append("--data.val_fraction=0")
-        if self.shots is not None:
-            args.append(f"--data.train_shots={self.shots}")
-        if self.root:
-            args.append(f"--data.root={self.root}")
-        if self.texture_root:
-            args.append(f"--data.texture_source={self.texture_root}")
-        args += [f"--{key}={_cli_value(value)}" for key, value in self.overrides.items()]
-        return args
+    def settings(self) -> dict[str, Any]:
+        """What this job sets beyond its method's YAML, by the names of ``adbench.cli.JOB_SETTINGS``."""
+        return {
+            "seed": self.seed,
+            "categories": list(self.categories),
+            "root": self.root,
+            "texture_root": self.texture_root,
+            "shots": self.shots,
+            # paper protocol: all of train/good for training; no validation, the last epoch is tested
+            "val_fraction": 0 if self.protocol == "paper" else None,
+            "precision": self.precision,
+            "accelerator": self.accelerator,
+            "devices": self.devices,
+            "strategy": models.get_model_class(self.method).ddp_strategy if self.devices > 1 else None,
+        }
+
+    def config(self) -> dict[str, Any]:
+        """The job's whole config, as the Lightning CLI takes it (``adbench.cli.job_config``)."""
+        return job_config(self.config_file, self.dataset, self.settings(), self.overrides)
 
 
 def code_modules(method: str) -> list[str]:
@@ -389,13 +385,3 @@ def _as_list(value: list[Any] | str) -> list[Any]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return list(value)
-
-
-def _cli_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if value is None:
-        return "null"
-    if isinstance(value, list | dict):
-        return json.dumps(value)
-    return str(value)

@@ -89,7 +89,7 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
         timing, env, intervals = r.get("timing") or {}, r.get("environment") or {}, r.get("intervals") or {}
         row = {
             "name": r.get("name") or r.get("method"),
-            **{k: r.get(k) for k in ("method", "category", "seed", "status", "precision", "sweep",
+            **{k: r.get(k) for k in ("method", "seed", "status", "precision", "sweep",
                                      "devices", "error", "job_id", "finished", "parameters", "image_scores",
                                      "root", "shots")},
             "dataset": r.get("dataset") or "mvtec",
@@ -112,9 +112,10 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             "device": env.get("device"),
             "host": env.get("host"),
         }  # fmt: skip
-        categories = str(r.get("category") or "").split(",")
+        # Records before 2026-12-05 name their categories in one comma-joined "category".
+        categories = r.get("categories") or str(r.get("category") or "").split(",")
         if len(categories) == 1:
-            rows.append(row)
+            rows.append({**row, "category": categories[0]})
             continue
         # Unified: the job's own metrics and intervals are over all categories; each category's row
         # gets that category's metrics (no interval: the bootstrap resampled the union).
