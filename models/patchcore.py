@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .backbones import FeatureExtractor
 from .base import AnomalyModule, AnomalyOutput
 from .losses import gaussian_blur
+from .patch_features import locally_aware_patches
 from .registry import register_model
 
 #: ``coreset_method`` values: exact greedy k-center (the paper's), or greedy within random partitions.
@@ -242,18 +243,7 @@ class PatchCore(AnomalyModule):
         hp = self.hparams
         with torch.no_grad():
             backbone_maps = self.backbone(images)  # under autocast when training mixed-precision
-        with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=False):
-            maps = [m.float() for m in backbone_maps]
-            size = maps[0].shape[-2:]
-            per_layer = []
-            for feature_map in maps:
-                pooled = F.avg_pool2d(feature_map, 3, stride=1, padding=1, count_include_pad=False)
-                if pooled.shape[-2:] != size:
-                    pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
-                vectors = pooled.flatten(2).transpose(1, 2)  # (B, h*w, C)
-                per_layer.append(_pool_channels(vectors, hp.pretrain_embed_dimension))
-            features = _pool_channels(torch.cat(per_layer, dim=-1), hp.target_embed_dimension)
-        return features, (int(size[0]), int(size[1]))
+            return locally_aware_patches(backbone_maps, hp.pretrain_embed_dimension, hp.target_embed_dimension)
 
     # ------------------------------------------------------------------ memory bank
 
@@ -372,14 +362,6 @@ class PatchCore(AnomalyModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Nothing learns: lr 0 over an empty parameter; it exists to count steps.
         return torch.optim.SGD([self._step_anchor], lr=0.0)
-
-
-def _pool_channels(vectors: Tensor, dim: int) -> Tensor:
-    """Adaptive average pooling of the last axis of (B, P, C) to ``dim`` (identity if C == dim)."""
-    if vectors.shape[-1] == dim:
-        return vectors
-    b, p, c = vectors.shape
-    return F.adaptive_avg_pool1d(vectors.reshape(b * p, 1, c), dim).view(b, p, dim)
 
 
 def _gather_rows(rows: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from adbench.benchmark.orchestration.records import iter_records  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
 
 #: The baseline each seed method builds on (methods.md): its row gets "method minus baseline".
-BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem"}
+BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem", "glass": "simplenet"}
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
