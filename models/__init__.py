@@ -11,7 +11,10 @@ from . import rd4ad  # noqa: E402, F401  isort: skip
 from . import tsdn  # noqa: E402, F401  isort: skip
 from . import rstpm  # noqa: E402, F401  isort: skip
 from . import pouta  # noqa: E402, F401  isort: skip
+from . import destseg  # noqa: E402, F401  isort: skip
 from . import glass  # noqa: E402, F401  isort: skip
+from . import fastflow  # noqa: E402, F401  isort: skip
+from . import padim  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AnomalyModule",
