@@ -158,9 +158,9 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     """Check anomalib, find the data, choose the images, write the offline weights, read the truth."""
     if "anomalib" in args.sides:
         require_anomalib()
+    from adbench.datamodules import MVTecDataModule
     from adbench.datamodules.embedded import ensure_embedded_dataset
     from adbench.datamodules.embedded_render import EMBEDDED_CATEGORIES
-    from adbench.datamodules import MVTecDataModule
 
     root = str(Path(args.root).expanduser().resolve()) if args.root else str(ensure_embedded_dataset())
     category = args.category or ("bottle" if args.root else EMBEDDED_CATEGORIES[0])

@@ -24,8 +24,8 @@ def load_ground_truth(
     """Labels and masks (at ``image_size``, nearest) of the test images, as our DataModule reads them."""
     import numpy as np
 
-    from adbench.datamodules.base import read_mask
     from adbench.datamodules import MVTecDataModule
+    from adbench.datamodules.base import read_mask
 
     samples = MVTecDataModule(root=root, category=category).test_samples(category)
     if keep is not None:
