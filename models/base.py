@@ -10,12 +10,14 @@ method alike and never need to know what is inside one.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, ClassVar, NamedTuple
 
 import torch
 from lightning import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
 from adbench.checkpoints import update_metadata
 
@@ -114,6 +116,20 @@ class AnomalyModule(LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return {**self._anomaly_step(batch), "path": batch["path"]}
+
+
+@contextmanager
+def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run ``modules`` in eval mode (BatchNorm on running statistics), then restore their modes:
+    a later training stage reads a frozen earlier stage's networks this way."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
 
 
 def _to_memory_format(batch: Any, memory_format: torch.memory_format) -> None:

@@ -23,8 +23,7 @@ Readings, open choices and ablations: docs/methods/destseg.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,10 +32,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor
-from .base import AnomalyModule, AnomalyOutput
+from .base import AnomalyModule, AnomalyOutput, eval_mode
 from .distillation import check_student_optimizer, cosine_distance, fuse_maps, student_optimizer
 from .losses import focal_loss
 from .registry import register_model
+from .scoring import top_k_mean_score
 from .unet import conv_bn_relu
 
 REDUCTIONS = ("sum", "mean")
@@ -151,23 +151,6 @@ class SegmentationNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.res(x))
-
-
-def top_k_mean_score(anomaly_map: Tensor, k: int) -> Tensor:
-    """The mean of each map's ``k`` largest values (all of them if it has fewer) -> (B,): DeSTSeg's image score."""
-    values = anomaly_map.float().flatten(1)
-    return values.topk(min(k, values.shape[1]), dim=1).values.mean(dim=1)
-
-
-@contextmanager
-def _eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run ``module`` in eval mode (BatchNorm on running statistics), then restore its mode."""
-    mode = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(mode)
 
 
 @register_model("destseg")
@@ -286,7 +269,7 @@ class DeSTSeg(AnomalyModule):
 
     def segmentation_logits(self, images: Tensor) -> Tensor:
         """The segmentation network's logits (B, 1, h_1, w_1), the student frozen (eval mode, no gradient)."""
-        with _eval_mode(self.student), torch.no_grad():
+        with eval_mode([self.student]), torch.no_grad():
             seg_input = self.segmentation_input(*self.features(images))
         return self.segmentation_net(seg_input)
 

@@ -18,8 +18,7 @@ Readings, open choices and ablations: docs/methods/rstpm.md.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .backbones import FeatureExtractor
-from .base import AnomalyModule, AnomalyOutput
+from .base import AnomalyModule, AnomalyOutput, eval_mode
 from .distillation import (
     StudentTeacherPair,
     check_student_optimizer,
@@ -89,19 +88,6 @@ class DecoderStudent(nn.Module):
                 x = x * self.attention[index](target)
             outputs.append(x)
         return outputs[::-1]
-
-
-@contextmanager
-def _eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Run ``modules`` in eval mode (BatchNorm on running statistics), then restore their modes."""
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
 
 
 @register_model("rstpm")
@@ -229,7 +215,7 @@ class RSTPM(AnomalyModule):
 
     def discriminator_loss(self, images: Tensor, mask: Tensor) -> Tensor:
         """Focal loss of the discriminator on the maps that eval-mode students give for ``images``."""
-        with _eval_mode(self._students()), torch.no_grad():
+        with eval_mode(self._students()), torch.no_grad():
             scale_maps = self.scale_maps(*self.level_maps(images), images.shape[-2:])
         return focal_loss(self.discriminative(scale_maps), mask, gamma=self.hparams.focal_gamma)
 

@@ -11,6 +11,12 @@ def max_score(anomaly_map: Tensor) -> Tensor:
     return anomaly_map.flatten(1).amax(dim=1)
 
 
+def top_k_mean_score(anomaly_map: Tensor, k: int) -> Tensor:
+    """The mean of each map's ``k`` largest values (all of them if it has fewer) -> (B,): DeSTSeg's image score."""
+    values = anomaly_map.float().flatten(1)
+    return values.topk(min(k, values.shape[1]), dim=1).values.mean(dim=1)
+
+
 def pooled_max_score(anomaly_map: Tensor, pool_size: int) -> Tensor:
     """DRAEM's image score: max over the ``pool_size`` x ``pool_size`` average-pooled map (stride 1).
 

@@ -20,9 +20,9 @@ from adbench.models.destseg import (
     DenoisingStudent,
     DeSTSeg,
     SegmentationNet,
-    top_k_mean_score,
 )
 from adbench.models.distillation import cosine_distance, fuse_maps
+from adbench.models.scoring import top_k_mean_score
 
 from .conftest import REPO
 from .helpers import (
