@@ -169,7 +169,7 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     assert record["timing"]["test_images_per_second"] > 0 and record["timing"]["fit_seconds"] > 0
     assert record["parameters"] > 0 and record["environment"]["torch"]
     assert record["selection"]["checkpoint"] == "best validation"
-    assert record["config"]["data"]["init_args"]["category"] in ("weave", "disc")
+    assert record["config"]["data"]["init_args"]["category"] in (["weave"], ["disc"])
 
     tables = build_leaderboard(results)
     runs = pd.read_csv(results / "runs.csv")
