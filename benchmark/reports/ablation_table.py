@@ -1,6 +1,7 @@
 """The ablation study's table: each arm beside its full method, paired by category and seed.
 
-    python -m adbench.benchmark.reports.ablation_table results/ablations_quick [--metrics image_auroc,pixel_auroc,pro]
+    python -m adbench.benchmark.reports.ablation_table results/ablations_quick [more results folders]
+                                       [--metrics image_auroc,pixel_auroc,pro] [--rows rstpm,stpm]
                                        [--plot results/ablations_quick/ablation_deltas.png]
 
 For every row (a method, a variant of it, or a baseline) and category: mean +- std
@@ -9,8 +10,9 @@ it ablates, computed seed by seed (same seed, same category) with the std of
 those paired deltas. Baselines (``BASELINES``) get the delta of the method built
 on them, so "full minus baseline" reads the same way as "full minus ablation":
 positive = the full method is better. Rows come from the records of one results
-folder (``runs/*.json``); only ``ok`` records count, and the seeds each mean
-covers are printed. ``--plot`` draws the same paired deltas as a forest plot, one
+or several folders (``runs/*.json``; where two hold the same name, category and
+seed, the first folder's record counts); only ``ok`` records count, and the seeds
+each mean covers are printed. ``--rows`` keeps the named rows only. ``--plot`` draws the same paired deltas as a forest plot, one
 panel per metric: each seed as a dot, the mean with its std as a bar, per category.
 """
 
@@ -140,20 +142,27 @@ def plot_deltas(deltas: pd.DataFrame, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results_dir")
+    parser.add_argument("results_dirs", nargs="+", metavar="results_dir")
     parser.add_argument("--metrics", default="image_auroc,pixel_auroc,pro")
+    parser.add_argument("--rows", help="comma-separated row names to keep (default: all)")
     parser.add_argument("--plot", type=Path, help="also write the paired deltas as a forest plot (PNG)")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         parser.error(f"unknown metric(s) {unknown}; choose from {list(METRICS)}")
-    runs = runs_frame(iter_records(Path(args.results_dir)))
+    records: dict[tuple, dict] = {}
+    for folder in args.results_dirs:  # the same job in two folders: the first folder's record wins
+        for r in iter_records(Path(folder)):
+            records.setdefault((r.get("name") or r.get("method"), str(r.get("categories")), r.get("seed")), r)
+    runs = runs_frame(list(records.values()))
+    if args.rows:
+        runs = runs[runs.name.isin(args.rows.split(","))]
     deltas = paired_deltas(runs, metrics)
     print(ablation_table(runs, metrics, deltas).to_markdown(index=False))
     if args.plot:
         if deltas.empty:
-            parser.error(f"no arm or baseline in {args.results_dir} shares a category and seed with its full method")
+            parser.error(f"no arm or baseline in {' '.join(args.results_dirs)} shares a category and seed with its full method")
         print(f"\nforest plot: {plot_deltas(deltas, args.plot)}")
     return 0
 
