@@ -20,6 +20,7 @@ from .helpers import (
     assert_bf16_training_is_finite,
     first_train_batch,
     fit_and_test,
+    log_quality,
     step_trainer,
 )
 
@@ -135,15 +136,16 @@ SCALED = dict(noise_std=0.5, projection_radius=4.8, ascent_step_size=0.01)
 
 @pytest.mark.slow
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
-    # 20 epochs of 7 batches at 64 px on weave (an 8 x 8 patch grid). Measured over seeds 0-2
-    # (2026-12-05): GLASS image AUROC AAA, pixel BBB; SimpleNet image CCC, and its
-    # discriminator tells noised from clean training features at AUROC DDD. Bounds below the
-    # lowest value seen; chance is 0.5.
-    _, glass = fit_and_test(lambda: _tiny(**SCALED), embedded_root, steps=2 * 20 * 7, max_epochs=20)
-    assert glass["pixel_auroc"] > 0.62 and (glass["pixel_auroc"] + glass["image_auroc"]) / 2 > 0.62, glass
-    simplenet, metrics = fit_and_test(lambda: _tiny(SimpleNet, **SCALED), embedded_root, steps=2 * 20 * 7,
-                                      max_epochs=20)  # fmt: skip
-    assert metrics["image_auroc"] > 0.6, metrics
+    # 20 epochs of 7 batches at 64 px on weave (an 8 x 8 patch grid), measured over seeds 0-2
+    # (2026-12-05). GLASS at the paper's noise (the tiny features are as wide as the quick
+    # profile's, so its global synthesis is nearly inert and this checks the local one): image
+    # AUROC 0.60-0.74, pixel 0.71-0.84, their mean 0.68-0.78. (At the scaled noise the tiny GLASS
+    # is erratic: pixel 0.43-0.70 over the seeds.) SimpleNet at the scaled noise: image 0.87-0.93,
+    # pixel 0.71-0.80, and its discriminator tells noised from clean training features at AUROC
+    # 0.93-1.00. Bounds below the lowest value seen; chance is 0.5.
+    steps = 2 * 20 * 7
+    _, glass = fit_and_test(_tiny, embedded_root, steps=steps, max_epochs=20)
+    simplenet, metrics = fit_and_test(lambda: _tiny(SimpleNet, **SCALED), embedded_root, steps=steps, max_epochs=20)
     # What SimpleNet learns is its synthesis: clean features low, noised ones high.
     images = first_train_batch(embedded_root)["image"]
     with torch.no_grad():
@@ -151,7 +153,10 @@ def test_separates_embedded_defects_after_brief_training(embedded_root: Path) ->
         clean, noised = simplenet.logits(normal), simplenet.logits(simplenet.global_anomalies(normal))
     labels = torch.cat([torch.zeros(len(clean)), torch.ones(len(noised))]).long()
     separation = binary_auroc(torch.cat([clean, noised]), labels).item()
-    assert separation > 0.8, separation
+    log_quality({"noise_separation": separation})
+    assert glass["pixel_auroc"] > 0.62 and (glass["pixel_auroc"] + glass["image_auroc"]) / 2 > 0.62, glass
+    assert metrics["image_auroc"] > 0.75 and metrics["pixel_auroc"] > 0.62, metrics
+    assert separation > 0.85, separation
 
 
 @pytest.mark.slow
