@@ -382,22 +382,26 @@ def test_ablation_table_reads_several_folders_first_record_wins_and_keeps_named_
     from adbench.benchmark.orchestration.records import RUNS_FOLDER, write_json_atomic
     from adbench.benchmark.reports.ablation_table import main
 
-    def record(folder: str, name: str, seed: int, image: float) -> None:
-        write_json_atomic(tmp_path / folder / RUNS_FOLDER / f"{name}__{seed}.json", {
-            "name": name, "method": name, "profile": "quick", "category": "bottle", "categories": ["bottle"],
-            "seed": seed, "status": "ok", "metrics": {"image_auroc": image}})  # fmt: skip
+    def record(folder: str, name: str, seed: int, image: float, category: str = "bottle") -> None:
+        # Records before 2026-12-05 name their category in "category" only; later ones in "categories".
+        where = {"category": category} if folder == "seeds" else {"categories": [category]}
+        write_json_atomic(tmp_path / folder / RUNS_FOLDER / f"{name}__{category}__{seed}.json", {
+            "name": name, "method": name, "profile": "quick", **where, "seed": seed, "status": "ok",
+            "metrics": {"image_auroc": image}})  # fmt: skip
 
     for seed, image in enumerate((0.90, 0.94)):
         record("seeds", "stpm", seed, image)
         record("seeds", "rstpm", seed, image + 0.02)
+    record("seeds", "stpm", 0, 0.50, category="transistor")  # another category: not the same job
     record("rivals", "stpm", 0, 0.10)  # the same job again: the first folder's record counts
     record("rivals", "glass", 0, 0.80)
     record("rivals", "simplenet", 0, 0.70)
     assert main([str(tmp_path / "seeds"), str(tmp_path / "rivals"), "--metrics", "image_auroc",
                  "--rows", "stpm,glass,simplenet"]) == 0  # fmt: skip
-    lines = {line.split("|")[2].strip(): line for line in capsys.readouterr().out.splitlines()[2:]}
-    assert sorted(lines) == ["glass", "simplenet", "stpm"]
-    assert "92.0 ± 2.8" in lines["stpm"] and "+10.0" in lines["simplenet"]  # glass minus its baseline
+    lines = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
+             for line in capsys.readouterr().out.splitlines()[2:]}  # fmt: skip
+    assert sorted(lines) == [("bottle", "glass"), ("bottle", "simplenet"), ("bottle", "stpm"), ("transistor", "stpm")]
+    assert "92.0 ± 2.8" in lines[("bottle", "stpm")] and "+10.0" in lines[("bottle", "simplenet")]  # glass - baseline
 
 
 def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: Path) -> None:

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     records: dict[tuple, dict] = {}
     for folder in args.results_dirs:  # the same job in two folders: the first folder's record wins
         for r in iter_records(Path(folder)):
-            records.setdefault((r.get("name") or r.get("method"), str(r.get("categories")), r.get("seed")), r)
+            categories = r.get("categories") or str(r.get("category") or "").split(",")  # older records: "category"
+            records.setdefault((r.get("name") or r.get("method"), tuple(categories), r.get("seed")), r)
     runs = runs_frame(list(records.values()))
     if args.rows:
         runs = runs[runs.name.isin(args.rows.split(","))]
