@@ -37,6 +37,7 @@ METHODS ?=
 CATEGORIES ?=
 SEEDS ?=
 PROFILE ?=
+SETTING ?=
 DEVICES ?=
 PARALLEL ?=
 WANDB ?=
@@ -57,6 +58,7 @@ SWEEP_ARGS := --sweep $(SWEEP) --results-dir $(RESULTS_DIR) \
 	$(if $(CATEGORIES),--categories $(CATEGORIES)) \
 	$(if $(SEEDS),--seeds $(SEEDS)) \
 	$(if $(PROFILE),--profile $(PROFILE)) \
+	$(if $(SETTING),--setting $(SETTING)) \
 	$(if $(DEVICES),--devices $(DEVICES)) \
 	$(if $(PARALLEL),--parallel $(PARALLEL)) \
 	$(if $(WANDB),--wandb $(WANDB)) \

@@ -15,6 +15,8 @@ from . import destseg  # noqa: E402, F401  isort: skip
 from . import glass  # noqa: E402, F401  isort: skip
 from . import fastflow  # noqa: E402, F401  isort: skip
 from . import padim  # noqa: E402, F401  isort: skip
+from . import efficientad  # noqa: E402, F401  isort: skip
+from . import uniad  # noqa: E402, F401  isort: skip
 
 __all__ = [
     "AnomalyModule",

@@ -1,0 +1,271 @@
+"""EfficientAD: PDN and autoencoder shapes, the hard feature loss, the penalty switch, teacher statistics
+and map quantiles against brute force, the teacher file's errors and cache, detection, bf16, ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning import seed_everything
+
+from adbench.api import Detector
+from adbench.export import ExportedDetector, export
+from adbench.models import create_model
+from adbench.models import efficientad as module
+from adbench.models.efficientad import (
+    PDN,
+    Autoencoder,
+    EfficientAD,
+    hard_feature_loss,
+    load_teacher,
+    normalise_map,
+)
+from adbench.models.weights import WeightsIntegrityError, WeightsUnavailableError, sha256_file
+
+from .helpers import SIZE, TEST_SEED, assert_bf16_training_is_finite, fit_and_test
+
+TINY = {"width": 0.125, "out_channels": 16, "penalty_source": "procedural", "teacher_cache": None,
+        "distill_steps": 2, "distill_batch_size": 2, "distill_norm_images": 2, "distill_image_size": SIZE}
+
+
+def _model(**kwargs: object) -> EfficientAD:
+    return EfficientAD(**{**TINY, **kwargs})
+
+
+def _loader(images: torch.Tensor, labels: list[int], batch_size: int = 2) -> list[dict[str, torch.Tensor]]:
+    label = torch.tensor(labels)
+    return [{"image": images[i : i + batch_size], "label": label[i : i + batch_size]}
+            for i in range(0, len(images), batch_size)]  # fmt: skip
+
+
+def _capture_logs(model: EfficientAD) -> dict[str, torch.Tensor]:
+    logged: dict[str, torch.Tensor] = {}
+    model.log = lambda name, value, **kwargs: logged.__setitem__(name, value)  # type: ignore[method-assign]
+    return logged
+
+
+# --------------------------------------------------------------------------- architecture and contract
+
+
+def test_pdn_sizes_and_the_reference_layout() -> None:
+    images = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert PDN("small", 8, width=0.125)(images).shape == (1, 8, 56, 56), "33 x 33 patches at stride 4"
+        assert PDN("small", 8, width=0.125, padding=True)(images).shape == (1, 8, 64, 64)
+        assert PDN("medium", 8, width=0.0625)(images).shape == (1, 8, 56, 56)
+    # The reference implementation's keys and shapes, so that its teacher files load unchanged.
+    small = {k: tuple(v.shape) for k, v in PDN("small").state_dict().items() if k.endswith("weight")}
+    assert small == {"0.weight": (128, 3, 4, 4), "3.weight": (256, 128, 4, 4), "6.weight": (256, 256, 3, 3),
+                     "8.weight": (384, 256, 4, 4)}  # fmt: skip
+    medium = [k for k in PDN("medium").state_dict() if k.endswith("weight")]
+    assert medium == ["0.weight", "3.weight", "6.weight", "8.weight", "10.weight", "12.weight"]
+    with pytest.raises(ValueError, match="PDN size"):
+        PDN("large")
+
+
+def test_autoencoder_matches_the_teacher_grid_at_any_size() -> None:
+    autoencoder = Autoencoder(8).eval()
+    with torch.no_grad():
+        assert autoencoder(torch.rand(1, 3, 256, 256), (56, 56)).shape == (1, 8, 56, 56)
+        assert autoencoder(torch.rand(2, 3, 64, 96), (8, 16)).shape == (2, 8, 8, 16)
+    assert sum(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in autoencoder.modules()) == 6
+
+
+@pytest.mark.parametrize("height, width", [(SIZE, SIZE), (64, 96)])
+def test_contract_shapes_and_score(height: int, width: int, one_thread: None) -> None:
+    torch.manual_seed(0)
+    model = _model().eval()
+    assert model.student[-1].out_channels == 32 and model.autoencoder is not None
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    with torch.no_grad():
+        anomaly_map, score = model(torch.rand(3, 3, height, width))
+    assert anomaly_map.shape == (3, 1, height, width) and score.shape == (3,)
+    assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all()
+    torch.testing.assert_close(score, anomaly_map.flatten(1).amax(dim=1))
+    model.train()
+    assert not model.teacher.training and model.student.training
+
+
+def test_registered_with_the_paper_defaults() -> None:
+    model = create_model("efficientad")
+    hp = model.hparams
+    assert (hp.model_size, hp.out_channels, hp.width) == ("small", 384, 1.0)
+    assert model.student[-1].out_channels == 768 and model.teacher[-1].out_channels == 384
+    assert (hp.lr, hp.weight_decay, hp.lr_drop_at, hp.lr_drop_factor) == (1e-4, 1e-5, 0.95, 0.1)
+    assert (hp.hard_quantile, tuple(hp.map_quantiles)) == (0.999, (0.9, 0.995))
+    assert hp.autoencoder and hp.penalty and not model.fitted.any()
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def test_hard_feature_loss_keeps_only_the_top_distances() -> None:
+    distance = torch.rand(2, 16, 25, 25, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+    loss = hard_feature_loss(distance, 0.999)
+    threshold = torch.quantile(distance.detach().flatten(), 0.999)
+    kept = distance.detach() >= threshold
+    assert 15 <= int(kept.sum()) <= 21  # 0.1 % of 20000
+    torch.testing.assert_close(loss, distance.detach()[kept].mean())
+    loss.backward()
+    assert (distance.grad[~kept] == 0).all() and (distance.grad[kept] > 0).all()
+    assert hard_feature_loss(distance.detach(), 0.0) == distance.detach().mean()  # q = 0: every distance
+
+
+def test_penalty_term_only_when_enabled(one_thread: None) -> None:
+    torch.manual_seed(0)
+    batch = {"image": torch.rand(2, 3, SIZE, SIZE)}
+    terms = {}
+    for penalty in (True, False):
+        model = _model(penalty=penalty, penalty_source=None if not penalty else "procedural")
+        logged = _capture_logs(model)
+        loss = model.training_step(batch, 0)
+        terms[penalty] = {k.split("/")[1] for k in logged} - {"loss"}
+        torch.testing.assert_close(loss, sum(v for k, v in logged.items() if k != "train/loss"))
+        assert model._ood_source is None if not penalty else model._ood_source is not None
+    assert terms[True] == {"hard", "penalty", "ae", "stae"} and terms[False] == {"hard", "ae", "stae"}
+    # The penalty pushes the student's first half towards zero on the out-of-distribution images.
+    model = _model()
+    _capture_logs(model)
+    model.training_step(batch, 0)
+    ood = torch.rand(2, 3, SIZE, SIZE)
+    penalty = model.student(module._imagenet(ood))[:, :16].pow(2).mean()
+    penalty.backward()
+    assert model.student[-1].weight.grad.abs().sum() > 0
+
+
+def test_student_teacher_arm_has_no_autoencoder_and_a_local_map_only() -> None:
+    torch.manual_seed(0)
+    model = _model(autoencoder=False).eval()
+    assert model.autoencoder is None and model.student[-1].out_channels == 16
+    model.quantiles.copy_(torch.tensor([0.2, 0.7, 5.0, 9.0]))  # the global pair must not matter
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        local, global_ = model.raw_maps(images)
+        anomaly_map, _ = model(images)
+    assert global_ is None
+    expected = F.interpolate(F.pad(0.1 * (local - 0.2) / 0.5, (4, 4, 4, 4)), size=(SIZE, SIZE), mode="bilinear")
+    torch.testing.assert_close(anomaly_map, expected)
+    logged = _capture_logs(model.train())
+    model.training_step({"image": images}, 0)
+    assert {k.split("/")[1] for k in logged} == {"hard", "penalty", "loss"}
+
+
+# --------------------------------------------------------------------------- fitted statistics
+
+
+def test_teacher_statistics_equal_brute_force() -> None:
+    model = _model()
+    images = torch.rand(5, 3, SIZE, SIZE)
+    model.fit_teacher_statistics(_loader(images, [0] * 5))
+    with torch.no_grad():
+        features = model.teacher(module._imagenet(images)).double()
+    mean = features.mean(dim=(0, 2, 3))
+    std = features.var(dim=(0, 2, 3), unbiased=False).sqrt()
+    torch.testing.assert_close(model.teacher_mean.flatten().double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.teacher_std.flatten().double(), std, rtol=1e-4, atol=1e-6)
+    assert bool(model.fitted[1])
+
+
+def test_map_quantiles_come_from_the_normal_validation_images_only(one_thread: None) -> None:
+    torch.manual_seed(0)
+    model = _model().eval()
+    normal, anomalous = torch.rand(3, 3, SIZE, SIZE), torch.ones(2, 3, SIZE, SIZE)
+    images, labels = torch.cat([normal[:2], anomalous, normal[2:]]), [0, 0, 1, 1, 0]
+    model.fit_map_quantiles(_loader(images, labels))
+    with torch.no_grad():
+        local, global_ = model.raw_maps(normal)
+    expected = [torch.quantile(m.flatten(), q) for m in (local, global_) for q in (0.9, 0.995)]
+    torch.testing.assert_close(model.quantiles, torch.stack(expected))
+    assert bool(model.fitted[2])
+    # The map: each map sent linearly from (q_a, q_b) to (0, 0.1), averaged, padded by 4 cells, resized.
+    q = model.quantiles
+    with torch.no_grad():
+        anomaly_map, score = model(normal)
+    combined = 0.5 * normalise_map(local, q[0], q[1]) + 0.5 * normalise_map(global_, q[2], q[3])
+    expected_map = F.interpolate(F.pad(combined, (4, 4, 4, 4)), size=(SIZE, SIZE), mode="bilinear")
+    torch.testing.assert_close(anomaly_map, expected_map)
+    torch.testing.assert_close(normalise_map(q[:2], q[0], q[1]), torch.tensor([0.0, 0.1]))
+
+
+# --------------------------------------------------------------------------- the teacher file and cache
+
+
+def test_teacher_file_errors_name_the_path_and_a_good_file_loads(tmp_path: Path) -> None:
+    missing = tmp_path / "teacher_small.pth"
+    with pytest.raises(WeightsUnavailableError, match=str(missing)):
+        _model(teacher_weights=str(missing))
+    reference = PDN("small", 16, width=0.125)
+    torch.save(reference.state_dict(), missing)  # the reference implementation's format: a bare state dict
+    with pytest.raises(WeightsIntegrityError, match="SHA-256 mismatch"):
+        _model(teacher_weights=str(missing), teacher_sha256="0" * 64)
+    model = _model(teacher_weights=str(missing), teacher_sha256=sha256_file(missing)[:12])
+    assert bool(model.fitted[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.teacher.state_dict().values(),
+                                                 reference.state_dict().values(), strict=True))  # fmt: skip
+
+
+def test_distilled_teacher_is_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                one_thread: None) -> None:  # fmt: skip
+    first = _model(teacher_cache=str(tmp_path))
+    first._obtain_teacher()
+    [cached] = tmp_path.glob("teacher-small-*.pth")
+    assert bool(first.fitted[0]) and "settings" in torch.load(cached, weights_only=True)
+    monkeypatch.setattr(module, "distill_teacher", lambda **kwargs: pytest.fail("distilled again"))
+    second = _model(teacher_cache=str(tmp_path))
+    second._obtain_teacher()
+    for a, b in zip(first.teacher.parameters(), second.teacher.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(load_teacher(cached)["0.weight"], first.teacher[0].weight)
+    # Another distillation setting is another file.
+    monkeypatch.undo()
+    _model(teacher_cache=str(tmp_path), distill_steps=1)._obtain_teacher()
+    assert len(list(tmp_path.glob("teacher-small-*.pth"))) == 2
+
+
+def test_out_of_distribution_images_are_required() -> None:
+    with pytest.raises(ValueError, match="out-of-distribution images"):
+        _model(penalty_source=None)._textures()
+    with pytest.raises(ValueError, match="map_quantiles"):
+        _model(map_quantiles=(0.995, 0.9))
+
+
+# --------------------------------------------------------------------------- training (slow)
+
+
+@pytest.mark.slow
+def test_separates_embedded_defects_after_brief_training(embedded_root: Path, one_thread: None) -> None:
+    build = lambda: _model(width=0.25, out_channels=64, hard_quantile=0.9, lr=1e-3, distill_steps=40,  # noqa: E731
+                           distill_batch_size=4, distill_norm_images=16)  # fmt: skip
+    _, metrics = fit_and_test(build, embedded_root, steps=120, category="weave")
+    # Measured on weave at 64 px (width 0.25, 64 channels, a 40-step teacher on procedural textures, 120 steps;
+    # 2026-12-05, dataset v2), TEST_SEED 0 / 1 / 2: image AUROC 0.80 / 0.79 / 0.85, pixel AUROC 0.77 / 0.73 / 0.78.
+    # Bounds well below the lowest, well above chance (0.5).
+    assert metrics["image_auroc"] > 0.65 and metrics["pixel_auroc"] > 0.62, metrics
+
+
+@pytest.mark.slow
+def test_bf16_mixed_training_stays_finite(embedded_root: Path, one_thread: None) -> None:
+    assert_bf16_training_is_finite(_model, embedded_root, logged=("train/loss", "train/hard", "train/penalty"))
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_fitted_model_matches_the_eager_model(tmp_path: Path, one_thread: None) -> None:
+    seed_everything(TEST_SEED)
+    model = _model().eval()
+    images = torch.rand(4, 3, SIZE, SIZE)
+    model.fit_teacher_statistics(_loader(images, [0] * 4))
+    model.fit_map_quantiles(_loader(images, [0] * 4))
+    detector = Detector(model, SIZE)
+    path = export(detector, tmp_path / "efficientad.onnx", "onnx")
+    batch = torch.rand(2, 3, 80, 96, generator=torch.Generator().manual_seed(1))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    exported_map, exported_score = session.run(None, {"images": batch.numpy()})
+    with torch.no_grad():
+        eager_map, eager_score = ExportedDetector(model, SIZE)(batch)
+    assert exported_map.shape == (2, 1, 80, 96)
+    assert np.abs(exported_map - eager_map.numpy()).max() <= 1e-4 * np.abs(eager_map.numpy()).max()
+    np.testing.assert_allclose(exported_score, eager_score.numpy(), rtol=1e-5, atol=1e-7)
