@@ -23,7 +23,14 @@ from torch import Tensor
 
 from adbench.checkpoints import metadata, update_metadata
 
-from .metrics import BOOTSTRAP_METHOD, bootstrap_intervals, compute_anomaly_metrics
+from .metrics import (
+    BOOTSTRAP_METHOD,
+    IMAGE_METRICS,
+    PIXEL_METRICS,
+    bootstrap_intervals,
+    compute_anomaly_metrics,
+    segmentation_threshold,
+)
 
 __all__ = ["AnomalyEvaluator"]
 
@@ -104,8 +111,9 @@ def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 class AnomalyEvaluator(Callback):
     """Image- and pixel-level anomaly metrics at the end of every validation and test epoch.
 
-    Logs ``val/<metric>`` and ``test/<metric>`` for ``image_auroc``, ``image_f1max``,
-    ``pixel_auroc``, ``pro`` and ``pixel_f1max`` (see :mod:`adbench.callbacks.metrics`); ``nan``
+    Logs ``val/<metric>`` and ``test/<metric>`` for every metric of
+    :mod:`adbench.callbacks.metrics` (``seg_f1`` at test only, at the threshold measured on the
+    validation split's defect-free images); ``nan``
     metrics (e.g. a validation split with no anomaly) are kept in :attr:`val_metrics` /
     :attr:`test_metrics` but not logged, so they never poison a checkpoint monitor.
 
@@ -156,6 +164,9 @@ class AnomalyEvaluator(Callback):
         #: F1-optimal thresholds found on the validation split (for display/deployment).
         self.val_image_threshold = math.nan
         self.val_pixel_threshold = math.nan
+        #: The segmentation threshold of ``seg_f1``: mean + 3 std of the pixel scores of the validation
+        #: split's defect-free images (:func:`adbench.callbacks.metrics.segmentation_threshold`).
+        self.val_segmentation_threshold = math.nan
         self.test_metrics: dict[str, float] = {}
         #: Unified setting (test images of several categories): category -> its test metrics.
         self.test_metrics_by_category: dict[str, dict[str, float]] = {}
@@ -220,6 +231,7 @@ class AnomalyEvaluator(Callback):
             checkpoint,
             image_threshold=self.val_image_threshold,
             pixel_threshold=self.val_pixel_threshold,
+            segmentation_threshold=self.val_segmentation_threshold,
             image_size=(getattr(trainer.datamodule, "hparams", None) or {}).get("image_size"),
         )
 
@@ -227,6 +239,7 @@ class AnomalyEvaluator(Callback):
         saved = metadata(checkpoint)
         self.val_image_threshold = float(saved.get("image_threshold", math.nan))
         self.val_pixel_threshold = float(saved.get("pixel_threshold", math.nan))
+        self.val_segmentation_threshold = float(saved.get("segmentation_threshold", math.nan))
 
     def save_test_scores(self, path: str | Path, root: str | None = None) -> Path:
         """Write the last test's per-image CSV (atomically): path (relative to ``root`` when under it),
@@ -313,14 +326,15 @@ class AnomalyEvaluator(Callback):
     def _compute(self, stage: str, data: dict[str, Any] | None) -> tuple[dict[str, float], dict[str, Any]]:
         """The stage's metrics, and for the test stage its intervals and per-image scores."""
         if data is None or data["scores"] is None:  # nothing was evaluated
-            keys = ["image_auroc", "image_f1max"]
-            if stage in self.pixel_stages:
-                keys += ["pixel_auroc", "pro", "pixel_f1max"]
+            keys = [*IMAGE_METRICS, *(PIXEL_METRICS if stage in self.pixel_stages else ())]
             return dict.fromkeys(keys, math.nan), {}
+        threshold = self.val_segmentation_threshold if stage == "test" else math.nan
         metrics = compute_anomaly_metrics(
             data["scores"], data["labels"], data["maps"], data["masks"],
-            fpr_limit=self.fpr_limit, with_thresholds=True,
+            fpr_limit=self.fpr_limit, with_thresholds=True, segmentation_threshold=threshold,
         )
+        if stage == "val" and data["maps"] is not None:
+            metrics["segmentation_threshold"] = segmentation_threshold(data["maps"][data["labels"] == 0])
         extras: dict[str, Any] = {}
         if stage == "test":
             extras["by_category"], extras["by_defect_type"] = self._grouped_metrics(data)
@@ -336,6 +350,7 @@ class AnomalyEvaluator(Callback):
                     data["scores"], data["labels"], data["maps"], data["masks"],
                     n_resamples=self.bootstrap["n_resamples"], seed=self.bootstrap["seed"],
                     confidence_level=self.bootstrap["confidence_level"], fpr_limit=self.fpr_limit,
+                    segmentation_threshold=threshold,
                 )
         return metrics, extras
 
@@ -343,7 +358,7 @@ class AnomalyEvaluator(Callback):
         index = torch.tensor(keep, dtype=torch.long)
         pick = {k: None if data[k] is None else data[k][index] for k in ("scores", "labels", "maps", "masks")}
         return compute_anomaly_metrics(pick["scores"], pick["labels"], pick["maps"], pick["masks"],
-                                       fpr_limit=self.fpr_limit)
+                                       fpr_limit=self.fpr_limit, segmentation_threshold=self.val_segmentation_threshold)
 
     def _grouped_metrics(self, data: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
         """Per category (when there are several: the unified setting) and, when the dataset asks,
@@ -397,10 +412,12 @@ class AnomalyEvaluator(Callback):
             self.test_metrics_by_category = extras.get("by_category", {})
             self.test_metrics_by_defect_type = extras.get("by_defect_type", {})
 
-        thresholds = {k: metrics.pop(k, math.nan) for k in ("image_threshold", "pixel_threshold")}
+        thresholds = {k: metrics.pop(k, math.nan) for k in ("image_threshold", "pixel_threshold",
+                                                             "segmentation_threshold")}  # fmt: skip
         if stage == "val":
             self.val_image_threshold = thresholds["image_threshold"]
             self.val_pixel_threshold = thresholds["pixel_threshold"]
+            self.val_segmentation_threshold = thresholds["segmentation_threshold"]
             # One number to rank checkpoints by, from the validation split only.
             ranked = [metrics[k] for k in SELECTION_METRICS if not math.isnan(metrics.get(k, math.nan))]
             if not getattr(pl_module, "ready_for_selection", True):

@@ -1,46 +1,12 @@
-"""Exact anomaly-detection metrics: AUROC, F1-max and PRO, at image and pixel level.
+"""Exact anomaly-detection metrics at image and pixel level, and their bootstrap intervals.
 
-Why not torchmetrics' binned curves: binning changes the numbers (ties are broken by the
-bin edges, not by the scores), which makes results depend on a hyper-parameter nobody
-reports. Everything here is exact: a curve is evaluated at every distinct score, ties
-are handled the way ``sklearn.metrics.roc_auc_score`` handles them (a tie between a
-normal and an anomalous sample is a diagonal step of the curve), and areas are
-computed with the trapezoidal rule.
-
-How it stays fast on a whole category (~10M pixels) with one sort per pixel:
-
-* The pixels are split into normal ones (the vast majority) and anomalous ones. Normal
-  pixels only ever contribute *counts* to a curve, so their scores are sorted as plain
-  values (a SIMD sort in numpy, ~30x faster than ``torch.sort``/``argsort``, which also
-  have to move an index array). Only the anomalous pixels carry something per pixel
-  (their region's PRO weight), so only they are arg-sorted.
-* Every threshold at which a curve can bend is a distinct anomalous score ``u``: for each
-  one, ``searchsorted`` in the sorted normal scores gives the number of normal pixels
-  with score ``>= u`` and ``> u``. Between two such thresholds only normal pixels are
-  crossed, which is a horizontal segment of the curve (TPR/PRO constant); at ``u`` the
-  curve goes from ``(FP(>u), Y(>u))`` to ``(FP(>=u), Y(>=u))``, a diagonal when normal
-  pixels tie with ``u``. That polyline is exactly the curve over *all* distinct
-  thresholds, with collinear points left out, so areas and interpolation are unchanged.
-* Pixel AUROC, pixel F1-max and PRO all read the same sweep (:class:`_Sweep`), built once
-  per category by :func:`compute_anomaly_metrics`.
-
-PRO follows MVTec AD's official evaluation: regions are the 8-connected components of
-each ground-truth mask, the PRO at threshold ``t`` is the mean over all regions of the
-category of the fraction of the region with score ``>= t``, the FPR is over all normal
-pixels of the category, and the curve is integrated up to ``fpr_limit`` (interpolating
-linearly at the limit) and divided by ``fpr_limit``.
-
-Degenerate inputs (one class absent, no anomalous region, NaN scores) give ``nan`` for
-the affected metrics instead of raising, so a benchmark over many categories never stops
-on one odd split.
-
-Confidence intervals (:func:`bootstrap_intervals`) resample the test *images*, stratified
-by label, with ``scipy.stats.bootstrap`` (percentile method). Each resample is scored by
-the same sweep and the same curve functions as above: the image metrics by
-:func:`roc_auc`/:func:`f1_max` on the drawn scores; the pixel metrics from per-image
-counts at the category's thresholds (:class:`_PerImageCounts`, built once), re-weighted
-by how often each image was drawn, which gives exactly the sweep of the resampled
-category without sorting its pixels again.
+Image: AUROC, AP, F1-max. Pixel: AUROC, AP, F1-max, IoU-max, AU-PRO to FPR 0.3 (``pro``)
+and 0.05 (``pro_fpr05``), the segmentation F1 at a threshold from defect-free validation
+images (``seg_f1``), and mAD, the mean of ADer's seven. Every curve is exact (no binning;
+ties as sklearn's), and every pixel metric of a category reads one sweep (:class:`_Sweep`)
+built from one sort of its pixels. Intervals resample the test images, stratified by label
+(``scipy.stats.bootstrap``, percentile). Definitions, the sweep and the resampling:
+docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -56,19 +22,42 @@ from scipy import ndimage, sparse, stats
 
 __all__ = [
     "BOOTSTRAP_METHOD",
+    "average_precision",
     "bootstrap_intervals",
     "compute_anomaly_metrics",
     "f1_max",
     "f1_optimal_threshold",
     "pro_auc",
     "roc_auc",
+    "segmentation_threshold",
 ]
 
 #: 8-connectivity, as in MVTec AD's evaluation code (``scipy.ndimage.label`` default is 4).
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
-IMAGE_METRICS = ("image_auroc", "image_f1max")
-PIXEL_METRICS = ("pixel_auroc", "pro", "pixel_f1max")
+IMAGE_METRICS = ("image_auroc", "image_f1max", "image_ap")
+PIXEL_METRICS = ("pixel_auroc", "pro", "pixel_f1max", "pixel_ap", "pro_fpr05", "pixel_iou_max", "seg_f1", "mad")
+#: Every metric's name for people, in the order reports show them (mAD first).
+METRIC_LABELS = {
+    "mad": "mAD (mean of image AUROC / AP / F1-max, pixel AUROC / AP / F1-max, PRO)",
+    "image_auroc": "Image AUROC",
+    "pixel_auroc": "Pixel AUROC",
+    "pro": "PRO (AUPRO, FPR <= 0.3)",
+    "image_f1max": "Image F1-max",
+    "pixel_f1max": "Pixel F1-max",
+    "image_ap": "Image AP",
+    "pixel_ap": "Pixel AP",
+    "pro_fpr05": "AU-PRO (FPR <= 0.05)",
+    "pixel_iou_max": "Pixel IoU-max",
+    "seg_f1": "Segmentation F1 (threshold: validation normal images, mean + 3 std)",
+}
+#: ADer's seven, whose mean is ``mad``.
+MAD_METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pro")
+#: The second AU-PRO limit, MVTec AD 2's (``pro_fpr05``), beside the protocol's ``fpr_limit`` (``pro``).
+TIGHT_FPR_LIMIT = 0.05
+#: The segmentation threshold rule: mean + SEGMENTATION_SIGMAS standard deviations of the pixel
+#: scores of defect-free validation images (see :func:`segmentation_threshold`).
+SEGMENTATION_SIGMAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -190,6 +179,20 @@ def _f1max_from(sweep: _Sweep) -> float:
     return float(f1.max())
 
 
+def _ap_from(sweep: _Sweep) -> float:
+    # sklearn's AP: sum over thresholds of (R_k - R_{k-1}) P_k; recall moves only at a positive score.
+    # (A resampled sweep can start with thresholds none of its drawn images reaches: 0 / 0, no recall step.)
+    counted = sweep.tp + sweep.fp_ge
+    precision = np.divide(sweep.tp, counted, out=np.zeros(counted.shape), where=counted > 0)
+    recall_step = np.diff(sweep.tp, prepend=0) / sweep.n_pos
+    return min(float(np.dot(recall_step, precision)), 1.0)
+
+
+def _iou_max_from(sweep: _Sweep) -> float:
+    # IoU = TP / (TP + FP + FN) = TP / (FP + P): like F1, at its best at a distinct positive score.
+    return float((sweep.tp / (sweep.fp_ge + sweep.n_pos)).max())
+
+
 def _f1_threshold_from(sweep: _Sweep) -> float:
     """The threshold ``t`` (predict anomalous where ``score >= t``) that reaches F1-max."""
     f1 = 2.0 * sweep.tp / (sweep.tp + sweep.fp_ge + sweep.n_pos)
@@ -242,6 +245,12 @@ def f1_max(scores: Any, labels: Any) -> float:
     """Best F1 score over all thresholds ``score >= t`` (``nan`` if only one class is present)."""
     sweep = _image_sweep(scores, labels)
     return math.nan if sweep is None else _f1max_from(sweep)
+
+
+def average_precision(scores: Any, labels: Any) -> float:
+    """Average precision, equal to ``sklearn.metrics.average_precision_score`` (``nan``: one class)."""
+    sweep = _image_sweep(scores, labels)
+    return math.nan if sweep is None else _ap_from(sweep)
 
 
 def f1_optimal_threshold(scores: Any, labels: Any) -> float:
@@ -309,6 +318,36 @@ def _pixel_sweep(maps: np.ndarray, masks: np.ndarray) -> _Sweep | None:
     return _sweep(neg, pos, region_weights)
 
 
+def segmentation_threshold(normal_maps: Any) -> float:
+    """The segmentation threshold from defect-free validation maps: mean + 3 std of their pixel scores.
+
+    The rule the suite applies for MVTec AD 2's thresholded segmentation F1: no test
+    information, no anomalous image. ``nan`` when there is no finite pixel score.
+    """
+    values = _to_numpy(normal_maps).reshape(-1)
+    if values.size == 0 or not np.isfinite(values).all():
+        return math.nan
+    values = values.astype(np.float64, copy=False)
+    return float(values.mean() + SEGMENTATION_SIGMAS * values.std())
+
+
+def _threshold_counts(maps: np.ndarray, masks: np.ndarray, threshold: float) -> np.ndarray:
+    """Per image: anomalous pixels ``>= threshold`` (TP), normal pixels ``>= threshold`` (FP),
+    anomalous pixels (P); (N, 3) float64."""
+    above = maps >= threshold
+    return np.stack([(above & masks).sum(axis=(1, 2)), (above & ~masks).sum(axis=(1, 2)),
+                     masks.sum(axis=(1, 2))], axis=1).astype(np.float64)  # fmt: skip
+
+
+def _f1_from_counts(counts: np.ndarray) -> float:
+    tp, fp, positives = counts
+    return float(2.0 * tp / (tp + fp + positives)) if positives > 0 else math.nan
+
+
+def _mad(metrics: dict[str, float]) -> float:
+    return float(np.mean([metrics[k] for k in MAD_METRICS]))
+
+
 def pro_auc(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:
     """Normalised area under the PRO curve for FPR in ``[0, fpr_limit]`` (1.0 is perfect).
 
@@ -327,12 +366,14 @@ def compute_anomaly_metrics(
     masks: Any | None = None,
     fpr_limit: float = 0.3,
     with_thresholds: bool = False,
+    segmentation_threshold: float = math.nan,
 ) -> dict[str, float]:
     """All benchmark metrics of one category.
 
-    Returns ``image_auroc``, ``image_f1max`` and, when ``anomaly_maps`` and ``masks`` are
-    given, ``pixel_auroc``, ``pro`` and ``pixel_f1max`` (all three from one sort of the
-    category's pixels). Undefined metrics are ``nan``.
+    Returns the image metrics (``image_auroc``, ``image_f1max``, ``image_ap``) and, when
+    ``anomaly_maps`` and ``masks`` are given, the pixel ones (``pixel_auroc``, ``pro``,
+    ``pixel_f1max``, ``pixel_ap``, ``pro_fpr05``, ``pixel_iou_max``, ``seg_f1``, ``mad``), all from
+    one sort of the category's pixels. Undefined metrics are ``nan``.
 
     Args:
         image_scores: (N,) image anomaly scores.
@@ -342,22 +383,34 @@ def compute_anomaly_metrics(
         fpr_limit: upper FPR bound of the PRO integral.
         with_thresholds: also return ``image_threshold`` and ``pixel_threshold``, the
             F1-optimal thresholds (to be chosen on validation data, applied to test data).
+        segmentation_threshold: the pixel threshold of ``seg_f1``, from validation data
+            (:func:`segmentation_threshold`); ``nan``: ``seg_f1`` is ``nan``.
     """
     _check_fpr_limit(fpr_limit)
     image = _image_sweep(image_scores, image_labels)
     metrics = {
         "image_auroc": math.nan if image is None else _auroc_from(image),
         "image_f1max": math.nan if image is None else _f1max_from(image),
+        "image_ap": math.nan if image is None else _ap_from(image),
     }
     if with_thresholds:
         metrics["image_threshold"] = math.nan if image is None else _f1_threshold_from(image)
     if (anomaly_maps is None) != (masks is None):
         raise ValueError("pass both anomaly_maps and masks, or neither")
     if anomaly_maps is not None:
-        pixel = _pixel_sweep(*_pixel_inputs(anomaly_maps, masks))
-        metrics["pixel_auroc"] = math.nan if pixel is None else _auroc_from(pixel)
-        metrics["pro"] = math.nan if pixel is None else _pro_from(pixel, fpr_limit)
-        metrics["pixel_f1max"] = math.nan if pixel is None else _f1max_from(pixel)
+        maps, mask_array = _pixel_inputs(anomaly_maps, masks)
+        pixel = _pixel_sweep(maps, mask_array)
+        if pixel is None:
+            metrics.update(dict.fromkeys(PIXEL_METRICS, math.nan))
+        else:
+            metrics.update({
+                "pixel_auroc": _auroc_from(pixel), "pro": _pro_from(pixel, fpr_limit),
+                "pixel_f1max": _f1max_from(pixel), "pixel_ap": _ap_from(pixel),
+                "pro_fpr05": _pro_from(pixel, TIGHT_FPR_LIMIT), "pixel_iou_max": _iou_max_from(pixel),
+                "seg_f1": math.nan if math.isnan(segmentation_threshold) else
+                _f1_from_counts(_threshold_counts(maps, mask_array, segmentation_threshold).sum(axis=0)),
+            })  # fmt: skip
+            metrics["mad"] = _mad(metrics)
         if with_thresholds:
             metrics["pixel_threshold"] = math.nan if pixel is None else _f1_threshold_from(pixel)
     return metrics
@@ -385,13 +438,11 @@ class _PerImageCounts:
     of a category in which image ``i`` appears ``w_i`` times: ``w = 1`` everywhere gives
     back the category's own sweep.
 
-    A threshold is left out when no normal pixel scores in ``[u_{g+1}, u_g]``: its two
-    vertices lie on the vertical through its neighbours' (no area) and its F1 is below
-    the next one's, in the full data and so in every resample. That keeps about a third
-    of the thresholds of a real map. Beyond ``max_thresholds`` the kept ones are thinned to
-    evenly spaced ranks (the highest and lowest always kept): the resampled curves are then
-    the exact curves through a subset of their vertices, a polyline at most one vertex gap
-    below the exact one (checked: intervals move by < 1e-4 at 2**16 thresholds). Memory:
+    Every threshold is kept up to ``max_thresholds`` (AP, a sum over all of them, needs
+    each). Beyond it they are thinned to evenly spaced ranks (the highest and lowest always
+    kept): the resampled curves are then the exact curves through a subset of their
+    vertices, a polyline at most one vertex gap below the exact one (checked: intervals
+    move by < 1e-4 at 2**16 thresholds), and AP a coarser sum. Memory:
     about ``4 * G * (N + 2 * N_anomalous)`` bytes here and ``4 * G * batch`` per resampled
     array, with ``G <= max_thresholds``: a test split of 7M pixels has ~2.4M thresholds,
     which unthinned took several GB.
@@ -400,11 +451,10 @@ class _PerImageCounts:
     def __init__(self, maps: np.ndarray, masks: np.ndarray, full: _Sweep,
                  max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS) -> None:
         n = maps.shape[0]
-        keep = np.append(full.fp_ge[1:] != full.fp_gt[:-1], True)
-        kept = np.flatnonzero(keep)
-        if kept.size > max_thresholds:
+        keep = np.ones(full.thresholds.size, dtype=bool)
+        if keep.size > max_thresholds:
             keep[:] = False
-            keep[kept[np.unique(np.linspace(0, kept.size - 1, max_thresholds).round().astype(int))]] = True
+            keep[np.unique(np.linspace(0, keep.size - 1, max_thresholds).round().astype(int))] = True
         self.thresholds = full.thresholds[keep]  # descending
         ascending = self.thresholds[::-1]
         g = ascending.size
@@ -463,15 +513,16 @@ def bootstrap_intervals(
     fpr_limit: float = 0.3,
     batch: int = 50,
     max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS,
+    segmentation_threshold: float = math.nan,
 ) -> dict[str, list[float]]:
     """Bootstrap confidence intervals ``[low, high]`` of every metric of one category.
 
     The test images are resampled with replacement, anomalous and good ones separately
     (the split's class balance is part of its design), ``n_resamples`` times from
     ``numpy.random.default_rng(seed)``; image and pixel metrics are read off the same
-    resamples. A metric that is undefined on the full data gets ``[nan, nan]``.
-    Same resamples as ``scipy.stats.bootstrap((anomalous_scores, good_scores), ...,
-    random_state=default_rng(seed), method="percentile")``.
+    resamples (mAD from each resample's seven). A metric that is undefined on the full data
+    gets ``[nan, nan]``. Same resamples as ``scipy.stats.bootstrap((anomalous_scores,
+    good_scores), ..., random_state=default_rng(seed), method="percentile")``.
     """
     _check_fpr_limit(fpr_limit)
     scores = _to_numpy(image_scores).reshape(-1).astype(np.float64)
@@ -483,7 +534,7 @@ def bootstrap_intervals(
     anomalous, good = np.flatnonzero(labels), np.flatnonzero(~labels)
     if anomalous.size < 2 or good.size < 2 or np.isnan(scores).any():
         return undefined
-    counts = None
+    counts, at_threshold = None, None
     if anomaly_maps is not None:
         maps, mask_array = _pixel_inputs(anomaly_maps, masks)
         if maps.shape[0] != scores.size:
@@ -491,21 +542,34 @@ def bootstrap_intervals(
         full = _pixel_sweep(maps, mask_array)
         if full is not None:
             counts = _PerImageCounts(maps, mask_array, full, max_thresholds)
+            if not math.isnan(segmentation_threshold):
+                at_threshold = _threshold_counts(maps, mask_array, segmentation_threshold)
 
     def statistic(drawn_anomalous: np.ndarray, drawn_good: np.ndarray, axis: int = -1) -> np.ndarray:
         drawn_anomalous, drawn_good = np.atleast_2d(drawn_anomalous), np.atleast_2d(drawn_good)
         out = np.full((len(keys), drawn_anomalous.shape[0]), np.nan)
+        row = {key: k for k, key in enumerate(keys)}
         for r, (a, g) in enumerate(zip(drawn_anomalous, drawn_good, strict=True)):
             image = _sweep(np.sort(scores[g]), scores[a])
-            out[0, r], out[1, r] = _auroc_from(image), _f1max_from(image)
+            out[[row["image_auroc"], row["image_f1max"], row["image_ap"]], r] = (
+                _auroc_from(image), _f1max_from(image), _ap_from(image))  # fmt: skip
         if counts is not None:
             drawn = np.concatenate((drawn_anomalous, drawn_good), axis=1)
             for start in range(0, drawn.shape[0], batch):
                 rows = drawn[start : start + batch]
                 multiplicity = np.zeros((rows.shape[0], scores.size))
                 np.add.at(multiplicity, (np.arange(rows.shape[0])[:, None], rows), 1.0)
+                seg = multiplicity @ at_threshold if at_threshold is not None else None
                 for r, pixel in enumerate(counts.sweeps(multiplicity), start=start):
-                    out[2:, r] = _auroc_from(pixel), _pro_from(pixel, fpr_limit), _f1max_from(pixel)
+                    values = {
+                        "pixel_auroc": _auroc_from(pixel), "pro": _pro_from(pixel, fpr_limit),
+                        "pixel_f1max": _f1max_from(pixel), "pixel_ap": _ap_from(pixel),
+                        "pro_fpr05": _pro_from(pixel, TIGHT_FPR_LIMIT), "pixel_iou_max": _iou_max_from(pixel),
+                        "seg_f1": math.nan if seg is None else _f1_from_counts(seg[r - start]),
+                    }  # fmt: skip
+                    values["mad"] = _mad({**values, **{k: out[row[k], r] for k in IMAGE_METRICS}})
+                    for key, value in values.items():
+                        out[row[key], r] = value
         return out
 
     result = stats.bootstrap(

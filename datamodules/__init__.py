@@ -11,6 +11,8 @@ from . import (  # one line per dataset, each imported to register it
     mpdd,  # noqa: F401
     mvtec,  # noqa: F401
     mvtec3d,  # noqa: F401
+    mvtec_ad2,  # noqa: F401
+    real_iad,  # noqa: F401
     visa,  # noqa: F401
 )
 from .base import ALL_CATEGORIES, AnomalyDataModule, AnomalyDataset, DatasetError, Sample

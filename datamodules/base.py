@@ -320,6 +320,8 @@ class AnomalyDataModule(LightningDataModule):
     #: Validate on the official validation images (:meth:`validation_samples`) instead of a
     #: ``val_fraction`` of the training images; an argument of the datasets that have them.
     use_official_validation: bool = False
+    #: The official folder of normal validation images under a category's folder, where there is one.
+    official_validation: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -449,8 +451,12 @@ class AnomalyDataModule(LightningDataModule):
         raise NotImplementedError
 
     def validation_samples(self, category: str) -> list[Sample]:
-        """The official validation images of ``category`` (``use_official_validation``)."""
-        raise DatasetError(f"the {self.display_name()} dataset has no official validation split")
+        """The official validation images of ``category`` (``use_official_validation``): the normal
+        images of :attr:`official_validation` under its folder."""
+        if self.official_validation is None:
+            raise DatasetError(f"the {self.display_name()} dataset has no official validation split")
+        return normal_samples(self.category_folder(category) / self.official_validation, "validation",
+                              self.display_name(), "; use_official_validation=False carves validation from train/good")
 
     def download_category(self, category: str) -> None:
         """Fetch ``category`` (SHA-256 verified) into :attr:`dataset_root`."""

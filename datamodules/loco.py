@@ -79,6 +79,7 @@ class MVTecLOCODataModule(AnomalyDataModule):
     report_per_defect_type = True
     title = "MVTec LOCO AD"
     category_markers = ("train/good", "test")
+    official_validation = "validation/good"
     archive_name = LOCO_ARCHIVE
 
     def __init__(self, *args: Any, use_official_validation: bool = True, **kwargs: Any) -> None:
@@ -87,11 +88,6 @@ class MVTecLOCODataModule(AnomalyDataModule):
 
     def train_samples(self, category: str) -> list[Sample]:
         return normal_samples(self.category_folder(category) / "train" / GOOD, "training", self.title)
-
-    def validation_samples(self, category: str) -> list[Sample]:
-        """The official validation images of ``category`` (all normal)."""
-        return normal_samples(self.category_folder(category) / "validation" / GOOD, "validation", self.title,
-                              "; use_official_validation=False carves validation from train/good")
 
     def test_samples(self, category: str) -> list[Sample]:
         return list_loco_test_samples(self.category_folder(category))

@@ -63,6 +63,7 @@ class MVTec3DDataModule(AnomalyDataModule):
     categories = MVTEC3D_CATEGORIES
     title = "MVTec 3D-AD"
     category_markers = ("train/good/rgb",)
+    official_validation = "validation/good/rgb"
     archive_name = MVTEC3D_ARCHIVE
 
     def __init__(
@@ -74,10 +75,6 @@ class MVTec3DDataModule(AnomalyDataModule):
 
     def train_samples(self, category: str) -> list[Sample]:
         return normal_samples(self.category_folder(category) / "train" / GOOD / "rgb", "training", self.title)
-
-    def validation_samples(self, category: str) -> list[Sample]:
-        """The official validation images of ``category`` (normal)."""
-        return normal_samples(self.category_folder(category) / "validation" / GOOD / "rgb", "validation", self.title)
 
     def test_samples(self, category: str) -> list[Sample]:
         return defect_folder_samples(self.category_folder(category), self.title, MVTEC3D_MASK, images_in="rgb")

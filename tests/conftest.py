@@ -6,8 +6,11 @@ Real MVTec AD / DTD are found through ``MVTEC_ROOT`` / ``DTD_ROOT`` (falling bac
 
 from __future__ import annotations
 
+import http.server
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -52,3 +55,24 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[[Path], str]]:
+    """Serves a file from a local HTTP server: ``serve(path)`` -> its URL."""
+    servers = []
+
+    def start(path: Path) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(path.parent)))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}/{path.name}"
+
+    yield start
+    for server in servers:
+        server.shutdown()

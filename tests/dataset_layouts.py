@@ -1,4 +1,5 @@
-"""Tiny datasets in the official on-disk layouts of VisA, BTAD, MPDD and MVTec 3D-AD.
+"""Tiny datasets in the official on-disk layouts of VisA, BTAD, MPDD, MVTec 3D-AD, MVTec AD 2 and
+Real-IAD, and one shaped like the Magnetic Tile Defect dataset (read by the ``folder`` dataset).
 
 Each builder writes one category into ``root`` (next to any already there) and returns what a
 loader must find: :class:`LayoutCounts`. Images are 64x48 (not square, so a resize that swaps
@@ -8,11 +9,16 @@ dataset uses (VisA: small instance numbers; the others: 255).
 
     counts = BUILDERS["visa"](tmp_path)              # the default category, "candle"
     counts = build_btad(tmp_path, category="02")
+
+MVTec AD 2, Real-IAD and the MTD shape are in :data:`MORE_BUILDERS`, not in :data:`BUILDERS`
+(whose datasets the shared tests of ``test_datasets.py`` go through); ``test_new_datasets.py``
+tests them.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +45,10 @@ class LayoutCounts:
     masks: dict[str, str] = field(default_factory=dict)
     #: Anomalous test image -> the defects drawn in it (its mask is nonzero exactly there).
     defect_boxes: dict[str, tuple[Box, ...]] = field(default_factory=dict)
+    #: MVTec AD 2: private test set -> its image stems, sorted.
+    private: dict[str, list[str]] = field(default_factory=dict)
+    #: Real-IAD: test object (sample id) -> (its label: 1 if any view is defective, its number of views).
+    objects: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def test(self) -> int:
@@ -206,10 +216,112 @@ def build_mvtec3d(root: Path, category: str = "bagel") -> LayoutCounts:
     return counts
 
 
+# --------------------------------------------------------------------------- MVTec AD 2
+
+
+def build_mvtec_ad2(root: Path, category: str = "can") -> LayoutCounts:
+    """MVTec AD 2: ``train/good`` (5), ``validation/good`` (2), ``test_public/good`` (2),
+    ``test_public/bad`` (3, masks ``test_public/ground_truth/bad/<stem>_mask.png``), and the
+    unlabelled ``test_private`` (3, ``000_regular.png``...) and ``test_private_mixed`` (2, ``000_mixed.png``...)."""
+    folder = root / category
+    for i in range(5):
+        _write_image(folder / "train" / "good" / f"{i:03d}_regular.png", seed=i)
+    for i in range(2):
+        _write_image(folder / "validation" / "good" / f"{i:03d}_regular.png", seed=10 + i)
+        _write_image(folder / "test_public" / "good" / f"{i:03d}_regular.png", seed=20 + i)
+    counts = LayoutCounts(train=5, test_good=2, test_anomalous=3, defect_types=("bad",), category=category,
+                          validation=2)  # fmt: skip
+    for i, name in enumerate(["000_regular", "001_overexposed", "002_regular"]):
+        size = (56, 40) if i == 1 else (WIDTH, HEIGHT)
+        boxes = (_box(i),)
+        image = _write_image(folder / "test_public" / "bad" / f"{name}.png", seed=30 + i, boxes=boxes, size=size)
+        mask = _write_mask(folder / "test_public" / "ground_truth" / "bad" / f"{name}_mask.png", boxes, size=size)
+        _record(counts, image, mask, boxes)
+    for split, suffix, n in (("test_private", "regular", 3), ("test_private_mixed", "mixed", 2)):
+        stems = [f"{i:03d}_{suffix}" for i in range(n)]
+        for i, stem in enumerate(stems):
+            size = (56, 40) if i == 1 else (WIDTH, HEIGHT)
+            _write_image(folder / split / f"{stem}.png", seed=40 + i + 10 * len(stems), boxes=(_box(i),), size=size)
+        counts.private[split] = stems
+    return counts
+
+
+# --------------------------------------------------------------------------- Real-IAD
+
+
+def real_iad_name(category: str, number: int, kind: str, view: int) -> str:
+    """A Real-IAD file name: ``<object>_<4 digits>_<OK|NG>_C<view>_<timestamp>.jpg``."""
+    return f"{category}_{number:04d}_{kind}_C{view}_2023052{number % 10}1530{view:02d}.jpg"
+
+
+def build_real_iad(root: Path, category: str = "audiojack", resolution: str = "1024") -> LayoutCounts:
+    """Real-IAD: ``realiad_<resolution>/<object>/{OK,NG/<code>}/S<nnnn>/`` images of 5 views and
+    ``realiad_jsons/<object>.json``. Train: objects 1-3 (OK, 15 images). Test: object 4 (OK, 5 views),
+    object 5 (NG/AK: views C1, C2 defective with masks, C3-C5 with no mask, so normal), object 6
+    (NG/HS, 56x40 px: C1-C5 all defective with masks)."""
+    folder = root / f"realiad_{resolution}" / category
+    entries: dict[str, list[dict]] = {"train": [], "test": []}
+    counts = LayoutCounts(train=15, test_good=5 + 3, test_anomalous=2 + 5, defect_types=("AK", "HS"), category=category)
+
+    def add(split: str, number: int, code: str, view: int, boxes: Sequence[Box] = (), masked: bool = False,
+            size: tuple[int, int] = (WIDTH, HEIGHT)) -> None:  # fmt: skip
+        kind = "OK" if code == "OK" else "NG"
+        sub = f"OK/S{number:04d}" if kind == "OK" else f"NG/{code}/S{number:04d}"
+        name = real_iad_name(category, number, kind, view)
+        image = _write_image(folder / sub / name, seed=100 * number + view, boxes=boxes if masked else (), size=size)
+        mask_path = None
+        if masked:
+            mask = _write_mask(folder / sub / name.replace(".jpg", "_mask.png"), boxes, size=size)
+            mask_path = f"{sub}/{mask.name}"
+            _record(counts, image, mask, boxes)
+        entries[split].append({"category": category, "anomaly_class": code, "image_path": f"{sub}/{name}",
+                               "mask_path": mask_path})
+
+    for number in (1, 2, 3):
+        for view in range(1, 6):
+            add("train", number, "OK", view)
+    for view in range(1, 6):
+        add("test", 4, "OK", view)
+        add("test", 5, "AK", view, (_box(view),), masked=view <= 2)
+        add("test", 6, "HS", view, (_box(view - 1),), masked=True, size=(56, 40))
+    counts.objects = {f"{category}_0004_OK": (0, 5), f"{category}_0005_NG": (1, 5), f"{category}_0006_NG": (1, 5)}
+    split = root / "realiad_jsons" / f"{category}.json"
+    split.parent.mkdir(parents=True, exist_ok=True)
+    split.write_text(json.dumps({"meta": {"prefix": category, "normal_class": "OK"}, **entries}, indent=1))
+    return counts
+
+
+# --------------------------------------------------------------------------- Magnetic Tile Defect's shape
+
+
+def build_mtd(root: Path) -> LayoutCounts:
+    """The Magnetic Tile Defect dataset's shape: ``MT_<type>/Imgs/exp1_num_<n>.jpg`` each with its
+    mask ``exp1_num_<n>.png`` beside it (all-zero for ``MT_Free``): 10 free images, 3 ``Blowhole``
+    (one 56x40) and 2 ``Crack``. No normal test images: the ``folder`` dataset carves them out."""
+    counts = LayoutCounts(train=10, test_good=0, test_anomalous=5, defect_types=("Blowhole", "Crack"), category="mtd")
+    for i in range(10):
+        image = _write_image(root / "MT_Free" / "Imgs" / f"exp1_num_{1000 + i}.jpg", seed=200 + i)
+        _write_mask(image.with_suffix(".png"), ())
+    for i, (defect, number) in enumerate([("Blowhole", 1), ("Blowhole", 2), ("Blowhole", 3), ("Crack", 4), ("Crack", 5)]):
+        size = (56, 40) if i == 1 else (WIDTH, HEIGHT)
+        boxes = (_box(i),)
+        image = _write_image(root / f"MT_{defect}" / "Imgs" / f"exp1_num_{number}.jpg", seed=300 + i, boxes=boxes,
+                             size=size)  # fmt: skip
+        _record(counts, image, _write_mask(image.with_suffix(".png"), boxes, size=size), boxes)
+    return counts
+
+
 #: Builder by registry name; each takes ``(root, category=<an official category>)``.
 BUILDERS: dict[str, Callable[..., LayoutCounts]] = {
     "visa": build_visa,
     "btad": build_btad,
     "mpdd": build_mpdd,
     "mvtec3d": build_mvtec3d,
+}
+
+#: The newer layouts, by registry name (``mtd``: the ``folder`` dataset's; ``(root)`` only).
+MORE_BUILDERS: dict[str, Callable[..., LayoutCounts]] = {
+    "mvtec_ad2": build_mvtec_ad2,
+    "real_iad": build_real_iad,
+    "mtd": build_mtd,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -193,6 +194,15 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     from adbench.callbacks.metrics import roc_auc
 
     assert roc_auc(scores.score, scores.label) == pytest.approx(record["metrics"]["image_auroc"])
+    from sklearn.metrics import average_precision_score
+
+    assert average_precision_score(scores.label, scores.score) == pytest.approx(record["metrics"]["image_ap"])
+    # The field's metrics, each with its interval; mAD's table first; seg_f1 at the validation threshold.
+    assert list(tables)[:2] == ["mad", "image_auroc"] and {"pixel_ap", "pro_fpr05", "pixel_iou_max", "seg_f1"} <= set(tables)
+    for metric in ("image_ap", "pixel_ap", "pro_fpr05", "pixel_iou_max", "seg_f1", "mad"):
+        low, high = record["intervals"][metric]
+        assert low <= record["metrics"][metric] <= high, metric
+    assert math.isfinite(record["metrics"]["seg_f1"])
     for name in ("leaderboard.md", "leaderboard.html", "leaderboard_heatmap.png", "leaderboard_pro.csv"):
         assert (results / name).stat().st_size > 0, name
     markdown = (results / "leaderboard.md").read_text()

@@ -3,15 +3,12 @@ bad input named, downloads from a local server (nothing here touches the interne
 
 from __future__ import annotations
 
-import http.server
 import io
 import re
 import shutil
 import tarfile
-import threading
 import zipfile
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -284,27 +281,6 @@ def test_mpdd_cannot_be_downloaded(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- downloads (local server)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture
-def serve() -> Iterator[Callable[[Path], str]]:
-    """Serves a file from a local HTTP server: ``serve(path)`` -> its URL."""
-    servers = []
-
-    def start(path: Path) -> str:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(path.parent)))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_port}/{path.name}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
 
 
 def _tar(source: Path, archive: Path, mode: str = "w") -> Path:

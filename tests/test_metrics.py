@@ -11,12 +11,17 @@ import pytest
 import torch
 from lightning import Trainer
 from scipy import ndimage
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch.utils.data import DataLoader
 
 import adbench.callbacks.evaluation as evaluation_module
 from adbench.callbacks import AnomalyEvaluator, compute_anomaly_metrics, f1_max, pro_auc, roc_auc
-from adbench.callbacks.metrics import f1_optimal_threshold
+from adbench.callbacks.metrics import (
+    MAD_METRICS,
+    average_precision,
+    f1_optimal_threshold,
+    segmentation_threshold,
+)
 from adbench.models.base import AnomalyModule, AnomalyOutput
 
 SEEDS = range(6)
@@ -36,6 +41,12 @@ def f1_max_reference(scores: np.ndarray, labels: np.ndarray) -> float:
         fn = np.sum(~pred & labels)
         best = max(best, 2 * tp / (2 * tp + fp + fn))
     return best
+
+
+def iou_max_reference(scores: np.ndarray, labels: np.ndarray) -> float:
+    """IoU of ``score >= t`` at every distinct score, by counting."""
+    labels = labels.astype(bool)
+    return max(np.sum((scores >= t) & labels) / np.sum((scores >= t) | labels) for t in np.unique(scores))
 
 
 def pro_reference(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> float:
@@ -111,6 +122,23 @@ def test_f1_max_matches_brute_force(seed: int, levels: int) -> None:
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("levels", [0, 5, 20])
+def test_average_precision_matches_sklearn_with_ties(seed: int, levels: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = rng.random(300) + 0.3 * labels
+    if levels:
+        scores = np.round(scores * levels) / levels
+    assert average_precision(scores, labels) == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+
+
+def test_segmentation_threshold_is_mean_plus_three_std_of_normal_pixels() -> None:
+    normal = np.random.default_rng(0).normal(2.0, 0.5, (4, 16, 16)).astype(np.float32)
+    assert segmentation_threshold(normal) == pytest.approx(normal.mean() + 3 * normal.std(), rel=1e-6)
+    assert math.isnan(segmentation_threshold(np.empty((0, 16, 16))))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("levels", [0, 5, 20])
 @pytest.mark.parametrize("fpr_limit", [0.05, 0.3, 1.0])
 def test_pro_matches_brute_force(seed: int, levels: int, fpr_limit: float) -> None:
     maps, masks = random_category(seed, levels=levels)
@@ -124,17 +152,28 @@ def test_compute_anomaly_metrics_matches_references(seed: int, levels: int) -> N
     maps, masks = random_category(seed, levels=levels)
     labels = masks.reshape(len(masks), -1).any(axis=1).astype(np.int64)
     scores = maps.reshape(len(maps), -1).max(axis=1)
-    got = compute_anomaly_metrics(torch.from_numpy(scores), torch.from_numpy(labels), maps, masks)
-    assert set(got) == {"image_auroc", "pixel_auroc", "pro", "image_f1max", "pixel_f1max"}
+    threshold = float(np.quantile(maps[~masks], 0.9))
+    got = compute_anomaly_metrics(torch.from_numpy(scores), torch.from_numpy(labels), maps, masks,
+                                  segmentation_threshold=threshold)  # fmt: skip
+    assert set(got) == {"image_auroc", "pixel_auroc", "pro", "image_f1max", "pixel_f1max", "image_ap", "pixel_ap",
+                        "pro_fpr05", "pixel_iou_max", "seg_f1", "mad"}  # fmt: skip
+    assert got["image_ap"] == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
     assert got["image_auroc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-6)
     assert got["image_f1max"] == pytest.approx(f1_max_reference(scores, labels), abs=1e-12)
     flat_maps, flat_masks = maps.reshape(-1), masks.reshape(-1)
     assert got["pixel_auroc"] == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-6)
     assert got["pixel_f1max"] == pytest.approx(f1_max_reference(flat_maps, flat_masks), abs=1e-12)
     assert got["pro"] == pytest.approx(pro_reference(maps, masks, 0.3), abs=1e-9)
+    assert got["pixel_ap"] == pytest.approx(average_precision_score(flat_masks, flat_maps), abs=1e-12)
+    assert got["pro_fpr05"] == pytest.approx(pro_reference(maps, masks, 0.05), abs=1e-9)
+    assert got["pixel_iou_max"] == pytest.approx(iou_max_reference(flat_maps, flat_masks), abs=1e-12)
+    predicted = flat_maps >= threshold
+    assert got["seg_f1"] == pytest.approx(2 * np.sum(predicted & flat_masks) / (predicted.sum() + flat_masks.sum()))
+    assert got["mad"] == pytest.approx(np.mean([got[k] for k in MAD_METRICS]), abs=1e-12)
     # (N, 1, H, W) tensors as the models return them give the same numbers
     got4d = compute_anomaly_metrics(
-        scores, labels, torch.from_numpy(maps)[:, None], torch.from_numpy(masks).float()[:, None]
+        scores, labels, torch.from_numpy(maps)[:, None], torch.from_numpy(masks).float()[:, None],
+        segmentation_threshold=threshold,
     )
     assert got4d == pytest.approx(got, abs=1e-12)
 
@@ -153,7 +192,7 @@ def test_perfect_detector() -> None:
     maps, masks = random_category(0)
     perfect = masks.astype(np.float32)  # ties inside each class only
     labels = masks.reshape(len(masks), -1).any(axis=1)
-    got = compute_anomaly_metrics(labels.astype(np.float32), labels, perfect, masks)
+    got = compute_anomaly_metrics(labels.astype(np.float32), labels, perfect, masks, segmentation_threshold=0.5)
     assert got == pytest.approx(dict.fromkeys(got, 1.0), abs=1e-12)
 
 
@@ -170,7 +209,7 @@ def test_degenerate_inputs_give_nan() -> None:
         assert math.isnan(pro_auc(maps, np.zeros_like(masks)))  # no region
         assert math.isnan(pro_auc(maps, np.ones_like(masks)))  # no normal pixel
         got = compute_anomaly_metrics(scores, np.zeros(len(scores)), maps, np.zeros_like(masks))
-    assert all(math.isnan(v) for v in got.values()) and len(got) == 5
+    assert all(math.isnan(v) for v in got.values()) and len(got) == 11
 
     # Image level defined, pixel level not: only the pixel metrics are NaN.
     labels = np.arange(len(scores)) % 2
@@ -257,11 +296,39 @@ def test_evaluator_in_trainer_test() -> None:
     trainer.test(_BrightnessModel(), dataloaders=DataLoader(items, batch_size=4))
 
     expected = _expected(items)
-    assert evaluator.test_metrics == pytest.approx(expected, abs=1e-12)
+    assert math.isnan(evaluator.test_metrics["seg_f1"])  # no validation: no segmentation threshold
+    assert evaluator.test_metrics == pytest.approx(expected, abs=1e-12, nan_ok=True)
     assert 0.5 < expected["pro"] < 1.0 and 0.5 < expected["pixel_auroc"] < 1.0  # not trivial
     for name, value in expected.items():
-        assert trainer.callback_metrics[f"test/{name}"].item() == pytest.approx(value, abs=1e-6)
+        if not math.isnan(value):
+            assert trainer.callback_metrics[f"test/{name}"].item() == pytest.approx(value, abs=1e-6)
+    assert "test/seg_f1" not in trainer.callback_metrics
     assert not evaluator._collected["test"].maps  # freed after computing
+
+
+def test_segmentation_f1_uses_the_threshold_of_the_validation_normal_images_only() -> None:
+    val_items, test_items = _fake_items(seed=1), _fake_items(seed=2)
+    evaluator = AnomalyEvaluator(bootstrap_resamples=50)
+    trainer = _trainer(evaluator)
+    model = _BrightnessModel()
+    trainer.validate(model, dataloaders=DataLoader(val_items, batch_size=4))
+    with torch.no_grad():
+        normal = torch.stack([item["image"] for item in val_items if item["label"] == 0]).mean(dim=1)
+    threshold = evaluator.val_segmentation_threshold
+    assert threshold == pytest.approx(float(normal.mean() + 3 * normal.std(unbiased=False)), rel=1e-5)
+    # Changing the validation split's anomalous images does not move it.
+    others = [item if item["label"] == 0 else {**item, "image": torch.ones_like(item["image"])} for item in val_items]
+    trainer.validate(model, dataloaders=DataLoader(others, batch_size=4))
+    assert evaluator.val_segmentation_threshold == pytest.approx(threshold, rel=1e-9)
+
+    trainer.test(model, dataloaders=DataLoader(test_items, batch_size=4))
+    maps = torch.stack([item["image"] for item in test_items]).mean(dim=1)
+    masks = torch.stack([item["mask"][0] for item in test_items]) > 0.5
+    predicted = maps >= threshold
+    expected = 2 * (predicted & masks).sum().item() / (predicted.sum().item() + masks.sum().item())
+    assert 0.0 < expected < 1.0 and evaluator.test_metrics["seg_f1"] == pytest.approx(expected, abs=1e-6)
+    low, high = evaluator.test_intervals["seg_f1"]
+    assert low <= evaluator.test_metrics["seg_f1"] <= high and low < high
 
 
 def test_evaluator_fit_skips_sanity_check_and_pixel_metrics(
@@ -300,7 +367,7 @@ def test_evaluator_does_not_log_nan() -> None:
     evaluator = AnomalyEvaluator()
     trainer = _trainer(evaluator)
     trainer.validate(_BrightnessModel(), dataloaders=DataLoader(items, batch_size=4))
-    assert len(evaluator.val_metrics) == 5
+    assert len(evaluator.val_metrics) == 11
     assert all(math.isnan(v) for v in evaluator.val_metrics.values())
     assert not any(key.startswith("val/") for key in trainer.callback_metrics)
 

@@ -44,14 +44,11 @@ from adbench.benchmark.orchestration.environment import environment_differences,
 from adbench.benchmark.orchestration.records import FINISHED, scan_records  # noqa: E402
 from adbench.benchmark.orchestration.sweep import JobSpec  # noqa: E402
 from adbench.benchmark.reports import published, statistics  # noqa: E402
+from adbench.callbacks.metrics import METRIC_LABELS  # noqa: E402
 
-METRICS = {
-    "image_auroc": "Image AUROC",
-    "pixel_auroc": "Pixel AUROC",
-    "pro": "PRO (AUPRO, FPR <= 0.3)",
-    "image_f1max": "Image F1-max",
-    "pixel_f1max": "Pixel F1-max",
-}
+#: Every metric a record may carry, in the order of the report's tables (a metric no record of the report has,
+#: from before it existed, gets no table), and those every record has had since the first sweep (always a table).
+METRICS, ALWAYS_SHOWN = METRIC_LABELS, ("image_auroc", "pixel_auroc", "pro", "image_f1max", "pixel_f1max")
 EFFICIENCY = {
     "test_images_per_second": "img/s",
     "fit_seconds": "fit s",
@@ -432,8 +429,8 @@ def _published_section(report: _Report, tables: dict[str, pd.DataFrame], runs: p
                 if (category, "ours") not in compared:
                     continue
                 shown[category] = [
-                    "-" if pd.isna(o) or pd.isna(p) else f"{_percent(o)} vs {_percent(p)} ({100 * (o - p):+.1f})"
-                    for o, p in zip(compared[(category, "ours")], compared[(category, "published")], strict=True)
+                    "-" if pd.isna(o) or pd.isna(p) else f"{_percent(o)} vs {_percent(p)}{m} ({100 * (o - p):+.1f})"
+                    for o, p, m in zip(*(compared[(category, k)] for k in ("ours", "published", "mark")), strict=True)
                 ]
             shown["mean"] = [f"{cell} over {n}" for cell, n in zip(shown["mean"], compared[("mean", "categories")], strict=True)]
             shown["source"] = compared.source
@@ -444,7 +441,7 @@ def _published_section(report: _Report, tables: dict[str, pd.DataFrame], runs: p
     if any_shown:
         report.text("Published: benchmark/reports/published/mvtec_ad.csv (figures as printed per category; the mean "
                     "column is over the categories both have, never the paper's 15-category mean). Settings "
-                    "differ from ours (backbone, resolution, training budget): see each row's source.")
+                    "differ from ours (backbone, resolution, training budget): see each row's source. " + published.LEGEND)
     else:
         report.text("No row of this sweep is a method with published per-category MVTec AD figures "
                     "in benchmark/reports/published/mvtec_ad.csv for these categories.")
@@ -528,7 +525,8 @@ def build_leaderboard(
              for c in categories[datasets[row]] for _ in seeds[row]],
             columns=["row", "category"],
         )
-    tables = {metric: metric_table(runs, metric, expected) for metric in METRICS}
+    present = [m for m in METRICS if m in ALWAYS_SHOWN or runs[m].notna().any()]
+    tables = {metric: metric_table(runs, metric, expected) for metric in present}
     order = sort_rows(tables[sort_by]).index
     tables = {metric: table.loc[order] for metric, table in tables.items()}
 
