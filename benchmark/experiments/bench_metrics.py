@@ -9,7 +9,7 @@ maps saved as 8-bit images).
 
 Reports the wall time of each metric on its own, of :func:`compute_anomaly_metrics`
 (everything, one pixel sort), the increase of the process' peak RSS while computing, and
-the time of the 95 % bootstrap intervals of all five metrics (:func:`bootstrap_intervals`,
+the time of the 95 % bootstrap intervals of every metric (:func:`bootstrap_intervals`,
 ``--resamples``, the evaluator's default 1000; target: under 30 s on a 2-core CPU);
 ``--max-thresholds 1000000000`` measures them without thinning the pixel sweep.
 """
@@ -34,6 +34,7 @@ from adbench.callbacks.metrics import (
     f1_max,
     pro_auc,
     roc_auc,
+    segmentation_threshold,
 )
 
 
@@ -130,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
 
     # Memory first, on a cold call: the figure the benchmark runner will see. tracemalloc
     # sees numpy's allocations (not the interpreter's own pages), a cross-check on RSS.
+    # seg_f1's threshold from the good images' maps (a stand-in for the validation split's: timing only).
+    threshold = segmentation_threshold(maps[labels == 0])
     tracemalloc.start()
     rss_before = _reset_peak_rss()
     start = time.perf_counter()
-    metrics = compute_anomaly_metrics(scores, labels, maps, masks)
+    metrics = compute_anomaly_metrics(scores, labels, maps, masks, segmentation_threshold=threshold)
     cold = time.perf_counter() - start
     rss_increase = _peak_rss_mib() - rss_before
     traced_peak = tracemalloc.get_traced_memory()[1] / 2**20
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     _timed("PRO (alone)", lambda: pro_auc(maps, masks), args.repeats)
     total = _timed(
         "ALL (compute_anomaly_metrics)",
-        lambda: compute_anomaly_metrics(scores, labels, maps, masks),
+        lambda: compute_anomaly_metrics(scores, labels, maps, masks, segmentation_threshold=threshold),
         args.repeats,
     )
     if total > 2.0:
@@ -164,12 +167,12 @@ def main(argv: list[str] | None = None) -> None:
         rss_before = _reset_peak_rss()
         start = time.perf_counter()
         intervals = bootstrap_intervals(scores, labels, maps, masks, n_resamples=args.resamples,
-                                        max_thresholds=args.max_thresholds)
+                                        max_thresholds=args.max_thresholds, segmentation_threshold=threshold)
         seconds = time.perf_counter() - start
         print(f"95 % bootstrap intervals, {args.resamples} resamples of the images (one run):")
         for metric, (low, high) in intervals.items():
             print(f"  {metric:<12s} {metrics[metric]:.4f} [{low:.4f}, {high:.4f}]")
-        print(f"  all five metrics            {seconds:8.1f} s, peak RSS increase {_peak_rss_mib() - rss_before:.0f} MiB")
+        print(f"  all metrics                 {seconds:8.1f} s, peak RSS increase {_peak_rss_mib() - rss_before:.0f} MiB")
         if seconds > 30.0:
             print(f"WARNING: {seconds:.1f} s is above the 30 s target", file=sys.stderr)
 
