@@ -10,6 +10,8 @@ no test is run and the reason is reported instead of a number.
   every pair of methods, p-values Holm-adjusted over the pairs.
 * All methods: Friedman test (``scipy.stats.friedmanchisquare``), then the Nemenyi post-hoc
   test and the critical-difference diagram of scikit-posthocs.
+* Two methods on one category's test images: DeLong's test of the difference of their image
+  AUROCs (:func:`delong_test`), paired by image, so seeds and categories play no part.
 """
 
 from __future__ import annotations
@@ -129,3 +131,52 @@ def cd_diagram(result: dict, title: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# ----------------------------------------------------------------------------- per category, paired by image
+
+
+@dataclass(frozen=True)
+class PairedAUROC:
+    """DeLong's test of AUROC(a) - AUROC(b) on the same images."""
+
+    auroc_a: float
+    auroc_b: float
+    difference: float
+    interval: tuple[float, float]  # 95 % (or 1 - alpha) normal interval of the difference
+    p_value: float  # two-sided, H0: equal AUROCs
+
+
+def _placements(positive: np.ndarray, negative: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components from midranks (Sun & Xu, IEEE SPL 2014): per positive, the share
+    of negatives it outscores (ties count 1/2); per negative, the share of positives that outscore it."""
+    m, n = len(positive), len(negative)
+    both = stats.rankdata(np.concatenate([positive, negative]))
+    v10 = (both[:m] - stats.rankdata(positive)) / n
+    v01 = 1.0 - (both[m:] - stats.rankdata(negative)) / m
+    return v10, v01
+
+
+def delong_test(scores_a: np.ndarray, scores_b: np.ndarray, labels: np.ndarray, alpha: float = ALPHA) -> PairedAUROC:
+    """DeLong, DeLong & Clarke-Pearson (Biometrics 1988): the two AUROCs of two methods' scores of the
+    same images, the difference's variance from the covariance of their placement values, a normal
+    test and interval. ``labels``: 1 anomalous, 0 good; both classes needed."""
+    a, b = np.asarray(scores_a, dtype=float), np.asarray(scores_b, dtype=float)
+    labels = np.asarray(labels).astype(bool)
+    if not (a.shape == b.shape == labels.shape) or labels.all() or not labels.any():
+        raise ValueError(f"delong_test needs paired scores of the same images with both labels, got shapes "
+                         f"{a.shape}, {b.shape}, {labels.shape} and {int(labels.sum())} anomalous")
+    components = [_placements(x[labels], x[~labels]) for x in (a, b)]
+    aurocs = np.array([v10.mean() for v10, _ in components])
+    s10 = np.cov(np.stack([v10 for v10, _ in components]))
+    s01 = np.cov(np.stack([v01 for _, v01 in components]))
+    variance = (s10[0, 0] + s10[1, 1] - 2 * s10[0, 1]) / labels.sum() + \
+               (s01[0, 0] + s01[1, 1] - 2 * s01[0, 1]) / (~labels).sum()  # fmt: skip
+    difference = float(aurocs[0] - aurocs[1])
+    if variance <= 0:  # identical rankings (or perfect both): no evidence of a difference
+        return PairedAUROC(float(aurocs[0]), float(aurocs[1]), difference, (difference, difference),
+                           1.0 if difference == 0 else 0.0)  # fmt: skip
+    sd, z = float(np.sqrt(variance)), stats.norm.ppf(1 - alpha / 2)
+    p_value = float(2 * stats.norm.sf(abs(difference) / sd))
+    return PairedAUROC(float(aurocs[0]), float(aurocs[1]), difference, (difference - z * sd, difference + z * sd),
+                       p_value)  # fmt: skip
