@@ -23,12 +23,12 @@ from torch import Tensor
 
 from adbench.checkpoints import metadata, update_metadata
 
+from .intervals import BOOTSTRAP_METHOD, bootstrap_intervals
 from .metrics import (
-    BOOTSTRAP_METHOD,
     IMAGE_METRICS,
     PIXEL_METRICS,
-    bootstrap_intervals,
     compute_anomaly_metrics,
+    saturated_pro,
     segmentation_threshold,
 )
 
@@ -127,7 +127,7 @@ class AnomalyEvaluator(Callback):
             validation cheap (no anomaly maps are then kept in memory for it either).
         fpr_limit: upper FPR bound of the PRO integral (0.3 in MVTec AD's protocol).
         bootstrap_resamples: resamples of the test images for the 95 % confidence interval
-            of every test metric (:func:`adbench.callbacks.metrics.bootstrap_intervals`); 0: none.
+            of every test metric (:func:`adbench.callbacks.intervals.bootstrap_intervals`); 0: none.
         bootstrap_seed: seed of those resamples (fixed, so an interval is reproducible).
     """
 
@@ -175,6 +175,8 @@ class AnomalyEvaluator(Callback):
         #: images and the category's good images.
         self.test_metrics_by_defect_type: dict[str, dict[str, float]] = {}
         self._per_defect_type = False
+        #: The datamodule's ``saturation_regions(image_path, size)`` where it has one (MVTec LOCO AD): sPRO.
+        self._saturation_regions: Any = None
         self._collected = {stage: _Collected() for stage in _STAGES}
         self._warned_no_path = False
 
@@ -209,6 +211,7 @@ class AnomalyEvaluator(Callback):
 
     def on_test_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collected["test"] = _Collected()
+        self._saturation_regions = getattr(trainer.datamodule, "saturation_regions", None)
         self._per_defect_type = bool(getattr(trainer.datamodule, "report_per_defect_type", False))
 
     def on_test_batch_end(
@@ -333,6 +336,8 @@ class AnomalyEvaluator(Callback):
             data["scores"], data["labels"], data["maps"], data["masks"],
             fpr_limit=self.fpr_limit, with_thresholds=True, segmentation_threshold=threshold,
         )
+        if stage == "test":
+            metrics.update(self._saturated_pro(data, list(range(len(data["paths"])))))
         if stage == "val" and data["maps"] is not None:
             metrics["segmentation_threshold"] = segmentation_threshold(data["maps"][data["labels"] == 0])
         extras: dict[str, Any] = {}
@@ -357,8 +362,19 @@ class AnomalyEvaluator(Callback):
     def _subset_metrics(self, data: dict[str, Any], keep: list[int]) -> dict[str, float]:
         index = torch.tensor(keep, dtype=torch.long)
         pick = {k: None if data[k] is None else data[k][index] for k in ("scores", "labels", "maps", "masks")}
-        return compute_anomaly_metrics(pick["scores"], pick["labels"], pick["maps"], pick["masks"],
-                                       fpr_limit=self.fpr_limit, segmentation_threshold=self.val_segmentation_threshold)
+        return {**compute_anomaly_metrics(pick["scores"], pick["labels"], pick["maps"], pick["masks"],
+                                          fpr_limit=self.fpr_limit, segmentation_threshold=self.val_segmentation_threshold),
+                **self._saturated_pro(data, keep)}
+
+    def _saturated_pro(self, data: dict[str, Any], keep: list[int]) -> dict[str, float]:
+        """MVTec LOCO AD's sPRO of the images ``keep`` (nothing for a dataset without saturation areas)."""
+        if self._saturation_regions is None or data["maps"] is None:
+            return {}
+        size = data["maps"].shape[-1]
+        regions = {row: self._saturation_regions(data["paths"][i], size)
+                   for row, i in enumerate(keep) if data["labels"][i] == 1}  # fmt: skip
+        values = saturated_pro(data["maps"][keep], data["labels"][keep], regions)
+        return dict(zip(("spro_fpr05", "spro"), values, strict=True))
 
     def _grouped_metrics(self, data: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
         """Per category (when there are several: the unified setting) and, when the dataset asks,

@@ -18,9 +18,13 @@ Choices that are our reading, not the paper's:
   folder ``ground_truth/<type>/<stem>``, which :func:`adbench.datamodules.base.read_mask` reads as the
   union of the images in it, each file binarised by ``read_mask``'s rule (the official masks
   are 0/255).
-* ``defects_config.json`` (the per-defect saturation thresholds of the paper's sPRO metric) is
-  not read: the suite's pixel metrics are pixel AUROC, PRO and pixel F1-max on the merged
-  masks, so the PRO reported here is not the paper's sPRO.
+* The pixel metrics of the other datasets (pixel AUROC, PRO, ...) read the merged masks. The
+  paper's sPRO (``spro_fpr05``, its headline, and ``spro``) reads each mask file as one defect
+  with its saturation area from ``defects_config.json`` (:meth:`MVTecLOCODataModule.saturation_regions`):
+  the file's nonzero pixel value names its entry; ``relative_saturation`` entries saturate at that
+  fraction of the defect's area, the others at ``saturation_threshold`` pixels of the full-size
+  image, scaled by the resize to ``image_size`` (our reading: the paper evaluates at full size),
+  and never above the defect's area. A defect the resize shrinks to nothing is left out.
 * ``defect_type`` is the test folder's name (``good``, ``logical_anomalies``,
   ``structural_anomalies``); test metrics are also reported per type, each against all good
   test images (:attr:`report_per_defect_type`), as the paper tabulates them.
@@ -35,11 +39,15 @@ Choices that are our reading, not the paper's:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from . import download
-from .base import GOOD, AnomalyDataModule, Sample, normal_samples
+from .base import GOOD, AnomalyDataModule, DatasetError, Sample, image_files, normal_samples
 from .mvtec import defect_folder_samples
 from .registry import register_dataset
 
@@ -53,6 +61,8 @@ LOCO_URL = (
 )
 LOCO_SHA256 = "9e7c84dba550fd2e59d8e9e231c929c45ba737b6b6a6d3814100f54d63aae687"
 LOCO_ARCHIVE = "mvtec_loco_anomaly_detection.tar.xz"
+#: Each category's per-defect saturation thresholds (sPRO).
+LOCO_DEFECTS_CONFIG = "defects_config.json"
 #: Where a defective test image's masks are: a folder of them (the trailing ``/``).
 LOCO_MASK = "ground_truth/{defect}/{stem}/"
 
@@ -85,12 +95,58 @@ class MVTecLOCODataModule(AnomalyDataModule):
     def __init__(self, *args: Any, use_official_validation: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.use_official_validation = use_official_validation
+        self._defects_configs: dict[Path, dict[int, dict[str, Any]]] = {}
 
     def train_samples(self, category: str) -> list[Sample]:
         return normal_samples(self.category_folder(category) / "train" / GOOD, "training", self.title)
 
     def test_samples(self, category: str) -> list[Sample]:
         return list_loco_test_samples(self.category_folder(category))
+
+    def saturation_regions(self, image_path: str | Path, size: int) -> list[tuple[np.ndarray, float]]:
+        """The defects of a test image for sPRO: per mask file of ``ground_truth/<type>/<stem>/``, its
+        (size, size) bool mask and saturation area in pixels at that size (``[]`` for a good image)."""
+        image_path = Path(image_path)
+        category_dir, defect = image_path.parents[2], image_path.parent.name
+        folder = category_dir / "ground_truth" / defect / image_path.stem
+        if defect == GOOD or not folder.is_dir():
+            return []
+        config = self._defects_config(category_dir)
+        regions = []
+        for file in image_files(folder):
+            with Image.open(file) as mask_image:
+                values = np.asarray(mask_image.convert("L"))
+                full_area, width_height = int((values > 0).sum()), mask_image.size
+            if full_area == 0:
+                continue
+            value = int(values.max())
+            if value not in config:
+                raise DatasetError(f"mask {str(file)!r} has pixel value {value}, which no entry of "
+                                   f"{str(category_dir / LOCO_DEFECTS_CONFIG)!r} names")
+            mask = np.asarray(Image.fromarray(values > 0).resize((size, size), Image.Resampling.NEAREST))
+            area = float(mask.sum())
+            entry = config[value]
+            if entry["relative_saturation"]:
+                saturation = float(entry["saturation_threshold"]) * area
+            else:
+                saturation = float(entry["saturation_threshold"]) * size * size / (width_height[0] * width_height[1])
+            regions.append((mask, min(saturation, area)))
+        return regions
+
+    def _defects_config(self, category_dir: Path) -> dict[int, dict[str, Any]]:
+        """``defects_config.json`` of a category, by pixel value (read once)."""
+        cache = self._defects_configs
+        if category_dir not in cache:
+            path = category_dir / LOCO_DEFECTS_CONFIG
+            if not path.is_file():
+                raise DatasetError(f"{str(path)!r} is missing: MVTec LOCO AD's sPRO needs each category's "
+                                   "saturation thresholds")
+            try:
+                cache[category_dir] = {int(e["pixel_value"]): e for e in json.loads(path.read_text())}
+            except (ValueError, KeyError, TypeError) as error:
+                raise DatasetError(f"{str(path)!r} is not a list of defects with pixel_value, "
+                                   f"saturation_threshold and relative_saturation: {error}") from error
+        return cache[category_dir]
 
     def download_category(self, category: str) -> None:
         # The module's constants are read at call time, so a mirror (or a test) can set them.

@@ -17,9 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from lightning import Trainer
 from PIL import Image
 
-from adbench.callbacks.metrics import bootstrap_intervals, compute_anomaly_metrics
+from adbench.callbacks import AnomalyEvaluator
+from adbench.callbacks.intervals import bootstrap_intervals
+from adbench.callbacks.metrics import compute_anomaly_metrics, saturated_pro
 from adbench.cli import AnomalyCLI
 from adbench.datamodules import MVTecDataModule, get_dataset_class
 from adbench.datamodules import loco as loco_module
@@ -27,6 +31,7 @@ from adbench.datamodules.base import DatasetError, read_mask
 from adbench.datamodules.download import ChecksumError
 from adbench.datamodules.folder import FolderDataModule
 from adbench.datamodules.loco import LOCO_ARCHIVE, MVTecLOCODataModule
+from adbench.models.base import AnomalyModule, AnomalyOutput
 
 from .conftest import MVTEC_ROOT, REPO, requires_mvtec
 
@@ -76,7 +81,13 @@ def loco_root(tmp_path: Path) -> Path:
     _mask(gt / "logical_anomalies" / "000" / "001.png", (30, 44, 40, 60))
     _mask(gt / "logical_anomalies" / "001" / "000.png", (10, 30, 10, 30))
     _mask(gt / "structural_anomalies" / "000" / "000.png", (0, 8, 0, 8))
-    (category / "defects_config.json").write_text(json.dumps([{"defect_name": "x", "pixel_value": 255}]))
+    # The defect of logical 001 is of a kind that saturates at half its area (pixel value 128).
+    relative = np.asarray(Image.open(gt / "logical_anomalies" / "001" / "000.png")) // 255 * 128
+    Image.fromarray(relative.astype(np.uint8)).save(gt / "logical_anomalies" / "001" / "000.png")
+    (category / "defects_config.json").write_text(json.dumps([
+        {"defect_name": "missing", "pixel_value": 255, "saturation_threshold": 200, "relative_saturation": False},
+        {"defect_name": "extra", "pixel_value": 128, "saturation_threshold": 0.5, "relative_saturation": True},
+    ]))  # fmt: skip
     return tmp_path / "loco"
 
 
@@ -117,6 +128,56 @@ def test_loco_several_masks_are_merged(loco_root: Path) -> None:
     # The same union straight from read_mask, at the file's own resolution too.
     image = loco_root / "breakfast_box" / "test" / "logical_anomalies" / "000.png"
     assert np.array_equal(read_mask(gt, SIZE, image), first | second)
+
+
+def test_loco_saturation_regions_follow_defects_config(loco_root: Path) -> None:
+    data = _loco(loco_root)
+    test = loco_root / "breakfast_box" / "test"
+    assert data.saturation_regions(test / "good" / "000.png", SIZE) == []
+    first, second = data.saturation_regions(test / "logical_anomalies" / "000.png", SIZE)  # two mask files
+    scale = SIZE * SIZE / (W * H)  # an absolute saturation area is in full-size pixels
+    for (mask, saturation), box in zip((first, second), ((2, 12, 4, 20), (30, 44, 40, 60)), strict=True):
+        full = np.zeros((H, W), dtype=np.uint8)
+        full[box[0]:box[1], box[2]:box[3]] = 1
+        assert np.array_equal(mask, _resized(full).astype(bool))
+        assert saturation == pytest.approx(min(200 * scale, mask.sum()))
+    assert first[1] == first[0].sum() and second[1] < second[0].sum(), "the small defect saturates at its area"
+    ((mask, saturation),) = data.saturation_regions(test / "logical_anomalies" / "001.png", SIZE)
+    assert saturation == pytest.approx(0.5 * mask.sum())  # relative: half its area
+    (loco_root / "breakfast_box" / "defects_config.json").write_text("[]")
+    with pytest.raises(DatasetError, match="pixel value 255"):
+        _loco(loco_root).saturation_regions(test / "structural_anomalies" / "000.png", SIZE)
+
+
+def test_loco_test_reports_spro_from_the_datamodule(loco_root: Path) -> None:
+    data = _loco(loco_root, eval_batch_size=8)
+    evaluator = AnomalyEvaluator(bootstrap_resamples=0)
+    trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, callbacks=[evaluator])  # fmt: skip
+    model = _MeanIntensity()
+    trainer.test(model, datamodule=data)
+    with torch.no_grad():
+        maps = torch.cat([model(batch["image"]).anomaly_map[:, 0] for batch in data.test_dataloader()])
+    labels = data.test_set.labels
+    regions = {i: data.saturation_regions(s.image_path, SIZE) for i, s in enumerate(data.test_set.samples) if labels[i]}
+    expected = saturated_pro(maps.numpy(), labels, regions)
+    assert evaluator.test_metrics["spro_fpr05"] == pytest.approx(expected[0], abs=1e-6)
+    assert evaluator.test_metrics["spro"] == pytest.approx(expected[1], abs=1e-6)
+    assert 0.0 <= expected[0] <= 1.0 and expected[1] != evaluator.test_metrics["pro"]
+    # Per anomaly type too (that type's defects against the good images).
+    assert "spro" in evaluator.test_metrics_by_defect_type["breakfast_box/logical_anomalies"]
+
+
+class _MeanIntensity(AnomalyModule):
+    """Anomaly map = mean intensity of the image (nothing trained)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        anomaly_map = images.mean(dim=1, keepdim=True) * self.weight
+        return AnomalyOutput(anomaly_map, anomaly_map.flatten(1).amax(dim=1))
 
 
 def test_loco_validation_carved_from_train_when_asked(loco_root: Path) -> None:

@@ -20,6 +20,7 @@ from adbench.callbacks.metrics import (
     MAD_METRICS,
     average_precision,
     f1_optimal_threshold,
+    saturated_pro,
     segmentation_threshold,
 )
 from adbench.models.base import AnomalyModule, AnomalyOutput
@@ -67,6 +68,26 @@ def pro_reference(maps: np.ndarray, masks: np.ndarray, fpr_limit: float) -> floa
         if x0 >= fpr_limit:
             break
         if x1 > fpr_limit:  # cut the crossing segment at the limit
+            y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
+            x1 = fpr_limit
+        area += (x1 - x0) * (y0 + y1) / 2
+    return area / fpr_limit
+
+
+def spro_reference(maps: np.ndarray, labels: np.ndarray, regions: dict, fpr_limit: float) -> float:
+    """sPRO the slow way: threshold at every distinct score; FPR over the good images' pixels only."""
+    defects = [(i, mask, min(saturation, mask.sum())) for i, found in regions.items() for mask, saturation in found]
+    good = maps[labels == 0]
+    fprs, overlaps = [0.0], [0.0]
+    for t in np.unique(maps)[::-1]:
+        fprs.append(np.mean(good >= t))
+        overlaps.append(np.mean([min(np.sum(maps[i][mask] >= t) / sat, 1.0) for i, mask, sat in defects]))
+    area = 0.0
+    for k in range(1, len(fprs)):
+        x0, x1, y0, y1 = fprs[k - 1], fprs[k], overlaps[k - 1], overlaps[k]
+        if x0 >= fpr_limit:
+            break
+        if x1 > fpr_limit:
             y1 = y0 + (y1 - y0) * (fpr_limit - x0) / (x1 - x0)
             x1 = fpr_limit
         area += (x1 - x0) * (y0 + y1) / 2
@@ -176,6 +197,28 @@ def test_compute_anomaly_metrics_matches_references(seed: int, levels: int) -> N
         segmentation_threshold=threshold,
     )
     assert got4d == pytest.approx(got, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", SEEDS[:4])
+@pytest.mark.parametrize("levels", [0, 5])
+def test_saturated_pro_matches_brute_force(seed: int, levels: int) -> None:
+    maps, masks = random_category(seed, levels=levels)
+    labels = masks.reshape(len(masks), -1).any(axis=1).astype(int)
+    rng = np.random.default_rng(seed)
+    regions = {}
+    for i in np.flatnonzero(labels):
+        parts, n = ndimage.label(masks[i], structure=np.ones((3, 3)))
+        found = [(parts == r, float(rng.choice([2.0, 0.5 * (parts == r).sum(), 1e6]))) for r in range(1, n + 1)]
+        logical = np.zeros_like(masks[i])
+        logical[2:9, 3:12] = True  # a large defect overlapping others: its pixels count for it too
+        regions[i] = [*found, (logical, 20.0)]
+    got = saturated_pro(maps, labels, regions, fpr_limits=(0.05, 0.3))
+    for value, limit in zip(got, (0.05, 0.3), strict=True):
+        assert value == pytest.approx(spro_reference(maps, labels, regions, limit), abs=1e-9)
+    # Saturation at every defect's own area is plain per-defect overlap: PRO with the good images' FPR.
+    plain = {i: [(m, m.sum()) for m, _ in found] for i, found in regions.items()}
+    assert saturated_pro(maps, labels, plain)[1] == pytest.approx(spro_reference(maps, labels, plain, 0.3), abs=1e-9)
+    assert all(math.isnan(v) for v in saturated_pro(maps, labels, {}))
 
 
 def test_pro_uses_eight_connectivity() -> None:

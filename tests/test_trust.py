@@ -23,6 +23,7 @@ from adbench.benchmark.orchestration.runner import device_slots, execution_of
 from adbench.benchmark.orchestration.sweep import SweepConfig, code_modules
 from adbench.benchmark.reports.leaderboard import build_leaderboard
 from adbench.benchmark.reports.published import load_published
+from adbench.callbacks import intervals as I  # noqa: E741
 from adbench.callbacks import metrics as M
 from adbench.callbacks.guards import LossHistory
 
@@ -51,7 +52,7 @@ def test_reweighted_sweep_is_the_sweep_of_the_resampled_category(quantised: bool
     scores, labels, maps, masks = _category(12, 10)
     if quantised:  # heavy ties between normal and anomalous pixels (maps saved as few levels)
         maps = np.round(maps * 2) / 2
-    counts = M._PerImageCounts(maps, masks, M._pixel_sweep(maps, masks))
+    counts = I._PerImageCounts(maps, masks, M._pixel_sweep(maps, masks))
     drawn = np.r_[np.arange(22), 3, 15, 15, 21]  # images 3, 15 (twice) and 21 drawn again; none left out
     for index in (np.arange(22), drawn, np.r_[0, 0, 5, 12, 12, 13, 19]):
         weights = np.bincount(index, minlength=22)[None].astype(float)
@@ -67,7 +68,7 @@ def test_reweighted_sweep_is_the_sweep_of_the_resampled_category(quantised: bool
 
 def test_image_interval_equals_scipy_bootstrap_of_sklearn_auroc() -> None:
     scores, labels, _, _ = _category(30, 20, seed=1)
-    ours = M.bootstrap_intervals(scores, labels, n_resamples=500, seed=7)
+    ours = I.bootstrap_intervals(scores, labels, n_resamples=500, seed=7)
     reference = stats.bootstrap(
         (scores[labels == 1], scores[labels == 0]),
         lambda anomalous, good: roc_auc_score(np.r_[np.ones(len(anomalous)), np.zeros(len(good))],
@@ -87,7 +88,7 @@ def test_interval_coverage_is_near_95_percent() -> None:
     covered = []
     for trial in range(120):
         good, bad = rng.normal(0, 1, 60), rng.normal(shift, 1, 40)
-        low, high = M.bootstrap_intervals(np.r_[good, bad], np.r_[np.zeros(60), np.ones(40)],
+        low, high = I.bootstrap_intervals(np.r_[good, bad], np.r_[np.zeros(60), np.ones(40)],
                                           n_resamples=400, seed=trial)["image_auroc"]
         covered.append(low <= true_auroc <= high)
     assert 0.88 <= np.mean(covered) <= 0.99, np.mean(covered)
@@ -97,13 +98,13 @@ def test_pixel_intervals_hold_the_estimate_and_degenerate_splits_give_nan() -> N
     scores, labels, maps, masks = _category(12, 10, seed=2)
     threshold = float(np.quantile(maps[~masks], 0.95))
     point = M.compute_anomaly_metrics(scores, labels, maps, masks, segmentation_threshold=threshold)
-    intervals = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=200, segmentation_threshold=threshold)
+    intervals = I.bootstrap_intervals(scores, labels, maps, masks, n_resamples=200, segmentation_threshold=threshold)
     assert set(intervals) == set(point)
     for metric, (low, high) in intervals.items():
         assert low <= point[metric] <= high and high - low > 0, metric
-    without = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=20)  # no threshold: no seg_f1
+    without = I.bootstrap_intervals(scores, labels, maps, masks, n_resamples=20)  # no threshold: no seg_f1
     assert all(math.isnan(v) for v in without["seg_f1"]) and not math.isnan(without["mad"][0])
-    one_class = M.bootstrap_intervals(scores[:12], labels[:12], maps[:12], masks[:12], n_resamples=50)
+    one_class = I.bootstrap_intervals(scores[:12], labels[:12], maps[:12], masks[:12], n_resamples=50)
     assert all(math.isnan(v) for bounds in one_class.values() for v in bounds)
 
 
@@ -115,13 +116,13 @@ def test_thinned_pixel_sweep_bounds_memory_and_barely_moves_the_intervals() -> N
         masks[i, top : top + 30, left : left + 25] = True
         maps[i][masks[i]] += 1.0
     full = M._pixel_sweep(maps, masks)
-    exact_counts = M._PerImageCounts(maps, masks, full, max_thresholds=10**9)
-    thinned_counts = M._PerImageCounts(maps, masks, full, max_thresholds=500)
+    exact_counts = I._PerImageCounts(maps, masks, full, max_thresholds=10**9)
+    thinned_counts = I._PerImageCounts(maps, masks, full, max_thresholds=500)
     assert exact_counts.thresholds.size > 1000 and thinned_counts.thresholds.size <= 500
     assert thinned_counts.thresholds[0] == exact_counts.thresholds[0]
     assert thinned_counts.thresholds[-1] == exact_counts.thresholds[-1]
-    exact = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=100, max_thresholds=10**9)
-    thinned = M.bootstrap_intervals(scores, labels, maps, masks, n_resamples=100, max_thresholds=500)
+    exact = I.bootstrap_intervals(scores, labels, maps, masks, n_resamples=100, max_thresholds=10**9)
+    thinned = I.bootstrap_intervals(scores, labels, maps, masks, n_resamples=100, max_thresholds=500)
     for metric in set(M.PIXEL_METRICS) - {"seg_f1"}:  # 500 of >1000 vertices: bounds within a few 1e-3
         assert thinned[metric] == pytest.approx(exact[metric], abs=5e-3), metric
         assert thinned[metric] != exact[metric] or metric in ("pixel_f1max", "pixel_iou_max"), "the cap was in effect"

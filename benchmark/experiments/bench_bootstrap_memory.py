@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from adbench.callbacks.metrics import BOOTSTRAP_MAX_THRESHOLDS, bootstrap_intervals
+from adbench.callbacks.intervals import BOOTSTRAP_MAX_THRESHOLDS, bootstrap_intervals
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from adbench.callbacks.intervals import BOOTSTRAP_MAX_THRESHOLDS, bootstrap_intervals
 from adbench.callbacks.metrics import (
-    BOOTSTRAP_MAX_THRESHOLDS,
-    bootstrap_intervals,
     compute_anomaly_metrics,
     f1_max,
     pro_auc,
