@@ -57,7 +57,9 @@ def test_bf16_mixed_fit_and_test(method: str, tmp_path: Path, embedded_root: Pat
     )
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     cli.trainer.test(cli.model, datamodule=cli.datamodule)
-    metrics = cli.evaluator.test_metrics
+    metrics = dict(cli.evaluator.test_metrics)
+    if not cli.evaluator.val_history:  # no validation in one epoch (check_val_every_n_epoch > 1): no seg threshold
+        assert math.isnan(metrics.pop("seg_f1"))
     assert all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in metrics.values()), metrics
     assert all(torch.isfinite(p).all() for p in cli.model.parameters()), "NaN/inf weights after bf16 training"
 
@@ -84,7 +86,8 @@ def test_every_method_as_a_two_process_ddp_job(tmp_path: Path, embedded_root: Pa
     for record in records:
         assert record["status"] == "ok", f"{record['method']}: {record['error']}\n{record.get('traceback')}"
         assert record["config"]["trainer"]["strategy"] == models.get_model_class(record["method"]).ddp_strategy
-        assert all(math.isfinite(v) for v in record["metrics"].values()), record["metrics"]
+        # seg_f1 is NaN where one tiny epoch ran no validation (no segmentation threshold): checked in test_cli.
+        assert all(math.isfinite(v) for k, v in record["metrics"].items() if k != "seg_f1"), record["metrics"]
 
 
 def test_configs_name_registered_classes() -> None:
