@@ -31,12 +31,14 @@ from adbench.benchmark.compare.pairs import (
     METHODS,
     AnomalibMissingError,
     CompareError,
+    check_anomalib_fixed,
     layer_names,
     our_init_args,
     require_anomalib,
 )
 from adbench.benchmark.compare.report import build_table, format_table, table_markdown
 from adbench.benchmark.compare.scoring import load_ground_truth, metrics_from_predictions
+from adbench.benchmark.compare.worker import _trainer_kwargs, worker_specs
 from adbench.datamodules.base import AnomalyDataset
 from adbench.datamodules.mvtec import list_test_samples
 
@@ -207,9 +209,16 @@ def test_table_ratios_rows_and_failures() -> None:
             pro=0.95,
         ),  # fmt: skip
         _record("stpm", "anomalib", status="failed"),
+        _record("padim", "ours", fit_seconds=5.0, train_images_per_second=40.0),
+        _record("fastflow", "ours", fit_seconds=50.0, optimizer_steps=260, steps_per_second=5.2),
     ]
     table = build_table(results)
     rows = {(r.method, r.quantity): r for r in table.itertuples()}
+    # PaDiM collects features like PatchCore; FastFlow trains like STPM.
+    assert ("padim", "feature collection images/s") in rows
+    assert ("padim", "training steps/s") not in rows
+    assert ("fastflow", "training steps/s") in rows and ("fastflow", "optimizer steps") in rows
+    assert ("fastflow", "feature collection images/s") not in rows
     assert rows[("patchcore_1pct", "fit time (s)")].ratio == pytest.approx(0.5)
     assert rows[("patchcore_1pct", "feature collection images/s")].ratio == pytest.approx(2.0)
     assert rows[("patchcore_1pct", "PRO (FPR <= 0.3)")].ratio == pytest.approx(0.9 / 0.8)
@@ -241,10 +250,13 @@ def test_arguments_and_quick_smoke() -> None:
     assert args.methods == list(METHODS) and args.sides == ["ours", "anomalib"]
     assert (args.image_size, args.batch_size, args.draem_width) == (256, 8, (128, 64))
     assert args.out_dir == "results/compare"
+    assert args.fastflow_epochs == 10 and args.padim_subset == args.stfpm_optimizer == "matched"
     smoke = parse_args(["--quick-smoke", "--image-size", "96", "--methods", "stpm,draem"])
     assert smoke.image_size == 96 and smoke.stpm_epochs == 1 and smoke.draem_width == (16, 16)
+    assert smoke.fastflow_epochs == 1
     assert smoke.methods == ["stpm", "draem"] and smoke.out_dir == "results/compare/smoke"
-    for bad in (["--methods", "patchcore"], ["--draem-width", "128"], ["--sides", "theirs"]):
+    for bad in (["--methods", "patchcore"], ["--draem-width", "128"], ["--sides", "theirs"],
+                ["--padim-subset", "mine"]):  # fmt: skip
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -266,3 +278,33 @@ def test_our_configs_match_anomalib_settings() -> None:
     _, draem = our_init_args(METHODS["draem"], (128, 64))
     assert (draem["recon_base_width"], draem["disc_base_width"], draem["lr"]) == (128, 64, 1e-4)
     assert draem["lr_gamma"] == 1.0
+
+
+def test_padim_and_fastflow_pairs_match_anomalib_settings(tmp_path: Path) -> None:
+    """PaDiM and FastFlow: lite0 levels 1-3 on both sides, anomalib's fixed settings, the budgets."""
+    import yaml
+
+    _, padim = our_init_args(METHODS["padim"], (128, 64))
+    _, fastflow = our_init_args(METHODS["fastflow"], (128, 64))
+    for ours in (padim, fastflow):
+        assert ours["backbone"] == LITE0 and list(ours["layers"]) == [1, 2, 3]
+    assert layer_names(LITE0, [1, 2, 3]) == ["blocks.1", "blocks.2", "blocks.4"]
+    check_anomalib_fixed("padim", padim)  # random subset, + 0.01 I, sigma 4
+    check_anomalib_fixed("fastflow", fastflow)  # out_indices [1, 2, 3], clamp 2, Adam 1e-3 / 1e-5
+    assert 0 < padim["channels"] <= 24 + 40 + 112  # n_features of anomalib's Padim
+    with pytest.raises(CompareError, match=r"clamp: ours 3.0, anomalib 2.0"):
+        check_anomalib_fixed("fastflow", {**fastflow, "clamp": 3.0})
+    with pytest.raises(CompareError, match="random_channels"):
+        check_anomalib_fixed("padim", {**padim, "random_channels": False})
+
+    # The budgets: PaDiM one pass, FastFlow the quick profile's epochs (the --fastflow-epochs default).
+    args = parse_args(["--methods", "padim,fastflow", "--sides", "ours,anomalib"])
+    specs = worker_specs(args, "root", "bottle", None, None, tmp_path)
+    assert [(s["method"], s["side"]) for s in specs] == [
+        ("padim", "ours"), ("padim", "anomalib"), ("fastflow", "ours"), ("fastflow", "anomalib")
+    ]  # fmt: skip
+    assert all(s["anomalib_layers"] == ["blocks.1", "blocks.2", "blocks.4"] for s in specs)
+    assert specs[1]["padim_subset"] == "matched"
+    profile = yaml.safe_load((REPO / "configs/fastflow/quick.yaml").read_text())
+    assert _trainer_kwargs(specs[0], tmp_path)["max_epochs"] == 1
+    assert _trainer_kwargs(specs[3], tmp_path)["max_epochs"] == profile["trainer"]["max_epochs"]

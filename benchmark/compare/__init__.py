@@ -1,8 +1,9 @@
 """``make compare``: our methods against anomalib 2.7.0's, same data, backbone, weights and budget.
 
     .venv-compare/bin/python -m adbench.benchmark.compare [--root MVTEC_ROOT] [--category bottle]
-        [--methods patchcore_1pct,patchcore_10pct,stpm,draem] [--texture-root DTD_ROOT]
-        [--draem-steps 10] [--stpm-epochs 10] [--out-dir results/compare] [--quick-smoke]
+        [--methods patchcore_1pct,patchcore_10pct,stpm,draem,padim,fastflow] [--texture-root DTD_ROOT]
+        [--draem-steps 10] [--stpm-epochs 10] [--fastflow-epochs 10] [--out-dir results/compare]
+        [--quick-smoke]
 
 anomalib pins ``jsonargparse<4.47``, so it lives in its own virtualenv, ``.venv-compare``
 (``make compare`` creates it); the main ``.venv`` never has it. Every (method, side) pair
@@ -42,6 +43,31 @@ Method pairs (ours <-> anomalib):
   CPU smoke tests. Pseudo-anomaly textures: ``--texture-root`` (DTD) for both; without it
   ours are procedural and anomalib's are its Perlin-noise source (an empty folder is
   passed, so anomalib never tries to download DTD).
+* ``padim``: :class:`adbench.models.padim.PaDiM` with ``configs/padim/quick.yaml`` (lite0 levels
+  1-3, 24 + 40 + 112 = 176 channels, 100 kept at random) <-> ``anomalib.models.Padim(layers=
+  ["blocks.1", "blocks.2", "blocks.4"], n_features=100)``, one pass each. The subsets are
+  drawn differently: ours ``random.Random(seed).sample(range(176), 100)`` (seed 0 from the
+  profile), anomalib's ``torch.randperm(176)[:100]`` from the global torch RNG at construction.
+  By default (``--padim-subset matched``) anomalib's ``idx`` buffer is set to ours, so both
+  model the same channels; ``--padim-subset native`` keeps anomalib's draw (the notes say how
+  many channels the two draws share). Left as each library has it: anomalib keeps every
+  training embedding and fits in float32 (covariance + 0.01 I + 1e-5 I), ours accumulates
+  float64 sums (covariance + 0.01 I). Both smooth with sigma 4 and score the map's maximum.
+* ``fastflow``: :class:`adbench.models.fastflow.FastFlow` with ``configs/fastflow/quick.yaml``
+  (lite0 levels 1-3, 8 flow steps, 3x3/1x1 subnets, hidden ratio 1) <-> ``anomalib.models.
+  Fastflow`` at the same ``flow_steps``, ``conv3x3_only`` and ``hidden_ratio``,
+  ``--fastflow-epochs`` epochs each (default 10, the profile's). anomalib 2.7.0 accepts only
+  resnet18 and wide_resnet50_2 as CNN backbones (a name check); its CNN branch (timm
+  ``out_indices`` [1, 2, 3], LayerNorm, one flow per level from its own
+  ``create_fast_flow_block``) is rebuilt statement for statement with lite0 (as DRAEM's
+  widths are). Optimiser (Adam lr 1e-3, weight decay 1e-5), coupling clamp 2 and map
+  (``-exp(-0.5 mean z^2)``, averaged over levels) are the same. Left as each library has
+  it: anomalib's LayerNorm has a per-position affine (``[C, H, W]``), ours a per-channel one
+  (GroupNorm with one group); anomalib's loss sums ``0.5 z^2 - log|det J|`` over positions,
+  ours averages it (Adam is nearly scale-free, but the weight decay weighs 1 / (H W) as much
+  on anomalib's side); ours drops an epoch's incomplete last batch, as for STPM.
+* What anomalib fixes, with no argument to change it, our config must equal
+  (:data:`~.pairs.ANOMALIB_FIXED`, checked before anomalib's model is built).
 
 Fairness, as implemented:
 

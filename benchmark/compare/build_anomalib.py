@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .offline_weights import check_backbone_weights
-from .pairs import CompareError
+from .pairs import CompareError, check_anomalib_fixed
 from .worker import WORKER_PREFIX
 
 _DISABLED = {"post_processor": False, "evaluator": False, "visualizer": False}
@@ -83,6 +83,96 @@ def _stfpm(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, Any
     )
     notes["model"] = f"Stfpm(backbone={backbone}, layers={names})"
     return model, model.model.teacher_model, notes
+
+
+def _padim(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, Any]]:
+    from anomalib.models import Padim
+
+    from adbench.models.padim import random_channel_subset
+
+    names, ours = spec["anomalib_layers"], spec["our_init_args"]
+    check_anomalib_fixed("padim", ours)
+    model = Padim(
+        backbone=backbone, layers=names, pre_trained=True, n_features=ours["channels"],
+        pre_processor=_pre_processor(spec, backbone), **_DISABLED,
+    )  # fmt: skip
+    inner = model.model
+    total, native = inner.n_features_original, inner.idx.clone()
+    # Ours: random.Random(seed).sample(range(total), channels); anomalib: torch.randperm(total)[:n]
+    # from the global torch RNG (the worker's seed, after the backbone's construction).
+    subset = random_channel_subset(total, ours["channels"], ours["seed"])
+    shared = len(set(subset.tolist()) & set(native.tolist()))
+    if spec["padim_subset"] == "matched":
+        inner.idx = subset  # the same channels as ours (their order does not change a distance)
+        channels = (f"ours (matched): {ours['channels']} of {total}, random.Random({ours['seed']}); "
+                    f"anomalib's own torch.randperm draw would share {shared} of them")  # fmt: skip
+    else:
+        channels = (f"anomalib's own: torch.randperm, {ours['channels']} of {total}; {shared} shared "
+                    f"with ours (random.Random({ours['seed']}))")  # fmt: skip
+    notes = {
+        "model": f"Padim(backbone={backbone}, layers={names}, n_features={inner.n_features})",
+        "channels": channels,
+    }
+    return model, inner.feature_extractor, notes
+
+
+def _fastflow(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, Any]]:
+    import timm
+    from anomalib.models import Fastflow
+    from anomalib.models.image.fastflow import lightning_model as fastflow_module
+    from anomalib.models.image.fastflow.anomaly_map import AnomalyMapGenerator
+    from anomalib.models.image.fastflow.torch_model import FastflowModel, create_fast_flow_block
+    from torch import nn
+
+    ours = spec["our_init_args"]
+    check_anomalib_fixed("fastflow", ours)
+
+    class TimmCnnFastflowModel(FastflowModel):
+        """anomalib's FastflowModel, its CNN branch statement for statement, for any timm CNN.
+
+        anomalib 2.7.0 takes only resnet18 and wide_resnet50_2 as CNN backbones (a name check);
+        its CNN branch itself is backbone-agnostic: timm out_indices [1, 2, 3], a LayerNorm over
+        (C, H, W) per level, and one flow per level.
+        """
+
+        def __init__(self, input_size: tuple[int, int], backbone: str, pre_trained: bool = True,
+                     flow_steps: int = 8, conv3x3_only: bool = False, hidden_ratio: float = 1.0) -> None:  # fmt: skip
+            nn.Module.__init__(self)
+            self.input_size = input_size
+            self.feature_extractor = timm.create_model(
+                backbone, pretrained=pre_trained, features_only=True, out_indices=[1, 2, 3]
+            )
+            channels = self.feature_extractor.feature_info.channels()
+            scales = self.feature_extractor.feature_info.reduction()
+            dims = [[c, int(input_size[0] / s), int(input_size[1] / s)]
+                    for c, s in zip(channels, scales, strict=True)]  # fmt: skip
+            self.norms = nn.ModuleList(nn.LayerNorm(d, elementwise_affine=True) for d in dims)
+            for parameter in self.feature_extractor.parameters():
+                parameter.requires_grad = False
+            self.fast_flow_blocks = nn.ModuleList(
+                create_fast_flow_block(
+                    input_dimensions=d,
+                    conv3x3_only=conv3x3_only,
+                    hidden_ratio=hidden_ratio,
+                    flow_steps=flow_steps,
+                )  # fmt: skip
+                for d in dims
+            )
+            self.anomaly_map_generator = AnomalyMapGenerator(input_size=input_size)
+
+    settings = {k: ours[k] for k in ("flow_steps", "conv3x3_only", "hidden_ratio")}
+    fastflow_module.FastflowModel = TimmCnnFastflowModel
+    try:
+        model = Fastflow(backbone=backbone, pre_trained=True, **settings,
+                         pre_processor=_pre_processor(spec, backbone), **_DISABLED)  # fmt: skip
+    finally:
+        fastflow_module.FastflowModel = FastflowModel
+    notes = {
+        "model": f"Fastflow(backbone={backbone}, {', '.join(f'{k}={v}' for k, v in settings.items())}), "
+                 "CNN branch rebuilt for a timm backbone other than resnet18 / wide_resnet50_2",
+        "optimizer": "anomalib's own: Adam lr 0.001, weight decay 1e-5 (= ours)",
+    }  # fmt: skip
+    return model, model.model, notes
 
 
 def _draem(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -177,6 +267,10 @@ def build_anomalib(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict
         model, extractor, notes = _patchcore(spec, backbone)
     elif kind == "stpm":
         model, extractor, notes = _stfpm(spec, backbone)
+    elif kind == "padim":
+        model, extractor, notes = _padim(spec, backbone)
+    elif kind == "fastflow":
+        model, extractor, notes = _fastflow(spec, backbone)
     elif kind == "draem":
         model, extractor, notes = _draem(spec, work_dir)
     else:  # pragma: no cover - METHODS only has the kinds above

@@ -54,7 +54,8 @@ def build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         "model": f"{spec['our_class_path']}({_short_args(spec['our_init_args'])})"
     }
     pair = getattr(model, "pair", None)
-    backbone = getattr(model, "backbone", None) or getattr(pair, "teacher", None) or getattr(model, "teacher", None)
+    backbone = (getattr(model, "backbone", None) or getattr(pair, "teacher", None)
+                or getattr(model, "teacher", None) or getattr(model, "feature_extractor", None))  # fmt: skip
     if backbone is not None and hasattr(backbone, "weights_source"):
         notes["weights"] = backbone.weights_source
     if spec["kind"] == "patchcore":

@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--num-workers", type=int, default=0, help="DataLoader workers (both sides)"
     )
     parser.add_argument("--stpm-epochs", type=_positive_int, default=10)
+    parser.add_argument("--fastflow-epochs", type=_positive_int, default=10,
+                        help="epochs of each FastFlow (configs/fastflow/quick.yaml: 10)")  # fmt: skip
     parser.add_argument(
         "--draem-steps", type=_positive_int, default=10, help="optimizer steps of each DRAEM"
     )
@@ -87,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="reconstructive,discriminative base widths (anomalib's: 128,64)")  # fmt: skip
     parser.add_argument("--stfpm-optimizer", choices=("matched", "native"), default="matched",
                         help="anomalib Stfpm's optimizer: ours (matched, default) or its SGD lr 0.4")  # fmt: skip
+    parser.add_argument("--padim-subset", choices=("matched", "native"), default="matched",
+                        help="anomalib Padim's random channels: ours (matched, default) or its own "
+                        "torch.randperm draw")  # fmt: skip
     parser.add_argument(
         "--max-train-images", type=_positive_int, help="evenly spaced subset of train/good"
     )
@@ -109,15 +114,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir", help="default results/compare (results/compare/smoke with --quick-smoke)"
     )
     parser.add_argument("--quick-smoke", action="store_true",
-                        help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM epoch, "
-                        "2 DRAEM steps at widths 16,16, 1 thread (explicit options still win)")  # fmt: skip
+                        help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM and 1 FastFlow "
+                        "epoch, 2 DRAEM steps at widths 16,16, 1 thread (explicit options still win)")  # fmt: skip
     args = parser.parse_args(argv)
     explicit = {
         a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")
     }
     if args.quick_smoke:
         smoke = {"image_size": 64, "max_train_images": 16, "max_test_images": 12, "stpm_epochs": 1,
-                 "draem_steps": 2, "draem_width": (16, 16), "threads": 1}  # fmt: skip
+                 "fastflow_epochs": 1, "draem_steps": 2, "draem_width": (16, 16), "threads": 1}  # fmt: skip
         for key, value in smoke.items():
             if "--" + key.replace("_", "-") not in explicit:
                 setattr(args, key, value)

@@ -27,7 +27,7 @@ class MethodPair:
     """One row group of the table: our config and anomalib's model of the same method."""
 
     name: str
-    kind: str  # patchcore | stpm | draem
+    kind: str  # patchcore | stpm | draem | padim | fastflow
     our_config: str  # YAML under configs/ whose model.init_args define our side
     our_overrides: tuple[tuple[str, Any], ...] = ()
     coreset_ratio: float | None = None
@@ -41,8 +41,21 @@ METHODS: dict[str, MethodPair] = {
     "stpm": MethodPair("stpm", "stpm", "configs/stpm/quick.yaml"),
     # anomalib's Draem widths are fixed (128 / 64): the paper profile has exactly those.
     "draem": MethodPair("draem", "draem", "configs/draem/paper.yaml", (("lr_gamma", 1.0),)),
+    "padim": MethodPair("padim", "padim", "configs/padim/quick.yaml"),
+    "fastflow": MethodPair("fastflow", "fastflow", "configs/fastflow/quick.yaml"),
 }  # fmt: skip
 SIDES = ("ours", "anomalib")
+
+#: What anomalib 2.7.0 fixes (no argument of its model changes it), so our side's config must say
+#: the same: Padim always keeps a random channel subset, regularises each covariance with 0.01 I
+#: (MultiVariateGaussian) and blurs with sigma 4 (its AnomalyMapGenerator's default); Fastflow's CNN
+#: branch takes timm out_indices [1, 2, 3], layer-normalises them, clamps its couplings at 2, maps
+#: -exp(-0.5 mean z^2) and trains with Adam lr 1e-3, weight decay 1e-5.
+ANOMALIB_FIXED: dict[str, dict[str, Any]] = {
+    "padim": {"random_channels": True, "epsilon": 0.01, "sigma": 4.0},
+    "fastflow": {"layers": [1, 2, 3], "layer_norm": True, "clamp": 2.0, "map_kind": "probability",
+                 "lr": 1e-3, "weight_decay": 1e-5},
+}  # fmt: skip
 
 
 def _find_spec(name: str) -> Any:
@@ -84,6 +97,21 @@ def our_init_args(pair: MethodPair, draem_width: tuple[int, int]) -> tuple[str, 
     if pair.kind == "draem":
         init_args["recon_base_width"], init_args["disc_base_width"] = draem_width
     return model["class_path"], init_args
+
+
+def check_anomalib_fixed(kind: str, init_args: dict[str, Any]) -> None:
+    """:class:`CompareError` where our init args differ from a setting anomalib fixes (:data:`ANOMALIB_FIXED`)."""
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    differ = [f"{key}: ours {plain(init_args.get(key))!r}, anomalib {value!r}"
+              for key, value in ANOMALIB_FIXED.get(kind, {}).items()
+              if plain(init_args.get(key)) != value]  # fmt: skip
+    if differ:
+        raise CompareError(
+            f"anomalib's {kind} fixes settings our config changes: {'; '.join(differ)}"
+        )
 
 
 def layer_names(backbone: str, layers: list[int]) -> list[str]:

@@ -17,9 +17,9 @@ from .pairs import METHODS
 #: (result key, label, better, kinds it applies to or None for all)
 ROWS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
     ("fit_seconds", "fit time (s)", "lower", None),
-    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem")),
-    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem")),
-    ("train_images_per_second", "feature collection images/s", "higher", ("patchcore",)),
+    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem", "fastflow")),
+    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem", "fastflow")),
+    ("train_images_per_second", "feature collection images/s", "higher", ("patchcore", "padim")),
     ("test_images_per_second", "test images/s (predict loop)", "higher", None),
     ("predict_seconds", "test wall time incl. data setup (s)", "lower", None),
     ("peak_rss_mb", "peak RSS (MiB)", "lower", None),
@@ -147,8 +147,9 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
         f"no validation), {n_test} test images; {args.image_size} px, batch {args.batch_size} "
         f"(test {args.eval_batch_size}), {args.num_workers} DataLoader workers, seed {args.seed}, "
         f"torch threads {args.threads or 'default'}",
-        f"* budgets: PatchCore 1 epoch; STPM {args.stpm_epochs} epoch(s); DRAEM {args.draem_steps} "
-        f"optimizer steps at widths {args.draem_width[0]}/{args.draem_width[1]}",
+        f"* budgets: PatchCore and PaDiM 1 epoch; STPM {args.stpm_epochs} epoch(s); FastFlow "
+        f"{args.fastflow_epochs} epoch(s); DRAEM {args.draem_steps} optimizer steps at widths "
+        f"{args.draem_width[0]}/{args.draem_width[1]}",
         f"* command: `{command}`",
         "",
         "Metrics are ours (`callbacks/metrics.py`) on each side's raw scores and maps, against the "

@@ -45,8 +45,9 @@ def worker_specs(args: argparse.Namespace, root: str, category: str, train_paths
                 "image_size": args.image_size, "batch_size": args.batch_size,
                 "eval_batch_size": args.eval_batch_size, "num_workers": args.num_workers,
                 "seed": args.seed, "threads": args.threads, "accelerator": args.accelerator,
-                "stpm_epochs": args.stpm_epochs, "draem_steps": args.draem_steps,
-                "draem_width": list(args.draem_width), "stfpm_optimizer": args.stfpm_optimizer,
+                "stpm_epochs": args.stpm_epochs, "fastflow_epochs": args.fastflow_epochs,
+                "draem_steps": args.draem_steps, "draem_width": list(args.draem_width),
+                "stfpm_optimizer": args.stfpm_optimizer, "padim_subset": args.padim_subset,
                 "coreset_ratio": pair.coreset_ratio, "texture_root": args.texture_root,
                 "train_paths": train_paths, "test_paths": test_paths,
                 "our_class_path": class_path, "our_init_args": init_args,
@@ -143,10 +144,12 @@ def worker_main(argv: list[str]) -> int:
 def _trainer_kwargs(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
     """A plain Trainer for both sides: 32-bit, no logger, checkpoints, progress bar or validation."""
     kind = spec["kind"]
-    if kind == "patchcore":
+    if kind in ("patchcore", "padim"):  # one pass over the training images
         bounds = {"max_epochs": 1}
     elif kind == "stpm":
         bounds = {"max_epochs": spec["stpm_epochs"]}
+    elif kind == "fastflow":
+        bounds = {"max_epochs": spec["fastflow_epochs"]}
     else:
         bounds = {"max_epochs": -1, "max_steps": spec["draem_steps"]}
     return {
