@@ -23,10 +23,11 @@ from torch import Tensor
 
 from adbench.checkpoints import metadata, update_metadata
 
-from .intervals import BOOTSTRAP_METHOD, bootstrap_intervals
+from .intervals import BOOTSTRAP_METHOD, bootstrap_intervals, bootstrap_saturated_pro
 from .metrics import (
     IMAGE_METRICS,
     PIXEL_METRICS,
+    SPRO_METRICS,
     compute_anomaly_metrics,
     saturated_pro,
     segmentation_threshold,
@@ -357,6 +358,13 @@ class AnomalyEvaluator(Callback):
                     confidence_level=self.bootstrap["confidence_level"], fpr_limit=self.fpr_limit,
                     segmentation_threshold=threshold,
                 )
+                regions = self._saturation_areas(data, list(range(len(data["paths"]))))
+                if regions is not None:
+                    spro = bootstrap_saturated_pro(
+                        data["maps"], data["labels"], regions, n_resamples=self.bootstrap["n_resamples"],
+                        seed=self.bootstrap["seed"], confidence_level=self.bootstrap["confidence_level"],
+                    )
+                    extras["intervals"].update(zip(SPRO_METRICS, spro, strict=True))
         return metrics, extras
 
     def _subset_metrics(self, data: dict[str, Any], keep: list[int]) -> dict[str, float]:
@@ -366,15 +374,22 @@ class AnomalyEvaluator(Callback):
                                           fpr_limit=self.fpr_limit, segmentation_threshold=self.val_segmentation_threshold),
                 **self._saturated_pro(data, keep)}
 
+    def _saturation_areas(self, data: dict[str, Any], keep: list[int]) -> dict[int, list[Any]] | None:
+        """The defects and saturation areas of the images ``keep`` (row in ``keep`` -> defects), or
+        ``None`` for a dataset without them (sPRO is MVTec LOCO AD's)."""
+        if self._saturation_regions is None or data["maps"] is None:
+            return None
+        size = data["maps"].shape[-1]
+        return {row: self._saturation_regions(data["paths"][i], size)
+                for row, i in enumerate(keep) if data["labels"][i] == 1}  # fmt: skip
+
     def _saturated_pro(self, data: dict[str, Any], keep: list[int]) -> dict[str, float]:
         """MVTec LOCO AD's sPRO of the images ``keep`` (nothing for a dataset without saturation areas)."""
-        if self._saturation_regions is None or data["maps"] is None:
+        regions = self._saturation_areas(data, keep)
+        if regions is None:
             return {}
-        size = data["maps"].shape[-1]
-        regions = {row: self._saturation_regions(data["paths"][i], size)
-                   for row, i in enumerate(keep) if data["labels"][i] == 1}  # fmt: skip
         values = saturated_pro(data["maps"][keep], data["labels"][keep], regions)
-        return dict(zip(("spro_fpr05", "spro"), values, strict=True))
+        return dict(zip(SPRO_METRICS, values, strict=True))
 
     def _grouped_metrics(self, data: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
         """Per category (when there are several: the unified setting) and, when the dataset asks,

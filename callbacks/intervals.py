@@ -30,13 +30,14 @@ from .metrics import (
     _pixel_sweep,
     _pro_from,
     _region_weights,
+    _saturated_defects,
     _Sweep,
     _sweep,
     _threshold_counts,
     _to_numpy,
 )
 
-__all__ = ["BOOTSTRAP_MAX_THRESHOLDS", "BOOTSTRAP_METHOD", "bootstrap_intervals"]
+__all__ = ["BOOTSTRAP_MAX_THRESHOLDS", "BOOTSTRAP_METHOD", "bootstrap_intervals", "bootstrap_saturated_pro"]
 
 # --------------------------------------------------------------------------------------
 
@@ -68,9 +69,13 @@ class _PerImageCounts:
     which unthinned took several GB.
     """
 
-    def __init__(self, maps: np.ndarray, masks: np.ndarray, full: _Sweep,
-                 max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS) -> None:
-        n = maps.shape[0]
+    def __init__(self, full: _Sweep, negatives: list[np.ndarray],
+                 positives: dict[int, tuple[np.ndarray, np.ndarray, int]],
+                 max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS) -> None:  # fmt: skip
+        """``negatives[i]``: image ``i``'s negative pixel scores (empty where none count);
+        ``positives[i]``: an anomalous image's positive scores, their weights, and how many
+        defects those weights are shared out over (each defect's weights sum to 1)."""
+        n = len(negatives)
         keep = np.ones(full.thresholds.size, dtype=bool)
         if keep.size > max_thresholds:
             keep[:] = False
@@ -82,29 +87,38 @@ class _PerImageCounts:
         self.neg_ge = np.empty((n, g), dtype=np.float32)
         ties = []  # normal pixels equal to a threshold (counted in >= but not in >)
         self.neg_count = np.empty(n, dtype=np.float32)
-        for i in range(n):
-            neg = np.sort(maps[i][~masks[i]])
+        for i, negative in enumerate(negatives):
+            neg = np.sort(negative)
             below = np.searchsorted(neg, ascending, side="left")
             at_most = np.searchsorted(neg, ascending, side="right")
             self.neg_ge[i] = (neg.size - below)[::-1]
             ties.append(sparse.csr_matrix((at_most - below)[::-1].astype(np.float32)))
             self.neg_count[i] = neg.size
         self.neg_ties = sparse.vstack(ties, format="csr")
-        self.anomalous = np.flatnonzero(masks.any(axis=(1, 2)))
+        self.anomalous = np.array(sorted(positives), dtype=np.int64)
         self.pos_ge = np.empty((self.anomalous.size, g), dtype=np.float32)
         self.weight_ge = np.empty((self.anomalous.size, g), dtype=np.float32)
         self.pos_count = np.empty(self.anomalous.size, dtype=np.float32)
         self.regions = np.empty(self.anomalous.size, dtype=np.float32)
         for row, i in enumerate(self.anomalous):
-            weights, n_regions = _region_weights(masks[i][None])
-            positives = maps[i][masks[i]]
-            order = np.argsort(positives)
-            pos, weights = positives[order], weights[order]
+            scores, weights, n_regions = positives[int(i)]
+            order = np.argsort(scores)
+            pos, weights = scores[order], weights[order]
             below = np.searchsorted(pos, ascending, side="left")
             suffix = np.append(np.cumsum(weights[::-1])[::-1], 0.0)  # summed weight of pos[k:]
             self.pos_ge[row] = (pos.size - below)[::-1]
             self.weight_ge[row] = suffix[below][::-1]
             self.pos_count[row], self.regions[row] = pos.size, n_regions
+
+    @classmethod
+    def of_masks(cls, maps: np.ndarray, masks: np.ndarray, full: _Sweep,
+                 max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS) -> _PerImageCounts:  # fmt: skip
+        """PRO's counts: every pixel outside the masks is negative, each region weighs 1."""
+        positives = {}
+        for i in np.flatnonzero(masks.any(axis=(1, 2))):
+            weights, n_regions = _region_weights(masks[i][None])
+            positives[int(i)] = (maps[i][masks[i]], weights, n_regions)
+        return cls(full, [maps[i][~masks[i]] for i in range(maps.shape[0])], positives, max_thresholds)
 
     def sweeps(self, image_weights: np.ndarray) -> list[_Sweep]:
         """The sweep of each re-weighted category; ``image_weights`` is (R, N) multiplicities."""
@@ -161,7 +175,7 @@ def bootstrap_intervals(
             raise ValueError(f"{maps.shape[0]} anomaly maps but {scores.size} image scores")
         full = _pixel_sweep(maps, mask_array)
         if full is not None:
-            counts = _PerImageCounts(maps, mask_array, full, max_thresholds)
+            counts = _PerImageCounts.of_masks(maps, mask_array, full, max_thresholds)
             if not math.isnan(segmentation_threshold):
                 at_threshold = _threshold_counts(maps, mask_array, segmentation_threshold)
 
@@ -205,3 +219,55 @@ def bootstrap_intervals(
         else:
             intervals[key] = [float(low[k]), float(high[k])]
     return intervals
+
+
+def bootstrap_saturated_pro(
+    anomaly_maps: Any,
+    image_labels: Any,
+    regions: dict[int, list[tuple[np.ndarray, float]]],
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+    fpr_limits: tuple[float, ...] = (TIGHT_FPR_LIMIT, 0.3),
+    batch: int = 50,
+    max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS,
+) -> list[list[float]]:
+    """Bootstrap intervals ``[low, high]`` of :func:`~adbench.callbacks.metrics.saturated_pro` at each
+    FPR limit, on the same stratified resamples of the test images as :func:`bootstrap_intervals`
+    with the same ``seed``. A resampled image brings its defects, or its defect-free pixels, as
+    many times as it is drawn; each resample's sweep is re-weighted from per-image counts."""
+    labels = _as_bool(_to_numpy(image_labels).reshape(-1))
+    undefined = [[math.nan, math.nan] for _ in fpr_limits]
+    negatives, defects = _saturated_defects(anomaly_maps, labels, regions)
+    anomalous, good = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if not defects or negatives.size == 0 or anomalous.size < 2 or good.size < 2:
+        return undefined
+    maps = _to_numpy(anomaly_maps)
+    maps = maps[:, 0] if maps.ndim == 4 else maps
+    n_defects = sum(count for _, _, count in defects.values())
+    positives = np.concatenate([scores for scores, _, _ in defects.values()]).astype(negatives.dtype)
+    weights = np.concatenate([weights for _, weights, _ in defects.values()]) / n_defects
+    full = _sweep(np.sort(negatives), positives, weights)
+    empty = np.empty(0, dtype=maps.dtype)
+    counts = _PerImageCounts(full, [empty if labels[i] else maps[i].reshape(-1) for i in range(labels.size)],
+                             defects, max_thresholds)  # fmt: skip
+
+    def statistic(drawn_anomalous: np.ndarray, drawn_good: np.ndarray, axis: int = -1) -> np.ndarray:
+        drawn = np.concatenate((np.atleast_2d(drawn_anomalous), np.atleast_2d(drawn_good)), axis=1)
+        out = np.full((len(fpr_limits), drawn.shape[0]), np.nan)
+        for start in range(0, drawn.shape[0], batch):
+            rows = drawn[start : start + batch]
+            multiplicity = np.zeros((rows.shape[0], labels.size))
+            np.add.at(multiplicity, (np.arange(rows.shape[0])[:, None], rows), 1.0)
+            for r, sweep in enumerate(counts.sweeps(multiplicity), start=start):
+                if sweep.n_pos > 0:  # a resample without a defect has no sPRO
+                    out[:, r] = [_pro_from(sweep, limit) for limit in fpr_limits]
+        return out
+
+    result = stats.bootstrap(
+        (anomalous, good), statistic, n_resamples=n_resamples, confidence_level=confidence_level,
+        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
+    )
+    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
+    return [[math.nan, math.nan] if np.isnan(result.bootstrap_distribution[k]).any() else [float(low[k]), float(high[k])]
+            for k in range(len(fpr_limits))]  # fmt: skip

@@ -53,6 +53,8 @@ METRIC_LABELS = {
     "spro": "sPRO (MVTec LOCO AD, FPR <= 0.3)",
 }
 #: ADer's seven, whose mean is ``mad``.
+#: sPRO's keys (MVTec LOCO AD only), in the order of ``saturated_pro``'s default FPR limits.
+SPRO_METRICS = ("spro_fpr05", "spro")
 MAD_METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pro")
 #: The second AU-PRO limit, MVTec AD 2's (``pro_fpr05``), beside the protocol's ``fpr_limit`` (``pro``).
 TIGHT_FPR_LIMIT = 0.05
@@ -361,23 +363,38 @@ def saturated_pro(anomaly_maps: Any, labels: Any, regions: dict[int, list[tuple[
     the threshold passes it (``1 / saturation`` until the saturation area is reached, then 0).
     ``nan`` without a defect or a defect-free image.
     """
+    negatives, defects = _saturated_defects(anomaly_maps, labels, regions)
+    if not defects or negatives.size == 0:
+        return [math.nan] * len(fpr_limits)
+    n_defects = sum(count for _, _, count in defects.values())
+    positives = np.concatenate([scores for scores, _, _ in defects.values()]).astype(negatives.dtype)
+    weights = np.concatenate([weights for _, weights, _ in defects.values()]) / n_defects
+    sweep = _sweep(np.sort(negatives), positives, weights)
+    return [_pro_from(sweep, limit) for limit in fpr_limits]
+
+
+def _saturated_defects(anomaly_maps: Any, labels: Any, regions: dict[int, list[tuple[np.ndarray, float]]],
+                       ) -> tuple[np.ndarray, dict[int, tuple[np.ndarray, np.ndarray, int]]]:  # fmt: skip
+    """sPRO's inputs: the defect-free images' pixel scores, and per image with a defect its
+    defect pixels' scores, their saturated weights (each defect's sum to 1) and its defect count."""
     maps = _to_numpy(anomaly_maps)
     maps = maps[:, 0] if maps.ndim == 4 else maps
     good = ~_as_bool(_to_numpy(labels).reshape(-1))
-    defects = [(i, mask, saturation) for i, found in regions.items() for mask, saturation in found if mask.any()]
-    if not defects or not good.any():
-        return [math.nan] * len(fpr_limits)
-    negatives = np.sort(maps[good].reshape(-1))
-    positives, weights = [], []
-    for i, mask, saturation in defects:
-        scores = maps[i][mask]
-        saturation = min(float(saturation), float(scores.size))
-        rank = np.empty(scores.size)
-        rank[np.argsort(-scores, kind="stable")] = np.arange(1, scores.size + 1)  # 1 = the highest score
-        weights.append((np.minimum(rank, saturation) - np.minimum(rank - 1, saturation)) / saturation)
-        positives.append(scores)
-    sweep = _sweep(negatives, np.concatenate(positives).astype(negatives.dtype), np.concatenate(weights) / len(defects))
-    return [_pro_from(sweep, limit) for limit in fpr_limits]
+    defects: dict[int, tuple[np.ndarray, np.ndarray, int]] = {}
+    for i, found in regions.items():
+        scores, weights = [], []
+        for mask, saturation in found:
+            if not mask.any():
+                continue
+            values = maps[i][mask]
+            saturation = min(float(saturation), float(values.size))
+            rank = np.empty(values.size)
+            rank[np.argsort(-values, kind="stable")] = np.arange(1, values.size + 1)  # 1 = the highest score
+            weights.append((np.minimum(rank, saturation) - np.minimum(rank - 1, saturation)) / saturation)
+            scores.append(values)
+        if scores:
+            defects[i] = (np.concatenate(scores), np.concatenate(weights), len(scores))
+    return maps[good].reshape(-1), defects
 
 
 def pro_auc(anomaly_maps: Any, masks: Any, fpr_limit: float = 0.3) -> float:

@@ -151,7 +151,7 @@ def test_loco_saturation_regions_follow_defects_config(loco_root: Path) -> None:
 
 def test_loco_test_reports_spro_from_the_datamodule(loco_root: Path) -> None:
     data = _loco(loco_root, eval_batch_size=8)
-    evaluator = AnomalyEvaluator(bootstrap_resamples=0)
+    evaluator = AnomalyEvaluator(bootstrap_resamples=200)
     trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                       enable_model_summary=False, callbacks=[evaluator])  # fmt: skip
     model = _MeanIntensity()
@@ -164,6 +164,10 @@ def test_loco_test_reports_spro_from_the_datamodule(loco_root: Path) -> None:
     assert evaluator.test_metrics["spro_fpr05"] == pytest.approx(expected[0], abs=1e-6)
     assert evaluator.test_metrics["spro"] == pytest.approx(expected[1], abs=1e-6)
     assert 0.0 <= expected[0] <= 1.0 and expected[1] != evaluator.test_metrics["pro"]
+    # Intervals like every metric's, on the same resamples as the others'.
+    for key in ("spro_fpr05", "spro"):
+        low, high = evaluator.test_intervals[key]
+        assert low <= evaluator.test_metrics[key] <= high and high - low > 0
     # Per anomaly type too (that type's defects against the good images).
     assert "spro" in evaluator.test_metrics_by_defect_type["breakfast_box/logical_anomalies"]
 

@@ -52,7 +52,7 @@ def test_reweighted_sweep_is_the_sweep_of_the_resampled_category(quantised: bool
     scores, labels, maps, masks = _category(12, 10)
     if quantised:  # heavy ties between normal and anomalous pixels (maps saved as few levels)
         maps = np.round(maps * 2) / 2
-    counts = I._PerImageCounts(maps, masks, M._pixel_sweep(maps, masks))
+    counts = I._PerImageCounts.of_masks(maps, masks, M._pixel_sweep(maps, masks))
     drawn = np.r_[np.arange(22), 3, 15, 15, 21]  # images 3, 15 (twice) and 21 drawn again; none left out
     for index in (np.arange(22), drawn, np.r_[0, 0, 5, 12, 12, 13, 19]):
         weights = np.bincount(index, minlength=22)[None].astype(float)
@@ -77,6 +77,47 @@ def test_image_interval_equals_scipy_bootstrap_of_sklearn_auroc() -> None:
     ).confidence_interval
     assert ours["image_auroc"] == pytest.approx([reference.low, reference.high], abs=1e-12)
     assert set(ours) == {"image_auroc", "image_f1max", "image_ap"}
+
+
+def _saturation_regions(masks: np.ndarray, labels: np.ndarray, seed: int) -> dict:
+    """Each blob a defect with a random saturation area, plus an overlapping 'logical' defect."""
+    rng = np.random.default_rng(seed)
+    regions = {}
+    for i in np.flatnonzero(labels):
+        logical = np.zeros_like(masks[i])
+        logical[4:12, 5:20] = True
+        regions[int(i)] = [
+            (masks[i], float(rng.choice([3.0, 0.5 * masks[i].sum(), 1e6]))),
+            (logical, 30.0),
+        ]
+    return regions
+
+
+def test_spro_interval_equals_scipy_bootstrap_of_brute_force_resamples() -> None:
+    _, labels, maps, masks = _category(9, 8, seed=3)
+    regions = _saturation_regions(masks, labels, seed=3)
+
+    def resampled_spro(anomalous: np.ndarray, good: np.ndarray) -> np.ndarray:
+        index = np.r_[anomalous, good].astype(
+            int
+        )  # the images drawn, repeats included, as their own copies
+        copies = {row: regions[i] for row, i in enumerate(index) if i in regions}
+        return np.array(M.saturated_pro(maps[index], labels[index], copies))
+
+    reference = stats.bootstrap(
+        (np.flatnonzero(labels), np.flatnonzero(labels == 0)),
+        resampled_spro,
+        n_resamples=60,
+        method="percentile",
+        vectorized=False,
+        random_state=np.random.default_rng(5),
+    ).confidence_interval
+    ours = I.bootstrap_saturated_pro(maps, labels, regions, n_resamples=60, seed=5)
+    assert np.array(ours) == pytest.approx(np.c_[reference.low, reference.high], abs=1e-6)
+    point = M.saturated_pro(maps, labels, regions)
+    assert all(low <= value <= high for (low, high), value in zip(ours, point, strict=True))
+    assert ours[0][1] - ours[0][0] > 0.01  # a real spread, not a degenerate interval
+    assert all(math.isnan(v) for pair in I.bootstrap_saturated_pro(maps, labels, {}) for v in pair)
 
 
 @pytest.mark.slow
@@ -116,8 +157,8 @@ def test_thinned_pixel_sweep_bounds_memory_and_barely_moves_the_intervals() -> N
         masks[i, top : top + 30, left : left + 25] = True
         maps[i][masks[i]] += 1.0
     full = M._pixel_sweep(maps, masks)
-    exact_counts = I._PerImageCounts(maps, masks, full, max_thresholds=10**9)
-    thinned_counts = I._PerImageCounts(maps, masks, full, max_thresholds=500)
+    exact_counts = I._PerImageCounts.of_masks(maps, masks, full, max_thresholds=10**9)
+    thinned_counts = I._PerImageCounts.of_masks(maps, masks, full, max_thresholds=500)
     assert exact_counts.thresholds.size > 1000 and thinned_counts.thresholds.size <= 500
     assert thinned_counts.thresholds[0] == exact_counts.thresholds[0]
     assert thinned_counts.thresholds[-1] == exact_counts.thresholds[-1]
