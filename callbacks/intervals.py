@@ -9,6 +9,7 @@ its pixel sweep re-weighted from per-image counts instead of sorting its pixels 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,8 @@ from .metrics import (
     _to_numpy,
 )
 
-__all__ = ["BOOTSTRAP_MAX_THRESHOLDS", "BOOTSTRAP_METHOD", "bootstrap_intervals", "bootstrap_saturated_pro"]
+__all__ = ["BOOTSTRAP_MAX_THRESHOLDS", "BOOTSTRAP_METHOD", "bootstrap_intervals", "bootstrap_saturated_pro",
+           "paired_bootstrap_deltas"]
 
 # --------------------------------------------------------------------------------------
 
@@ -136,38 +138,13 @@ class _PerImageCounts:
         ]
 
 
-def bootstrap_intervals(
-    image_scores: Any,
-    image_labels: Any,
-    anomaly_maps: Any | None = None,
-    masks: Any | None = None,
-    n_resamples: int = 1000,
-    confidence_level: float = 0.95,
-    seed: int = 0,
-    fpr_limit: float = 0.3,
-    batch: int = 50,
-    max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS,
-    segmentation_threshold: float = math.nan,
-) -> dict[str, list[float]]:
-    """Bootstrap confidence intervals ``[low, high]`` of every metric of one category.
-
-    The test images are resampled with replacement, anomalous and good ones separately
-    (the split's class balance is part of its design), ``n_resamples`` times from
-    ``numpy.random.default_rng(seed)``; image and pixel metrics are read off the same
-    resamples (mAD from each resample's seven). A metric that is undefined on the full data
-    gets ``[nan, nan]``. Same resamples as ``scipy.stats.bootstrap((anomalous_scores,
-    good_scores), ..., random_state=default_rng(seed), method="percentile")``.
-    """
-    _check_fpr_limit(fpr_limit)
-    scores = _to_numpy(image_scores).reshape(-1).astype(np.float64)
-    labels = _as_bool(_to_numpy(image_labels).reshape(-1))
-    keys = [*IMAGE_METRICS] + ([*PIXEL_METRICS] if anomaly_maps is not None else [])
-    undefined = {k: [math.nan, math.nan] for k in keys}
-    if scores.shape != labels.shape:
-        raise ValueError(f"{scores.shape[0]} scores but {labels.shape[0]} labels")
-    anomalous, good = np.flatnonzero(labels), np.flatnonzero(~labels)
-    if anomalous.size < 2 or good.size < 2 or np.isnan(scores).any():
-        return undefined
+def _resampled_metrics(
+    scores: np.ndarray, labels: np.ndarray, anomaly_maps: Any | None, masks: Any | None,
+    fpr_limit: float, batch: int, max_thresholds: int, segmentation_threshold: float,
+) -> tuple[list[str], Callable[..., np.ndarray]]:  # fmt: skip
+    """Every metric's key, and the statistic ``(drawn_anomalous, drawn_good) -> (K, R)`` that
+    scores each resample of test-image indices by the same sweeps as the point metrics."""
+    keys = _metric_keys(anomaly_maps)
     counts, at_threshold = None, None
     if anomaly_maps is not None:
         maps, mask_array = _pixel_inputs(anomaly_maps, masks)
@@ -206,19 +183,104 @@ def bootstrap_intervals(
                         out[row[key], r] = value
         return out
 
+    return keys, statistic
+
+
+def _metric_keys(anomaly_maps: Any | None) -> list[str]:
+    return [*IMAGE_METRICS] + ([*PIXEL_METRICS] if anomaly_maps is not None else [])
+
+
+def _labelled_scores(image_scores: Any, image_labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    scores = _to_numpy(image_scores).reshape(-1).astype(np.float64)
+    labels = _as_bool(_to_numpy(image_labels).reshape(-1))
+    if scores.shape != labels.shape:
+        raise ValueError(f"{scores.shape[0]} scores but {labels.shape[0]} labels")
+    return scores, labels
+
+
+def _percentile_intervals(keys: list[Any], result: Any) -> dict[Any, list[float]]:
+    """``scipy.stats.bootstrap``'s intervals per key; ``[nan, nan]`` where a resample was undefined."""
+    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
+    return {key: [math.nan, math.nan] if np.isnan(result.bootstrap_distribution[k]).any()
+            else [float(low[k]), float(high[k])] for k, key in enumerate(keys)}  # fmt: skip
+
+
+def bootstrap_intervals(
+    image_scores: Any,
+    image_labels: Any,
+    anomaly_maps: Any | None = None,
+    masks: Any | None = None,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+    fpr_limit: float = 0.3,
+    batch: int = 50,
+    max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS,
+    segmentation_threshold: float = math.nan,
+) -> dict[str, list[float]]:
+    """Bootstrap confidence intervals ``[low, high]`` of every metric of one category.
+
+    The test images are resampled with replacement, anomalous and good ones separately
+    (the split's class balance is part of its design), ``n_resamples`` times from
+    ``numpy.random.default_rng(seed)``; image and pixel metrics are read off the same
+    resamples (mAD from each resample's seven). A metric that is undefined on the full data
+    gets ``[nan, nan]``. Same resamples as ``scipy.stats.bootstrap((anomalous_scores,
+    good_scores), ..., random_state=default_rng(seed), method="percentile")``.
+    """
+    _check_fpr_limit(fpr_limit)
+    scores, labels = _labelled_scores(image_scores, image_labels)
+    anomalous, good = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if anomalous.size < 2 or good.size < 2 or np.isnan(scores).any():
+        return {k: [math.nan, math.nan] for k in _metric_keys(anomaly_maps)}
+    keys, statistic = _resampled_metrics(scores, labels, anomaly_maps, masks, fpr_limit, batch,
+                                         max_thresholds, segmentation_threshold)  # fmt: skip
     result = stats.bootstrap(
         (anomalous, good), statistic, n_resamples=n_resamples, confidence_level=confidence_level,
         method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
     )
-    distribution = result.bootstrap_distribution
-    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
-    intervals = {}
-    for k, key in enumerate(keys):
-        if np.isnan(distribution[k]).any():
-            intervals[key] = [math.nan, math.nan]
-        else:
-            intervals[key] = [float(low[k]), float(high[k])]
-    return intervals
+    return _percentile_intervals(keys, result)
+
+
+def paired_bootstrap_deltas(
+    scores_a: Any,
+    scores_b: Any,
+    image_labels: Any,
+    maps_a: Any | None = None,
+    maps_b: Any | None = None,
+    masks: Any | None = None,
+    n_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    seed: int = 0,
+    fpr_limit: float = 0.3,
+    batch: int = 50,
+    max_thresholds: int = BOOTSTRAP_MAX_THRESHOLDS,
+) -> dict[str, list[float]]:
+    """Intervals ``[low, high]`` of every metric's difference ``a - b`` between two methods
+    scored on the same test images: each resample draws the images once and scores both
+    methods on them (the same stratified resamples as :func:`bootstrap_intervals`), so what
+    the two share (a hard image, an easy one) cancels out of the difference."""
+    _check_fpr_limit(fpr_limit)
+    a, labels = _labelled_scores(scores_a, image_labels)
+    b, _ = _labelled_scores(scores_b, image_labels)
+    if (maps_a is None) != (maps_b is None):
+        raise ValueError("give both methods' anomaly maps, or neither")
+    keys = _metric_keys(maps_a)
+    rows = [k for k, key in enumerate(keys) if key != "seg_f1"]  # no threshold for either side here
+    keys = [keys[k] for k in rows]
+    anomalous, good = np.flatnonzero(labels), np.flatnonzero(~labels)
+    if anomalous.size < 2 or good.size < 2 or np.isnan(a).any() or np.isnan(b).any():
+        return {k: [math.nan, math.nan] for k in keys}
+    _, statistic_a = _resampled_metrics(a, labels, maps_a, masks, fpr_limit, batch, max_thresholds, math.nan)
+    _, statistic_b = _resampled_metrics(b, labels, maps_b, masks, fpr_limit, batch, max_thresholds, math.nan)
+
+    def difference(drawn_anomalous: np.ndarray, drawn_good: np.ndarray, axis: int = -1) -> np.ndarray:
+        return (statistic_a(drawn_anomalous, drawn_good) - statistic_b(drawn_anomalous, drawn_good))[rows]
+
+    result = stats.bootstrap(
+        (anomalous, good), difference, n_resamples=n_resamples, confidence_level=confidence_level,
+        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
+    )
+    return _percentile_intervals(keys, result)
 
 
 def bootstrap_saturated_pro(
@@ -268,6 +330,4 @@ def bootstrap_saturated_pro(
         (anomalous, good), statistic, n_resamples=n_resamples, confidence_level=confidence_level,
         method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
     )
-    low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
-    return [[math.nan, math.nan] if np.isnan(result.bootstrap_distribution[k]).any() else [float(low[k]), float(high[k])]
-            for k in range(len(fpr_limits))]  # fmt: skip
+    return list(_percentile_intervals(list(range(len(fpr_limits))), result).values())

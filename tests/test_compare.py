@@ -36,8 +36,18 @@ from adbench.benchmark.compare.pairs import (
     our_init_args,
     require_anomalib,
 )
-from adbench.benchmark.compare.report import build_table, format_table, table_markdown
-from adbench.benchmark.compare.scoring import load_ground_truth, metrics_from_predictions
+from adbench.benchmark.compare.report import (
+    build_table,
+    deltas_markdown,
+    format_table,
+    table_markdown,
+)
+from adbench.benchmark.compare.scoring import (
+    DELTA_KEYS,
+    deltas_from_predictions,
+    load_ground_truth,
+    metrics_from_predictions,
+)
 from adbench.benchmark.compare.worker import _trainer_kwargs, worker_specs
 from adbench.datamodules.base import AnomalyDataset
 from adbench.datamodules.mvtec import list_test_samples
@@ -148,6 +158,25 @@ def test_metrics_use_our_ground_truth_matched_by_path(embedded_root: Path, tmp_p
              maps=np.zeros((9, 32, 32), np.float32))  # fmt: skip
     with pytest.raises(CompareError, match="1 missing"):
         metrics_from_predictions(file, truth)
+
+
+def test_paired_deltas_of_two_sides_and_their_verdicts(embedded_root: Path, tmp_path: Path) -> None:
+    truth = load_ground_truth(str(embedded_root), "weave", 32, _test_paths(embedded_root, 16))
+    rng = np.random.default_rng(0)
+    perfect, noisy = tmp_path / "perfect.npz", tmp_path / "noisy.npz"
+    np.savez(perfect, paths=np.array(truth.paths), scores=truth.labels.astype(np.float32),
+             maps=truth.masks.astype(np.float32))  # fmt: skip
+    np.savez(noisy, paths=np.array(truth.paths), scores=(truth.labels + rng.normal(0, 0.8, len(truth.paths))).astype(np.float32),
+             maps=(truth.masks + rng.normal(0, 0.8, truth.masks.shape)).astype(np.float32))  # fmt: skip
+    deltas = deltas_from_predictions(perfect, noisy, truth, n_resamples=100)
+    assert set(deltas) == set(DELTA_KEYS)
+    noisy_metrics = metrics_from_predictions(noisy, truth)
+    for key, d in deltas.items():  # perfect - noisy: positive, and the point inside its interval
+        assert d["delta"] == pytest.approx(1.0 - noisy_metrics[key], abs=1e-9)
+        assert d["delta"] > 0 and d["low"] <= d["delta"] <= d["high"]
+    assert deltas_from_predictions(noisy, noisy, truth, n_resamples=20)["pixel_ap"] == {"delta": 0.0, "low": 0.0, "high": 0.0}
+    text = deltas_markdown({"padim": deltas, "fastflow": deltas_from_predictions(noisy, perfect, truth, n_resamples=100)})
+    assert text.count("yes, better") == len(DELTA_KEYS) and text.count("**no**, worse") == len(DELTA_KEYS)
 
 
 def test_restricting_our_dataset_keeps_the_chosen_images(embedded_root: Path) -> None:

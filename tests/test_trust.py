@@ -120,6 +120,36 @@ def test_spro_interval_equals_scipy_bootstrap_of_brute_force_resamples() -> None
     assert all(math.isnan(v) for pair in I.bootstrap_saturated_pro(maps, labels, {}) for v in pair)
 
 
+def test_paired_deltas_equal_scipy_bootstrap_of_both_methods_on_the_same_resamples() -> None:
+    scores, labels, maps, masks = _category(10, 8, seed=4)
+    rng = np.random.default_rng(4)
+    # b: a's maps and scores with noise of its own, so the two share each image's difficulty
+    scores_b, maps_b = scores + rng.normal(0, 0.4, scores.size), maps + rng.normal(0, 0.6, maps.shape).astype(np.float32)
+    keys = ("image_auroc", "image_ap", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05", "mad")
+
+    def brute_force(anomalous: np.ndarray, good: np.ndarray) -> np.ndarray:
+        index = np.r_[anomalous, good].astype(int)
+        a = M.compute_anomaly_metrics(scores[index], labels[index], maps[index], masks[index])
+        b = M.compute_anomaly_metrics(scores_b[index], labels[index], maps_b[index], masks[index])
+        return np.array([a[k] - b[k] for k in keys])
+
+    reference = stats.bootstrap(
+        (np.flatnonzero(labels), np.flatnonzero(labels == 0)), brute_force, n_resamples=40,
+        method="percentile", vectorized=False, random_state=np.random.default_rng(9),
+    ).confidence_interval
+    ours = I.paired_bootstrap_deltas(scores, scores_b, labels, maps, maps_b, masks, n_resamples=40, seed=9)
+    assert np.array([ours[k] for k in keys]) == pytest.approx(np.c_[reference.low, reference.high], abs=1e-6)
+    assert "seg_f1" not in ours
+    # Pairing removes what the two share: the difference's interval is narrower than either method's own.
+    own = I.bootstrap_intervals(scores, labels, maps, masks, n_resamples=200, seed=9)["pixel_auroc"]
+    paired = I.paired_bootstrap_deltas(scores, scores_b, labels, maps, maps_b, masks, n_resamples=200, seed=9)
+    assert paired["pixel_auroc"][1] - paired["pixel_auroc"][0] < own[1] - own[0]
+    same = I.paired_bootstrap_deltas(scores, scores, labels, maps, maps, masks, n_resamples=50)
+    assert all(v == 0.0 for k in keys for v in same[k])
+    with pytest.raises(ValueError, match="both methods"):
+        I.paired_bootstrap_deltas(scores, scores_b, labels, maps, None, masks)
+
+
 @pytest.mark.slow
 def test_interval_coverage_is_near_95_percent() -> None:
     """Binormal scores with a known AUROC: the interval should hold it in about 95 % of samples."""

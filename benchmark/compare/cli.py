@@ -15,7 +15,12 @@ from typing import Any
 from .offline_weights import DEFAULT_HF_CACHE, offline_hf_env, write_timm_hf_cache
 from .pairs import METHODS, SIDES, CompareError, require_anomalib
 from .report import build_table, markdown_report, table_markdown
-from .scoring import GroundTruth, load_ground_truth, metrics_from_predictions
+from .scoring import (
+    GroundTruth,
+    deltas_from_predictions,
+    load_ground_truth,
+    metrics_from_predictions,
+)
 from .worker import json_default, run_worker_process, worker_main, worker_specs
 
 # --------------------------------------------------------------------------- arguments
@@ -113,6 +118,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out-dir", help="default results/compare (results/compare/smoke with --quick-smoke)"
     )
+    parser.add_argument("--report-only", action="store_true",
+                        help="rebuild compare.md/.csv from the runs already in --out-dir (no training)")
+    parser.add_argument("--bootstrap-resamples", type=_positive_int, default=1000,
+                        help="paired bootstrap resamples of the metric differences (default 1000)")
     parser.add_argument("--quick-smoke", action="store_true",
                         help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM and 1 FastFlow "
                         "epoch, 2 DRAEM steps at widths 16,16, 1 thread (explicit options still win)")  # fmt: skip
@@ -214,6 +223,37 @@ def _run(spec: dict[str, Any], plan: _Plan, timeout: float | None, label: str) -
     return record
 
 
+def _previous_results(run_dir: Path, plan: _Plan) -> list[dict[str, Any]]:
+    """The worker records of an earlier run (``--report-only``), rescored by today's metrics."""
+    path = run_dir / "all_results.json"
+    if not path.is_file():
+        raise CompareError(f"--report-only: no earlier run in {run_dir} ({path.name} is missing)")
+    predictions = _predictions(plan)
+    results = [r for r in json.loads(path.read_text()) if (r["method"], r["side"]) in predictions]
+    for record in results:
+        if record.get("status") == "ok":
+            record["metrics"] = metrics_from_predictions(predictions[record["method"], record["side"]], plan.truth)
+    return results
+
+
+def _predictions(plan: _Plan) -> dict[tuple[str, str], str]:
+    return {(spec["method"], spec["side"]): spec["predictions"] for spec in plan.specs}
+
+
+def _paired_deltas(results: list[dict[str, Any]], plan: _Plan,
+                   args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:  # fmt: skip
+    """Per method whose two sides both ran: ours - anomalib per metric with its paired interval."""
+    ok, predictions = {(r["method"], r["side"]) for r in results if r.get("status") == "ok"}, _predictions(plan)
+    deltas = {}
+    for method in dict.fromkeys(r["method"] for r in results):
+        if {(method, "ours"), (method, "anomalib")} <= ok:
+            print(f"[compare] {method}: paired bootstrap of ours - anomalib ({args.bootstrap_resamples} resamples)",
+                  flush=True)  # fmt: skip
+            deltas[method] = deltas_from_predictions(predictions[method, "ours"], predictions[method, "anomalib"],
+                                                     plan.truth, args.bootstrap_resamples, args.seed)  # fmt: skip
+    return deltas
+
+
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
@@ -233,14 +273,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[compare] {plan.root} / {plan.category}: {len(plan.train_paths)} train, "
           f"{len(plan.test_paths)} test images, {args.image_size} px; {len(specs)} run(s), "
           f"one process each -> {out_dir}")  # fmt: skip
-    results = [_run(spec, plan, args.timeout, f"({i}/{len(specs)}) {spec['method']} / {spec['side']}:")
-               for i, spec in enumerate(specs, 1)]  # fmt: skip
+    if args.report_only:
+        results = _previous_results(run_dir, plan)
+    else:
+        results = [_run(spec, plan, args.timeout, f"({i}/{len(specs)}) {spec['method']} / {spec['side']}:")
+                   for i, spec in enumerate(specs, 1)]  # fmt: skip
+    deltas = _paired_deltas(results, plan, args)
 
     table = build_table(results)
     out_dir.mkdir(parents=True, exist_ok=True)
     table.drop(columns=["key"]).to_csv(out_dir / "compare.csv", index=False)
     report = markdown_report(table, results, args, plan.root, plan.category,
-                             len(plan.train_paths), len(plan.test_paths), command)  # fmt: skip
+                             len(plan.train_paths), len(plan.test_paths), command, deltas)  # fmt: skip
     (out_dir / "compare.md").write_text(report)
     (run_dir / "all_results.json").write_text(json.dumps(results, indent=2, default=json_default))
     print()

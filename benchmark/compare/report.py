@@ -131,14 +131,37 @@ def machine_description() -> dict[str, str]:
     return info
 
 
+def deltas_markdown(deltas: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Ours - anomalib per metric, its paired interval, and whether ours is at least as good."""
+    from adbench.callbacks.metrics import METRIC_LABELS
+
+    rows = ["| method | metric | ours - anomalib | 95 % interval | ours at least as good? |", "|---|---|---|---|---|"]
+    for method, by_metric in deltas.items():
+        for key, d in by_metric.items():
+            if math.isnan(d["low"]):
+                verdict = "n/a"
+            elif d["low"] > 0:
+                verdict = "yes, better"
+            elif d["high"] >= 0:
+                verdict = "yes, within the interval"
+            else:
+                verdict = "**no**, worse"
+            rows.append(f"| {method} | {METRIC_LABELS[key]} | {d['delta']:+.4f} | "
+                        f"[{d['low']:+.4f}, {d['high']:+.4f}] | {verdict} |")  # fmt: skip
+    return "\n".join(rows)
+
+
 def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Namespace, root: str,
-                    category: str, n_train: int, n_test: int, command: str) -> str:  # fmt: skip
+                    category: str, n_train: int, n_test: int, command: str,
+                    deltas: dict[str, dict[str, dict[str, float]]] | None = None) -> str:  # fmt: skip
     """``compare.md``: date, machine, software, data, budgets, command, the table, each run's notes."""
     machine = machine_description()
     lines = [
         f"# adbench vs anomalib {machine.get('anomalib')}: {category}",
         "",
-        f"* date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+        f"* date: {_dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}"
+        + (" (report rebuilt with `--report-only` from the earlier runs' predictions and records; "
+           "the speed figures are those runs')" if getattr(args, "report_only", False) else ""),
         f"* machine: {machine['cpu']}, {machine['cpu_cores']} CPU cores, {machine.get('memory', '?')} RAM"
         + (f", GPU {machine['gpu']}" if "gpu" in machine else ", no GPU"),
         f"* software: Python {machine['python']}, torch {machine['torch']}, lightning {machine['lightning']}, "
@@ -157,6 +180,20 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
         "",
         table_markdown(table, results),
         "",
+    ]
+    if deltas:
+        lines += [
+            "## Metric differences, ours - anomalib",
+            "",
+            f"Paired bootstrap over the {n_test} test images ({args.bootstrap_resamples} resamples, stratified "
+            f"by label, seed {args.seed}): each resample draws the images once and scores both sides on them "
+            "(`callbacks/intervals.py`, `paired_bootstrap_deltas`). Ours is at least as good where the "
+            "interval reaches 0 or above.",
+            "",
+            deltas_markdown(deltas),
+            "",
+        ]
+    lines += [
         "## Settings and checks per run",
         "",
     ]

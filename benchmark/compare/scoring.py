@@ -39,13 +39,15 @@ def load_ground_truth(
     return GroundTruth([os.path.realpath(s.image_path) for s in samples], labels, masks)
 
 
-def metrics_from_predictions(predictions: str | Path, truth: GroundTruth) -> dict[str, float]:
-    """Our metrics of one run's raw predictions (``.npz`` from a worker) against ``truth``."""
+#: The metrics whose ours - anomalib difference gets a paired bootstrap interval.
+DELTA_KEYS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pro", "pro_fpr05")
+
+
+def aligned_predictions(predictions: str | Path, truth: GroundTruth) -> tuple[Any, Any]:
+    """One run's raw image scores and maps (``.npz`` from a worker), in ``truth``'s image order."""
     import numpy as np
     import torch
     import torch.nn.functional as F
-
-    from adbench.callbacks.metrics import compute_anomaly_metrics
 
     data = np.load(predictions)
     index = {os.path.realpath(str(p)): i for i, p in enumerate(data["paths"])}
@@ -61,4 +63,28 @@ def metrics_from_predictions(predictions: str | Path, truth: GroundTruth) -> dic
     if maps.shape[-2:] != truth.masks.shape[-2:]:  # not expected: both sides predict at image_size
         maps = F.interpolate(torch.from_numpy(maps)[:, None], size=truth.masks.shape[-2:],
                              mode="bilinear", align_corners=False)[:, 0].numpy()  # fmt: skip
+    return scores, maps
+
+
+def metrics_from_predictions(predictions: str | Path, truth: GroundTruth) -> dict[str, float]:
+    """Our metrics of one run's raw predictions (``.npz`` from a worker) against ``truth``."""
+    from adbench.callbacks.metrics import compute_anomaly_metrics
+
+    scores, maps = aligned_predictions(predictions, truth)
     return compute_anomaly_metrics(scores, truth.labels, maps, truth.masks)
+
+
+def deltas_from_predictions(ours: str | Path, theirs: str | Path, truth: GroundTruth,
+                            n_resamples: int = 1000, seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per metric of :data:`DELTA_KEYS`: ``delta`` (ours - anomalib) and its paired bootstrap
+    interval ``low``, ``high`` (the test images resampled once per draw for both sides)."""
+    from adbench.callbacks.intervals import paired_bootstrap_deltas
+    from adbench.callbacks.metrics import compute_anomaly_metrics
+
+    (scores_a, maps_a), (scores_b, maps_b) = aligned_predictions(ours, truth), aligned_predictions(theirs, truth)
+    point_a = compute_anomaly_metrics(scores_a, truth.labels, maps_a, truth.masks)
+    point_b = compute_anomaly_metrics(scores_b, truth.labels, maps_b, truth.masks)
+    intervals = paired_bootstrap_deltas(scores_a, scores_b, truth.labels, maps_a, maps_b, truth.masks,
+                                        n_resamples=n_resamples, seed=seed)  # fmt: skip
+    return {key: {"delta": point_a[key] - point_b[key], "low": intervals[key][0], "high": intervals[key][1]}
+            for key in DELTA_KEYS}  # fmt: skip
