@@ -177,6 +177,8 @@ def test_paired_deltas_of_two_sides_and_their_verdicts(embedded_root: Path, tmp_
     assert deltas_from_predictions(noisy, noisy, truth, n_resamples=20)["pixel_ap"] == {"delta": 0.0, "low": 0.0, "high": 0.0}
     text = deltas_markdown({"padim": deltas, "fastflow": deltas_from_predictions(noisy, perfect, truth, n_resamples=100)})
     assert text.count("yes, better") == len(DELTA_KEYS) and text.count("**no**, worse") == len(DELTA_KEYS)
+    rounding = {"pixel_auroc": {"delta": -2e-7, "low": -3e-7, "high": -1e-7}}
+    assert "yes, equal" in deltas_markdown({"padim": rounding})
 
 
 def test_restricting_our_dataset_keeps_the_chosen_images(embedded_root: Path) -> None:

@@ -30,6 +30,8 @@ ROWS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
     ("pro", "PRO (FPR <= 0.3)", "higher", None),
 )
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pro")
+#: A difference whose whole interval is this close to 0 is float rounding: the two sides are equal.
+EQUAL_WITHIN = 1e-4
 
 
 def _value(result: dict[str, Any] | None, key: str) -> float:
@@ -140,6 +142,8 @@ def deltas_markdown(deltas: dict[str, dict[str, dict[str, float]]]) -> str:
         for key, d in by_metric.items():
             if math.isnan(d["low"]):
                 verdict = "n/a"
+            elif max(abs(d["low"]), abs(d["high"])) < EQUAL_WITHIN:
+                verdict = "yes, equal"
             elif d["low"] > 0:
                 verdict = "yes, better"
             elif d["high"] >= 0:
@@ -188,7 +192,7 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
             f"Paired bootstrap over the {n_test} test images ({args.bootstrap_resamples} resamples, stratified "
             f"by label, seed {args.seed}): each resample draws the images once and scores both sides on them "
             "(`callbacks/intervals.py`, `paired_bootstrap_deltas`). Ours is at least as good where the "
-            "interval reaches 0 or above.",
+            "interval reaches 0 or above; equal where the whole interval is within 1e-4 of 0 (float rounding).",
             "",
             deltas_markdown(deltas),
             "",
