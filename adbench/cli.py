@@ -43,6 +43,7 @@ from adbench import datamodules, models
 from adbench.callbacks.allocator import ReuseFreedMemory
 from adbench.callbacks.evaluation import SELECTION_MONITOR, AnomalyEvaluator
 from adbench.callbacks.guards import LossHistory, NonFiniteLossGuard
+from adbench.callbacks.pixel_histograms import PixelHistograms
 from adbench.callbacks.timing import TimingCallback
 from adbench.callbacks.visualization import AnomalyMapVisualizer
 from adbench.checkpoints import check_not_legacy
@@ -134,7 +135,7 @@ def set_aside_earlier_fit(checkpoints: Path) -> Path | None:
 def protocol_callbacks() -> list[Callback]:
     """What every run gets, CLI or sweep job: one definition of the protocol."""
     return [AnomalyEvaluator(), NonFiniteLossGuard(), LossHistory(), TimingCallback(), AnomalyMapVisualizer(),
-            ReuseFreedMemory(), SelectionCheckpoint()]
+            PixelHistograms(), ReuseFreedMemory(), SelectionCheckpoint()]
 
 
 def _registered_class(name: str) -> type[AnomalyModule] | None:

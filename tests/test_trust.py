@@ -288,7 +288,7 @@ def test_leaderboard_is_honest_about_failures_commits_staleness_and_other_sweeps
     image = tables["image_auroc"]
     assert list(image.index) == ["patchcore (quick)", "stpm (quick)", "draem (quick)"], "sorted, incomplete last"
     assert pd.isna(image.at["draem (quick)", "mean"]) and not image.at["draem (quick)", "complete"]
-    assert "n/a (6 of 9); partial:" in markdown
+    assert "n/a (6 of 9) partial" in markdown
     assert image.at["stpm (quick)", "mean"] == pytest.approx(
         pd.read_csv(results / "runs.csv").query("method == 'stpm'").image_auroc.mean())
     assert "records from different commits" in markdown and "aaaaaaaaaa (26 jobs), bbbbbbbbbb (1 jobs)" in markdown
@@ -298,22 +298,27 @@ def test_leaderboard_is_honest_about_failures_commits_staleness_and_other_sweeps
     assert "## Failed jobs" in markdown and "injected" in markdown
     assert " [" in markdown.split("## Image AUROC (%)")[1].split("##")[0], "intervals in the cells"
 
-    # draem misses a block: tested pairwise without it, and no Friedman test over two methods.
+    # One note per row instead of a tag in every cell; three categories are too few blocks for a test across them.
+    table = [line for line in markdown.split("## Image AUROC (%)")[1].split("##")[0].splitlines() if line.startswith("|")]
+    assert len(table) == 5 and not any("stale" in line or "(!)" in line for line in table), table
+    assert "patchcore (quick): 1 of 9 records stale" in markdown
     significance = markdown.split("## Significance")[1]
-    assert "not tested (a block missing): draem (quick)" in significance
-    assert "Friedman test and critical-difference diagram not drawn: needs >= 3 methods" in significance
+    assert "Wilcoxon signed-rank test not run: needs >= 6 categories as blocks, has 3" in significance
 
 
-def test_three_methods_over_the_embedded_categories_and_three_seeds_get_wilcoxon_and_cd(
-    tmp_path: Path, embedded_root: Path
-) -> None:
+def test_six_categories_are_the_blocks_of_wilcoxon_and_cd_and_seeds_never_are(tmp_path: Path) -> None:
+    root = tmp_path / "mvtec"
+    categories = ["bottle", "cable", "capsule", "carpet", "grid", "hazelnut"]
+    for category in categories:
+        (root / category / "train" / "good").mkdir(parents=True)
     results = tmp_path / "results"
-    _write_records(results, ["weave", "marble", "disc"], [0, 1, 2], str(embedded_root))
-    build_leaderboard(results)
+    _write_records(results, categories, [0, 1], str(root))
+    build_leaderboard(results, n_resamples=200)
     significance = (results / "leaderboard.md").read_text().split("## Significance")[1]
-    assert "Wilcoxon signed-rank, two-sided, 9 blocks (category x seed)" in significance
-    pair = next(line for line in significance.splitlines() if line.startswith("| patchcore (quick) | stpm (quick)"))
-    assert "True" in pair, "patchcore is 7 points above stpm in every block: p (Holm) < 0.05"
+    assert "Wilcoxon signed-rank, two-sided, 6 blocks (category, each method's mean over its seeds)" in significance
+    # patchcore is 7 points above stpm in every category: the lowest exact p with 6 blocks, 0.031, times 3 (Holm).
+    pair = next(line for line in significance.splitlines() if line.startswith("1. patchcore (quick)"))
+    assert "vs 2 +7." in pair and "(p=0.094)" in pair, pair
     assert "Friedman chi2" in significance and "leaderboard_cd_image_auroc.png" in significance
     assert (results / "leaderboard_cd_image_auroc.png").stat().st_size > 1000
 
@@ -323,8 +328,8 @@ def test_too_few_blocks_say_why_the_tests_are_absent(tmp_path: Path, embedded_ro
     _write_records(results, ["weave", "marble"], [0], str(embedded_root))
     build_leaderboard(results)
     markdown = (results / "leaderboard.md").read_text()
-    assert "Wilcoxon signed-rank test not run: needs >= 6 blocks" in markdown
-    assert "critical-difference diagram not drawn: needs >= 6 blocks" in markdown
+    assert "Wilcoxon signed-rank test not run: needs >= 6 categories as blocks, has 2" in markdown
+    assert "critical-difference diagram not drawn: needs >= 6 categories as blocks" in markdown
     assert not list(results.glob("leaderboard_cd_*.png"))
 
 
@@ -359,6 +364,47 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 REQUIRE_BROWSER = os.environ.get("ADBENCH_REQUIRE_BROWSER") == "1"
 
 
+#: Where the browser test leaves its screenshot of the report's first screen (kept after the run).
+TEST_OUTPUT = Path(os.environ.get("ADBENCH_TEST_OUTPUT", REPO / ".test-output"))
+
+
+def _write_evidence(results: Path) -> None:
+    """Per-image scores, pixel histograms and anomaly-map pictures for every record, as a job leaves them:
+    patchcore separates best, then stpm, then draem; 8 anomalous ('crack') and 8 good images."""
+    from adbench.callbacks.pixel_histograms import HISTOGRAM_SUFFIX, pixel_histograms
+    from adbench.callbacks.visualization import compose, render_panels
+
+    rng = np.random.default_rng(1)
+    names = [f"crack_{i:03d}" for i in range(8)] + [f"good_{i:03d}" for i in range(8)]
+    labels = np.array([1] * 8 + [0] * 8)
+    masks = np.zeros((16, 16, 16), bool)
+    masks[:8, 4:10, 5:11] = True
+    for path in sorted((results / "runs").glob("*.json")):
+        record = json.loads(path.read_text())
+        if record["status"] != "ok":
+            continue
+        gap = {"patchcore": 3.0, "stpm": 1.0, "draem": 0.3}[record["method"]]
+        scores = rng.normal(0, 1, 16) + gap * labels
+        csv = results / "scores" / f"{record['job_id']}.csv"
+        csv.parent.mkdir(exist_ok=True)
+        pd.DataFrame({"path": [f"{record['categories'][0]}/test/{n}.png" for n in names], "label": labels,
+                      "score": scores}).to_csv(csv, index=False)
+        maps = rng.normal(0, 1, masks.shape) + gap * masks
+        histograms, _ = pixel_histograms(maps, masks)
+        np.savez(csv.with_suffix(HISTOGRAM_SUFFIX), paths=np.array(list(pd.read_csv(csv).path)),
+                 labels=labels, histograms=histograms)
+        write_json_atomic(path, {**record, "image_scores": f"scores/{csv.name}"})
+        folder = results / "jobs" / record["job_id"] / "anomaly_maps"
+        folder.mkdir(parents=True)
+        image = np.full((16, 16, 3), 128, np.uint8)
+        for name, m, mask in zip(names, maps, masks, strict=True):
+            panels = render_panels(image, mask, m, -3, 4, 1.0)
+            from PIL import Image
+
+            Image.fromarray(compose([panels[:, k * 16:(k + 1) * 16] for k in range(4)], ["a", "b", "c", "d"],
+                                    name, -3, 4)).save(folder / f"{name}.png")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not REQUIRE_BROWSER, reason="chromium not installed (Debian package chromium)")
 def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root: Path) -> None:
@@ -366,21 +412,53 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root:
     from playwright import sync_api as playwright
     results = tmp_path / "results"
     _write_records(results, ["weave", "marble", "disc"], [0, 1, 2], str(embedded_root))
-    build_leaderboard(results)
+    _write_evidence(results)
+    build_leaderboard(results, n_resamples=300)
     page_file = results / "leaderboard.html"
+    assert str(embedded_root) not in page_file.read_text(), "no machine paths on the page"
     moved = tmp_path / "elsewhere.html"  # self-contained: it must render away from its PNG files
     shutil.copy(page_file, moved)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
         page.goto(moved.as_uri())
-        assert page.locator("table").count() >= 5 + 3  # five metric tables, Wilcoxon tables
-        images = page.eval_on_selector_all("img", "els => els.map(e => [e.alt, e.complete && e.naturalWidth])")
-        alts = [alt for alt, _ in images]
-        assert {"heatmap", "per-category bars"} <= set(alts) and any("critical-difference" in a for a in alts)
-        assert all(width and width > 100 for _, width in images), images
         assert "Leaderboard" in page.title()
+        # The answer first: every headline metric, best method, margin, interval and verdict, above the tables.
+        headlines = page.locator("#answer li.headline").all_inner_texts()
+        assert len(headlines) == 3, headlines
+        image = next(h for h in headlines if h.startswith("Image AUROC"))
+        assert "patchcore (quick) is best" in image and "over stpm (quick)" in image and "95 % CI" in image
+        assert "significant (p = " in image, image
+        assert page.locator("#answer").bounding_box()["y"] < page.locator("#table-image_auroc").bounding_box()["y"]
+        # Each table sorted by its own mean, best first.
+        for metric in ("image_auroc", "pixel_auroc", "pro"):
+            means = page.eval_on_selector_all(f"table[data-metric={metric}] tbody tr",
+                                              "rows => rows.map(r => parseFloat(r.cells[1].dataset.v))")
+            assert means == sorted(means, reverse=True) and len(means) == 3, (metric, means)
+        # A click on a header sorts by that column; a second click reverses it.
+        table = "table[data-metric=image_auroc]"
+        header = page.locator(f"{table} thead th", has_text="fit s")
+        before = page.eval_on_selector_all(f"{table} tbody tr", "rows => rows.map(r => r.cells[0].textContent)")
+        page.locator(f"{table} thead th", has_text="weave").click()
+        weave = page.eval_on_selector_all(f"{table} tbody tr", "rows => rows.map(r => parseFloat(r.cells[3].dataset.v))")
+        assert weave == sorted(weave, reverse=True)
+        page.locator(f"{table} thead th", has_text="weave").click()
+        after = page.eval_on_selector_all(f"{table} tbody tr", "rows => rows.map(r => r.cells[0].textContent)")
+        assert after == before[::-1] and header.count() == 1
+        # The gallery: the same images in every method's column, each picture decoded.
+        rows = page.locator("table.gallery[data-category=weave] tbody tr")
+        assert rows.count() == 3, "2 per defect type (crack) + 1 good, by file name"
+        assert rows.first.locator("td").first.inner_text() == "crack_000"
+        widths = page.eval_on_selector_all("table.gallery img", "els => els.map(e => e.complete && e.naturalWidth)")
+        assert len(widths) == 3 * 3 * (2 + 3) and all(w and w >= 16 for w in widths)
+        images = page.eval_on_selector_all("img.figure", "els => els.map(e => [e.alt, e.complete && e.naturalWidth])")
+        assert {"per-category bars", "speed against quality"} <= {alt for alt, _ in images}
+        assert all(width and width > 100 for _, width in images), images
+        page.evaluate("window.scrollTo(0, 0)")
+        TEST_OUTPUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(TEST_OUTPUT / "leaderboard_first_screen.png"))
         browser.close()
+    assert (TEST_OUTPUT / "leaderboard_first_screen.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ from adbench.benchmark.orchestration.records import (
 from adbench.benchmark.orchestration.sweep import JobSpec
 from adbench.callbacks.evaluation import NOT_READY_SCORE
 from adbench.callbacks.guards import LossHistory
+from adbench.callbacks.pixel_histograms import HISTOGRAM_SUFFIX, PixelHistograms
 from adbench.cli import AnomalyCLI
 
 
@@ -170,6 +171,10 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
     threshold = evaluator.val_image_threshold
     if scores_path is not None and evaluator.test_images and trainer.is_global_zero:
         evaluator.save_test_scores(scores_path, spec.root)
+        if trainer.world_size == 1:  # each rank holds its share of the maps: one process only
+            for callback in trainer.callbacks:
+                if isinstance(callback, PixelHistograms):  # for the report's paired tests of pixel metrics
+                    callback.save(scores_path.with_suffix(HISTOGRAM_SUFFIX), spec.root)
     return {
         "metrics": evaluator.test_metrics,
         # Unified setting: the leaderboard reads one row per category from here.

@@ -29,9 +29,7 @@ import pandas as pd  # noqa: E402
 
 from adbench.benchmark.orchestration.records import iter_records  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
-
-#: The baseline each seed method builds on (methods.md): its row gets "method minus baseline".
-BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem", "glass": "simplenet"}
+from adbench.benchmark.reports.summary import BASELINES  # noqa: E402  (one place: the summary compares them too)
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:

@@ -1,19 +1,24 @@
-"""Job records -> a leaderboard a reviewer can trust: tables with intervals, published
-references per category, significance tests, and one self-contained HTML report.
+"""Job records -> a report a person reads: the answer first, tables with intervals, the maps of
+every method on the same test images, published references, and tests that fit the design.
 
-    python -m adbench.benchmark.reports.leaderboard RESULTS_DIR [--sweep-name NAME] [--sort-by pixel_auroc]
+    python -m adbench.benchmark.reports.leaderboard RESULTS_DIR [--sweep-name NAME] [--output DIR]
 
-Writes into RESULTS_DIR:
+Writes into RESULTS_DIR (or ``--output``):
 
 * ``runs.csv``: one row per job (metrics in 0..1, their 95 % bootstrap intervals, status,
   warnings, commit, whether the record is stale, its per-image score file);
-* ``leaderboard_<metric>.csv``: rows = method (profile), per category the mean and std
-  over seeds and the mean interval bounds, the mean over categories when complete;
-* ``leaderboard.md`` / ``leaderboard.html``: the header (dataset, profile, protocol, seeds,
-  commits, date, machine), every metric table (``mean ± std [low, high]`` in %), ours vs
-  published per category, the Wilcoxon and Friedman tests, the pictures, and every
-  failed, warned, stale or unreadable record. The HTML page embeds its pictures;
-* ``leaderboard_heatmap.png``, ``leaderboard_bars.png``, ``leaderboard_cd_<metric>.png``.
+* ``leaderboard_<metric>.csv``: rows = method (profile), sorted by the metric's mean, per category
+  the mean and std over seeds and the mean interval bounds, the mean over categories when complete;
+* ``leaderboard.md`` / ``leaderboard.html``: the answer (``summary.py``: best per headline metric,
+  margin over the runner-up, interval, paired test; each seed method against its baseline), the
+  header (dataset names, profile, seeds, commits, environments, date), every metric table
+  (sortable in the page, colour scale, best in bold, one note per row for stale, warned or
+  other-environment records, the difference to the best row with its test), the gallery
+  (``gallery.py``), the figures (``figures.py``), ours vs published, the tests across categories
+  (categories as blocks, only with enough of them), and every failed, warned, stale or
+  unreadable record. The HTML page embeds its pictures (``html.py``);
+* ``leaderboard_bars.png``, ``leaderboard_speed.png``, ``leaderboard_heatmap.png``,
+  ``leaderboard_cd_<metric>.png``.
 
 What a table covers: the jobs of one sweep (those passed by the runner, or the records of
 the sweep named by ``--sweep-name``, by default the one of the newest record); records of
@@ -25,7 +30,6 @@ partial mean, marked as such.
 from __future__ import annotations
 
 import argparse
-import base64
 import html
 import platform
 import time
@@ -33,18 +37,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from adbench.benchmark.orchestration.environment import environment_differences, environment_key  # noqa: E402
-from adbench.benchmark.orchestration.records import FINISHED, scan_records  # noqa: E402
-from adbench.benchmark.orchestration.sweep import JobSpec  # noqa: E402
-from adbench.benchmark.reports import published, statistics  # noqa: E402
-from adbench.callbacks.metrics import METRIC_LABELS  # noqa: E402
+from adbench.benchmark.orchestration.environment import environment_differences, environment_key
+from adbench.benchmark.orchestration.records import FINISHED, scan_records
+from adbench.benchmark.orchestration.sweep import JobSpec
+from adbench.benchmark.reports import figures, gallery, paired, published, statistics, summary
+from adbench.benchmark.reports.html import Cell, Report, scan_table
+from adbench.callbacks.metrics import METRIC_LABELS
 
 #: Every metric a record may carry, in the order of the report's tables (a metric no record of the report has,
 #: from before it existed, gets no table), and those every record has had since the first sweep (always a table).
@@ -233,104 +234,81 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}"
 
 
-def _cell(mean: float, std: float = np.nan, low: float = np.nan, high: float = np.nan) -> str:
+def _cell(mean: float, std: float = np.nan, low: float = np.nan, high: float = np.nan) -> Cell:
+    """A value in % with ``± std`` over seeds and ``[low, high]`` small beside it."""
     if pd.isna(mean):
-        return "-"
-    text = _percent(mean) + ("" if pd.isna(std) else f" ± {_percent(std)}")
-    return text + ("" if pd.isna(low) or pd.isna(high) else f" [{_percent(low)}, {_percent(high)}]")
+        return Cell("-")
+    small = ("" if pd.isna(std) else f"± {_percent(std)} ") + (
+        "" if pd.isna(low) or pd.isna(high) else f"[{_percent(low)}, {_percent(high)}]")
+    return Cell(_percent(mean), float(mean), small.strip())
 
 
-def display_table(runs: pd.DataFrame, table: pd.DataFrame) -> pd.DataFrame:
-    """% with 1 decimal: ``mean ± std [low, high]`` per category; marks for failed/warned/stale."""
-    marks = _marks(runs)
+def row_notes(runs: pd.DataFrame) -> dict[str, list[str]]:
+    """Per row, what a reader must know about its records: failed, warned or stale jobs, jobs from another
+    environment or commit than most of the sweep's. One note per row, instead of a tag in every cell."""
+    notes: dict[str, list[str]] = {}
+    usual_env = runs.environment.mode().iloc[0] if runs.environment.notna().any() else None
+    usual_commit = runs.git_commit.mode().iloc[0] if runs.git_commit.notna().any() else None
+    for row, part in runs.groupby("row", sort=False):
+        items, n = [], len(part)
+        failed = int((~part.status.isin(FINISHED)).sum())
+        if failed:
+            items.append(f"{failed} of {n} jobs failed")
+        warned = int((part.status == "warning").sum())
+        if warned:
+            items.append(f"{warned} of {n} jobs finished with a warning")
+        stale = int(part.stale.fillna(False).astype(bool).sum())
+        if stale:
+            items.append(f"{stale} of {n} records stale: made by other code or config than today's")
+        if usual_env is not None and (part.environment != usual_env).any():
+            items.append(f"{int((part.environment != usual_env).sum())} of {n} jobs from another environment")
+        if usual_commit is not None and (part.git_commit != usual_commit).any():
+            items.append(f"{int((part.git_commit != usual_commit).sum())} of {n} jobs from another commit")
+        if items:
+            notes[str(row)] = items
+    return notes
+
+
+def metric_columns(table: pd.DataFrame, versus: dict[str, summary.Finding] | None = None
+                   ) -> tuple[dict[str, list[Cell]], set[str], dict[str, bool]]:
+    """The cells of one metric table: mean over categories, each category, the difference to the best
+    row with its interval and test (``versus``: row -> best against that row), and efficiency."""
     categories = [c[: -len("_low")] for c in table.columns if c.endswith("_low")]
-    shown = pd.DataFrame(index=table.index)
+    columns: dict[str, list[Cell]] = {"mean": []}
+    for row in table.index:
+        if table.at[row, "complete"]:
+            columns["mean"].append(_cell(table.at[row, "mean"], table.at[row, "mean_std"]))
+        else:
+            partial = table.at[row, "partial_mean"]
+            columns["mean"].append(Cell(f"n/a ({table.at[row, 'jobs_finished']} of {table.at[row, 'jobs_expected']})",
+                                        np.nan, "" if pd.isna(partial) else f"partial {_percent(partial)}"))
     for category in categories:
-        shown[category] = [
-            ("failed" if (row, category) in marks["failed"] else "-") if pd.isna(table.at[row, category])
-            else _cell(*(table.at[row, f"{category}{s}"] for s in ("", "_std", "_low", "_high")))
-            + "".join(symbol for symbol, cells in marks.items() if symbol != "failed" and (row, category) in cells)
-            for row in table.index
-        ]  # fmt: skip
-    shown["mean"] = [
-        _cell(table.at[row, "mean"], table.at[row, "mean_std"]) if table.at[row, "complete"]
-        else f"n/a ({table.at[row, 'jobs_finished']} of {table.at[row, 'jobs_expected']})"
-        + ("" if pd.isna(table.at[row, "partial_mean"]) else f"; partial: {_percent(table.at[row, 'partial_mean'])}")
-        for row in table.index
-    ]  # fmt: skip
+        columns[category] = [
+            _cell(*(table.at[row, f"{category}{s}"] for s in ("", "_std", "_low", "_high"))) for row in table.index
+        ]
+    if versus is not None:
+        columns["vs best"] = [_versus_cell(versus.get(row), row) for row in table.index]
     for column, label in EFFICIENCY.items():
-        shown[label] = [("-" if pd.isna(v) else f"{v:.1f}" if v < 100 else f"{v:.0f}") for v in table[column]]
-    return shown
+        columns[label] = [Cell("-" if pd.isna(v) else f"{v:.1f}" if v < 100 else f"{v:.0f}", v) for v in table[column]]
+    return columns, {"mean", *categories}, {label: column == "test_images_per_second" for column, label in EFFICIENCY.items()}
 
 
-def _marks(runs: pd.DataFrame) -> dict[str, set[tuple[str, str]]]:
-    cells = lambda frame: set(zip(frame.row, frame.category, strict=True))  # noqa: E731
-    return {
-        "failed": cells(runs[~runs.status.isin(FINISHED)]),
-        " (!)": cells(runs[runs.status == "warning"]),
-        " (stale)": cells(runs[runs.stale.fillna(False).astype(bool)]),
-    }
+def _versus_cell(finding: summary.Finding | None, row: str) -> Cell:
+    if finding is None:
+        return Cell("best" if row else "-", np.inf)
+    if finding.p_value is None:
+        return Cell(f"{-100 * finding.margin:+.1f}", -finding.margin, "untested", title=finding.reason)
+    interval = "" if finding.interval is None else f"[{-100 * finding.interval[1]:+.1f}, {-100 * finding.interval[0]:+.1f}] "
+    style = "background:#f6c8c8" if finding.significant else "background:#eeeeee"
+    return Cell(f"{-100 * finding.margin:+.1f}", -finding.margin, f"{interval}{summary.format_p(finding.p_value).replace(' ', '')}", style,
+                f"{finding.b} minus {finding.a}: {finding.verdict()}")
 
 
-LEGEND = ("Cells: mean ± std over seeds [95 % bootstrap interval of the test set: the job's own with one "
-          "seed, the mean of the seeds' bounds with several], in %. (!) a job finished with a warning, "
-          "(stale) its record was made by other code or config than today's; both are listed below.")
-
-
-# ----------------------------------------------------------------------------- pictures
-
-
-def heatmap(tables: dict[str, pd.DataFrame], path: Path) -> Path:
-    metrics = [m for m in ("image_auroc", "pixel_auroc") if m in tables]
-    first = tables[metrics[0]]
-    columns = [c[: -len("_low")] for c in first.columns if c.endswith("_low")]
-    fig, axes = plt.subplots(
-        1, len(metrics), figsize=(2 + 0.9 * len(columns) * len(metrics), 1.5 + 0.45 * len(first)), squeeze=False
-    )
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        values = tables[metric].loc[first.index, columns].to_numpy(dtype=float) * 100
-        image = ax.imshow(values, cmap="RdYlGn", vmin=50, vmax=100, aspect="auto")
-        ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
-        ax.set_yticks(range(len(first.index)), first.index)
-        for (i, j), value in np.ndenumerate(values):
-            ax.text(j, i, "-" if np.isnan(value) else f"{value:.1f}", ha="center", va="center", fontsize=8)
-        ax.set_title(METRICS[metric] + " (%)")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
-    """Per-category bars with error bars: std over seeds where several, else the bootstrap interval."""
-    metrics = [m for m in ("image_auroc", "pixel_auroc", "pro") if m in tables]
-    first = tables[metrics[0]]
-    categories = [c[: -len("_low")] for c in first.columns if c.endswith("_low")]
-    rows = list(first.index)
-    fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.25 * len(categories) * len(rows) + 2),
-                                                       2.6 * len(metrics)), squeeze=False)
-    width = 0.8 / max(1, len(rows))
-    for ax, metric in zip(axes[:, 0], metrics, strict=True):
-        table = tables[metric]
-        for k, row in enumerate(rows):
-            mean = np.array([table.at[row, c] for c in categories], dtype=float) * 100
-            std = np.array([table.at[row, f"{c}_std"] for c in categories], dtype=float) * 100
-            low = np.array([table.at[row, f"{c}_low"] for c in categories], dtype=float) * 100
-            high = np.array([table.at[row, f"{c}_high"] for c in categories], dtype=float) * 100
-            error = np.where(np.isnan(std), np.stack([mean - low, high - mean]), np.stack([std, std]))
-            x = np.arange(len(categories)) + (k - (len(rows) - 1) / 2) * width
-            ax.bar(x, mean, width, yerr=np.nan_to_num(np.clip(error, 0, None)), capsize=2, label=row)
-        ax.set_xticks(range(len(categories)), categories)
-        ax.set_ylim(max(0.0, np.nanmin([table[c].min() for c in categories]) * 100 - 10), 100.5)
-        ax.set_ylabel(METRICS[metric] + " (%)", fontsize=8)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    axes[0, 0].set_title("mean per category; error bars: std over seeds, or the 95 % bootstrap interval (one seed)",
-                         fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+LEGEND = ("Each table is sorted by its own mean over categories (best first; click a header to sort by it). Cells: "
+          "mean in %, small: ± std over seeds and [95 % bootstrap interval of the test set: the job's own with one "
+          "seed, the mean of the seeds' bounds with several]. Best per column in bold. 'vs best': the row minus the "
+          "best row in points, with the paired test of the summary (red: significantly worse). Superscripts: the "
+          "notes under the first table.")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -338,10 +316,11 @@ def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
 
 def header(runs: pd.DataFrame, left_out: dict[str, int], errors: list[dict[str, str]]) -> list[str]:
     commits = runs.git_commit.fillna("unknown").map(lambda c: c[:10]).value_counts()
-    roots = {str(r) for r in runs.root.dropna()}
+    # Dataset names only: a machine's folder says nothing to a reader and leaks its layout.
+    datasets = sorted({str(d) for d, r in zip(runs.dataset, runs.root, strict=True) if r is not None and not pd.isna(r)})
     lines = [
         f"Sweep: {', '.join(sorted({str(s) for s in runs.sweep.dropna()})) or '-'}; "
-        f"dataset: {', '.join(sorted(roots)) or 'embedded procedural dataset'}; "
+        f"dataset: {', '.join(datasets) or 'embedded procedural dataset'}; "
         f"profile: {', '.join(sorted(set(runs.profile)))}; "
         f"seeds: {', '.join(str(s) for s in sorted(set(runs.seed.dropna().astype(int))))}; "
         f"categories: {runs.category.nunique()}.",
@@ -381,39 +360,7 @@ def environments_table(records: list[dict[str, Any]]) -> pd.DataFrame | None:
                         index=pd.Index(list(differences), name="entry"))
 
 
-def _image_tag(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
-
-
-class _Report:
-    """Markdown and HTML written side by side."""
-
-    def __init__(self, title: str) -> None:
-        self.markdown = [f"# {title}", ""]
-        self.html = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-                     "<style>body{font-family:sans-serif;margin:1.5em}td,th{padding:2px 8px;text-align:right}"
-                     "table{border-collapse:collapse;margin-bottom:1em}tr:nth-child(even){background:#f3f3f3}"
-                     "img{max-width:100%}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.markdown += [f"{'#' * level} {text}", ""]
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
-
-    def text(self, text: str) -> None:
-        self.markdown += [text, ""]
-        self.html.append(f"<p>{html.escape(text)}</p>")
-
-    def table(self, frame: pd.DataFrame, index: bool = True) -> None:
-        self.markdown += [frame.to_markdown(index=index), ""]
-        self.html.append(frame.to_html(index=index, border=0, na_rep="-"))
-
-    def image(self, path: Path, alt: str) -> None:
-        self.markdown += [f"![{alt}]({path.name})", ""]
-        self.html.append(_image_tag(path, alt))
-
-
-def _published_section(report: _Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> None:
+def _published_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> None:
     plain = runs[runs.name == runs.method]
     row_methods = dict(zip(plain.row, plain.method, strict=True))
     report.heading("Ours vs published, per category")
@@ -447,30 +394,36 @@ def _published_section(report: _Report, tables: dict[str, pd.DataFrame], runs: p
                     "in benchmark/reports/published/mvtec_ad.csv for these categories.")
 
 
-def _significance_section(report: _Report, runs: pd.DataFrame, results_dir: Path) -> None:
+def _significance_section(report: Report, runs: pd.DataFrame, tables: dict[str, pd.DataFrame],
+                          output_dir: Path) -> None:
     report.heading("Significance")
+    report.text("Per category, paired by test image: the summary's and the tables' 'vs best' tests (a paired "
+                "bootstrap over the test images, each method's seeds averaged inside every resample). Across "
+                f"categories: Wilcoxon signed-rank and Friedman / Nemenyi with categories as blocks (each method's "
+                f"seed mean), only with >= {statistics.MIN_BLOCKS} categories: with 5 the exact two-sided Wilcoxon "
+                "p-value cannot go below 0.05. Seeds share a category's test images, so they never count as blocks.")
     done = runs[runs.status.isin(FINISHED)]
     for metric in ("image_auroc", "pixel_auroc", "pro"):
+        if metric not in tables:
+            continue
         block = statistics.blocks(done, metric)
         report.heading(METRICS[metric], 3)
         wilcoxon, note = statistics.wilcoxon_table(block)
         report.text(note)
         if wilcoxon is not None:
-            shown = wilcoxon.copy()
-            shown["median A-B"] = shown["median A-B"].map(lambda v: f"{100 * v:+.2f}")
-            shown[["p", "p (Holm)"]] = shown[["p", "p (Holm)"]].map(lambda v: f"{v:.3g}")
-            report.table(shown, index=False)
+            order = [r for r in tables[metric].index if r in block.values.columns]
+            report.raw(*statistics.pairwise_matrix(wilcoxon, order))
         friedman, note = statistics.friedman_nemenyi(block)
         report.text(note)
         if friedman is not None:
             path = statistics.cd_diagram(
                 friedman, f"{METRICS[metric]}: average rank (1 = best), Nemenyi CD at {statistics.ALPHA}",
-                results_dir / f"leaderboard_cd_{metric}.png",
+                output_dir / f"leaderboard_cd_{metric}.png",
             )
             report.image(path, f"critical-difference diagram, {metric}")
 
 
-def _problems_section(report: _Report, runs: pd.DataFrame, errors: list[dict[str, str]]) -> None:
+def _problems_section(report: Report, runs: pd.DataFrame, errors: list[dict[str, str]]) -> None:
     failed = runs[~runs.status.isin(FINISHED)][["job_id", "error"]]
     if len(failed):
         report.heading("Failed jobs")
@@ -495,8 +448,11 @@ def build_leaderboard(
     jobs: Sequence[JobSpec] | None = None,
     sweep_name: str | None = None,
     sort_by: str = "image_auroc",
+    output_dir: str | Path | None = None,
+    n_resamples: int = paired.N_RESAMPLES,
 ) -> dict[str, pd.DataFrame]:
-    """Write every leaderboard file into ``results_dir``; return the numeric tables.
+    """Write every leaderboard file into ``output_dir`` (default ``results_dir``); return the numeric
+    tables, each sorted by its own metric.
 
     ``jobs``: the sweep's jobs (from the runner): the table covers exactly them, and a job
     without a record counts as missing. Otherwise the records of ``sweep_name`` (default:
@@ -510,7 +466,9 @@ def build_leaderboard(
         raise FileNotFoundError(f"no job records under {str(results_dir / 'runs')!r}")
     chosen, left_out = select_sweep(records, jobs, sweep_name)
     runs = runs_frame(chosen)
-    runs.drop(columns=["row"]).to_csv(results_dir / "runs.csv", index=False)
+    output_dir = results_dir if output_dir is None else Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runs.drop(columns=["row"]).to_csv(output_dir / "runs.csv", index=False)
     if jobs is not None:
         expected = pd.DataFrame(
             [{"row": _row_name(j.name, _profile_label(j.profile, j.protocol, j.dataset, j.shots, j.setting)),
@@ -526,22 +484,43 @@ def build_leaderboard(
             columns=["row", "category"],
         )
     present = [m for m in METRICS if m in ALWAYS_SHOWN or runs[m].notna().any()]
-    tables = {metric: metric_table(runs, metric, expected) for metric in present}
-    order = sort_rows(tables[sort_by]).index
-    tables = {metric: table.loc[order] for metric, table in tables.items()}
-
-    report = _Report("Leaderboard")
-    for line in header(runs, left_out, errors):
-        report.text(line)
-    report.text(f"Rows sorted by {METRICS[sort_by]} (mean over categories). {LEGEND}")
+    # Each table sorted by its own metric; figures and the gallery follow ``sort_by``'s order.
+    tables = {metric: sort_rows(metric_table(runs, metric, expected)) for metric in present}
+    order = list(tables[sort_by].index)
     for metric, table in tables.items():
-        table.to_csv(results_dir / f"leaderboard_{metric}.csv", float_format="%.6f")
-        report.heading(f"{METRICS[metric]} (%)")
+        table.to_csv(output_dir / f"leaderboard_{metric}.csv", float_format="%.6f")
+
+    evidence = summary.Evidence(runs, results_dir, n_resamples)
+    report = Report(f"Leaderboard: {', '.join(sorted({str(s) for s in runs.sweep.dropna()})) or 'sweep'}")
+    notes = row_notes(runs)
+    done = int(runs.status.isin(FINISHED).sum())
+    if done:
+        summary.answer_section(report, tables, runs, evidence)
+    for line in header(runs, left_out, errors):
+        report.text(line, "meta")
+    report.text(LEGEND, "meta")
+    note_number = {row: k + 1 for k, row in enumerate(notes)}
+    for k, (metric, table) in enumerate(tables.items()):
+        report.heading(f"{METRICS[metric]} (%)", anchor=f"table-{metric}")
+        complete = table["mean"].dropna()
+        versus = None
+        if len(complete) >= 2 and metric in summary.HEADLINE:
+            best = complete.index[0]
+            versus = {row: evidence.compare(table, metric, best, row) for row in complete.index[1:]}
         for dataset, part in by_dataset(runs, table):
             if dataset is not None:
                 report.text(f"Dataset: {dataset}")
-            report.table(display_table(runs, part))
-    done = int(runs.status.isin(FINISHED).sum())
+            columns, scaled, higher = metric_columns(part, versus)
+            labels = {row: html.escape(row) + (f"<sup>{note_number[row]}</sup>" if row in note_number else "")
+                      for row in part.index}
+            page, markdown = scan_table(list(part.index), columns, labels, scaled, higher)
+            report.raw(page.replace("<table class='sortable metric'>",
+                                    f"<table class='sortable metric' data-metric='{metric}'>"),
+                       markdown.replace("\n| ", "\n| ").replace("|:", "|:"))
+        if k == 0 and notes:
+            lines = [f"{note_number[row]}. {row}: {'; '.join(items)}." for row, items in notes.items()]
+            report.raw("<ol class='notes'>" + "".join(f"<li>{html.escape(line.split('. ', 1)[1])}</li>"
+                                                      for line in lines) + "</ol>", "\n".join(lines))
     footer = f"{done} of {len(expected)} jobs finished ({int((runs.status == 'warning').sum())} with warnings)."
     saturated = runs[runs.val_saturated.fillna(False).astype(bool)]
     if len(saturated):
@@ -551,13 +530,11 @@ def build_leaderboard(
     report.text(footer)
     for line in weak_rows(tables["pixel_auroc"], runs):
         report.text(line)
+    if done:
+        _pictures_section(report, tables, runs, results_dir, output_dir, order)
     if chosen:
         _published_section(report, tables, runs)
-        _significance_section(report, runs, results_dir)
-    if done:
-        report.heading("Pictures")
-        report.image(heatmap(tables, results_dir / "leaderboard_heatmap.png"), "heatmap")
-        report.image(bars(tables, results_dir / "leaderboard_bars.png"), "per-category bars")
+        _significance_section(report, runs, tables, output_dir)
     _problems_section(report, runs, errors)
     differences = environments_table(chosen)
     if differences is not None:
@@ -570,23 +547,47 @@ def build_leaderboard(
         report.heading("Per-image scores")
         report.markdown += ["One CSV per job (path, defect type, label, score, validation F1 threshold):", ""]
         report.markdown += [f"- [{j}]({p})" for j, p in zip(scores.job_id, scores.image_scores, strict=True)] + [""]
-        report.html.append("<p>One CSV per job (path, defect type, label, score, validation F1 threshold):</p><ul>"
+        report.html.append("<p>One CSV per job (path, defect type, label, score, validation F1 threshold), "
+                           "relative to the results folder:</p><ul class='notes'>"
                            + "".join(f"<li><a href='{html.escape(p)}'>{html.escape(j)}</a></li>"
                                      for j, p in zip(scores.job_id, scores.image_scores, strict=True)) + "</ul>")
-    report.html.append("</body></html>")
-    (results_dir / "leaderboard.md").write_text("\n".join(report.markdown) + "\n")
-    (results_dir / "leaderboard.html").write_text("\n".join(report.html))
+    report.write(output_dir / "leaderboard.md", output_dir / "leaderboard.html")
     return tables
+
+
+def _pictures_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, results_dir: Path,
+                      output_dir: Path, order: list[str]) -> None:
+    ordered = {metric: table.loc[order] for metric, table in tables.items()}
+    report.heading("Anomaly maps, the same test images across methods", anchor="gallery")
+    shown = gallery.gallery(runs, results_dir, order)
+    if shown is None:
+        report.text("No anomaly maps here: this results folder keeps no jobs/<job>/anomaly_maps (they are not "
+                    "committed); build the report from the sweep's local folder to see them.")
+    else:
+        page, markdown, count = shown
+        report.text(f"{count} test images, chosen by a fixed rule (per category, the first {gallery.PER_DEFECT} "
+                    f"file names of each defect type and the first {gallery.GOOD} good one), never by how they look; "
+                    "each method's lowest seed. Cells: the map thresholded at the method's validation threshold (red), "
+                    "the ground truth outlined in green.")
+        report.raw(page, markdown)
+    report.heading("Pictures")
+    report.image(figures.bars(ordered, output_dir / "leaderboard_bars.png"), "per-category bars")
+    speed = figures.speed_quality(ordered, output_dir / "leaderboard_speed.png")
+    if speed is not None:
+        report.image(speed, "speed against quality")
+    report.image(figures.heatmap(ordered, output_dir / "leaderboard_heatmap.png"), "heatmap")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", nargs="?", default="results")
     parser.add_argument("--sweep-name", help="the sweep whose records to show (default: the newest record's)")
-    parser.add_argument("--sort-by", default="image_auroc", choices=list(METRICS))
+    parser.add_argument("--sort-by", default="image_auroc", choices=list(METRICS),
+                        help="the metric whose order the figures and the gallery follow")
+    parser.add_argument("--output", type=Path, help="write the report here instead of into results_dir")
     args = parser.parse_args()
-    build_leaderboard(args.results_dir, sweep_name=args.sweep_name, sort_by=args.sort_by)
-    print((Path(args.results_dir) / "leaderboard.md").read_text())
+    build_leaderboard(args.results_dir, sweep_name=args.sweep_name, sort_by=args.sort_by, output_dir=args.output)
+    print((args.output or Path(args.results_dir)) .joinpath("leaderboard.md").read_text())
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Significance of the differences between methods: Wilcoxon, Friedman, Nemenyi, CD diagram.
 
 The unit of comparison ("block") is a category, each method's figure being its mean over
-seeds. With fewer categories than a test needs, the blocks are (category, seed) pairs
-instead, and the table says so: seeds of one category share its test images, so they are
-not independent samples and the p-values are optimistic. Below :data:`MIN_BLOCKS` blocks
-no test is run and the reason is reported instead of a number.
+seeds. Seeds of one category share its test images, so they are never blocks of their own.
+Below :data:`MIN_BLOCKS` categories no test across categories is run and the reason is reported
+instead of a number (the per-category paired tests of ``paired.py`` answer there).
 
 * Two methods: Wilcoxon signed-rank test of the paired differences (``scipy.stats.wilcoxon``),
   every pair of methods, p-values Holm-adjusted over the pairs.
@@ -16,6 +15,7 @@ no test is run and the reason is reported instead of a number.
 
 from __future__ import annotations
 
+import html
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,41 +36,33 @@ ALPHA = 0.05
 
 @dataclass
 class Blocks:
-    """Rows = blocks, columns = methods (only methods with a figure in every block)."""
+    """Rows = categories, columns = methods (only methods with a figure in every category)."""
 
     values: pd.DataFrame
-    unit: str  # "category" or "category x seed"
+    unit: str  # "category"
     left_out: list[str]  # methods missing a block, not tested
 
     @property
     def note(self) -> str:
-        text = f"{len(self.values)} blocks ({self.unit})"
-        if self.unit != "category":
-            text += "; seeds of one category share its test set, so p-values are optimistic"
+        text = f"{len(self.values)} blocks ({self.unit}, each method's mean over its seeds)"
         if self.left_out:
             text += f"; not tested (a block missing): {', '.join(self.left_out)}"
         return text
 
 
 def blocks(runs: pd.DataFrame, metric: str, row: str = "row") -> Blocks:
-    """The per-block figures of every method: categories, or (category, seed) when too few."""
+    """The per-category figures (mean over seeds) of every method."""
     finished = runs.dropna(subset=[metric])
-    per_category = finished.groupby([row, "category"])[metric].mean().unstack(row)
-    if len(per_category) >= MIN_BLOCKS:
-        table, unit = per_category, "category"
-    else:
-        table = finished.groupby([row, "category", "seed"])[metric].mean().unstack(row)
-        table.index = [f"{c}/seed{s}" for c, s in table.index]
-        unit = "category x seed"
+    table = finished.groupby([row, "category"])[metric].mean().unstack(row)
     complete = [c for c in table.columns if table[c].notna().all()]
-    return Blocks(table[complete], unit, sorted(set(table.columns) - set(complete)))
+    return Blocks(table[complete], "category", sorted(set(table.columns) - set(complete)))
 
 
 def _absent(block: Blocks, methods: int) -> str | None:
     if block.values.shape[1] < methods:
         return f"needs >= {methods} methods with a figure in every block, has {block.values.shape[1]}"
     if len(block.values) < MIN_BLOCKS:
-        return f"needs >= {MIN_BLOCKS} blocks (categories, or categories x seeds), has {len(block.values)}"
+        return f"needs >= {MIN_BLOCKS} categories as blocks, has {len(block.values)}"
     return None
 
 
@@ -131,6 +123,33 @@ def cd_diagram(result: dict, title: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def pairwise_matrix(wilcoxon: pd.DataFrame, order: list[str]) -> tuple[str, str]:
+    """HTML and Markdown of a :func:`wilcoxon_table` as one colour matrix: cell (row, column) = median
+    row - column in points; green: row significantly better (Holm), red: worse, grey: no evidence."""
+    cells = {}
+    for r in wilcoxon.to_dict("records"):
+        median, p = 100 * float(r["median A-B"]), float(r["p (Holm)"])
+        cells[(r["A"], r["B"])], cells[(r["B"], r["A"])] = (median, p), (-median, p)
+    head = "".join(f"<th title='{html.escape(c)}'>{k + 1}</th>" for k, c in enumerate(order))
+    rows, lines = [], []
+    for k, a in enumerate(order):
+        tds = []
+        for b in order:
+            if a == b:
+                tds.append("<td>·</td>")
+                continue
+            median, p = cells.get((a, b), (np.nan, np.nan))
+            shade = "#b9e4c4" if p < ALPHA and median > 0 else "#f2b8b8" if p < ALPHA and median < 0 else "#eeeeee"
+            tds.append(f"<td style='background:{shade}' title='{html.escape(a)} - {html.escape(b)}: "
+                       f"median {median:+.1f} points, p (Holm) = {p:.3g}'>{median:+.1f}</td>")
+        rows.append(f"<tr><td>{k + 1}. {html.escape(a)}</td>{''.join(tds)}</tr>")
+        lines.append(f"{k + 1}. {a}: " + ", ".join(f"vs {order.index(b) + 1} {cells[(a, b)][0]:+.1f} "
+                                                   f"(p={cells[(a, b)][1]:.2g})" for b in order if b != a))
+    page = (f"<table class='matrix'><thead><tr><th>row - column (median, points)</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table>")
+    return page, "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- per category, paired by image

@@ -1,0 +1,190 @@
+"""The answer first: per headline metric the best method, its margin over the runner-up with an
+interval, and whether the margin is significant by a test that fits the design; then whether each
+seed method beats the baseline it builds on.
+
+Which test fits (in this order):
+
+* the metric has per-image evidence for both rows (image AUROC: the score files; pixel AUROC and
+  pixel AP: the per-image pixel histograms): the paired bootstrap over test images of
+  :mod:`paired` (seeds averaged inside each resample, categories resampled on their own);
+* otherwise, with at least :data:`statistics.MIN_BLOCKS` categories: the Wilcoxon signed-rank test
+  over categories (seed-averaged), no interval;
+* otherwise: no test, and the line says why.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from adbench.benchmark.reports import paired, statistics
+from adbench.benchmark.reports.html import Report
+from adbench.callbacks.metrics import METRIC_LABELS
+
+#: The baseline each seed method builds on (methods.md): the ablation table and the summary compare them.
+BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem", "glass": "simplenet"}
+#: The metrics the summary answers for, where the sweep has them.
+HEADLINE = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05", "mad")
+
+
+@dataclass
+class Finding:
+    """Row a against row b on one metric: a - b in 0..1, its interval and p, or why untested."""
+
+    metric: str
+    a: str
+    b: str
+    value_a: float
+    value_b: float
+    test: str  # which test, or "" when none ran
+    interval: tuple[float, float] | None = None
+    p_value: float | None = None
+    reason: str = ""
+    subset: str = ""  # where the test saw only some jobs: which, and the difference there
+
+    @property
+    def margin(self) -> float:
+        return self.value_a - self.value_b
+
+    @property
+    def significant(self) -> bool | None:
+        return None if self.p_value is None else self.p_value < paired.ALPHA
+
+    def verdict(self) -> str:
+        if self.p_value is None:
+            return f"not tested: {self.reason}"
+        interval = "" if self.interval is None else f", 95 % CI [{_points(self.interval[0])}, {_points(self.interval[1])}]"
+        word = "significant" if self.significant else "not significant"
+        return f"{word} ({format_p(self.p_value)}, {self.test}{interval}{self.subset})"
+
+
+def format_p(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.2g}"
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+class Evidence:
+    """The resampled figures per metric, computed once and shared by the summary and the tables."""
+
+    def __init__(self, runs: pd.DataFrame, results_dir: Path, n_resamples: int = paired.N_RESAMPLES) -> None:
+        self.runs, self.results_dir, self.n_resamples = runs, results_dir, n_resamples
+        self._cache: dict[str, tuple[pd.Series, pd.DataFrame, dict[str, tuple[int, int]]]] = {}
+
+    def figures(self, metric: str) -> tuple[pd.Series, pd.DataFrame, dict[str, tuple[int, int]]] | None:
+        """(point, replicates, per row: jobs with evidence and finished jobs) of ``metric``, or None when the
+        metric has no per-image evidence."""
+        if metric not in paired.RESAMPLED:
+            return None
+        if metric not in self._cache:
+            gathered = paired.gather(self.runs, self.results_dir, metric)
+            point, replicates = paired.resampled_figures(gathered, self.n_resamples)
+            self._cache[metric] = (point, replicates, gathered.coverage)
+        return self._cache[metric]
+
+    def compare(self, table: pd.DataFrame, metric: str, a: str, b: str) -> Finding:
+        """Row ``a`` against row ``b`` of ``table`` (a metric table with per-category columns and ``mean``)."""
+        finding = Finding(metric, a, b, float(table.at[a, "mean"]), float(table.at[b, "mean"]), "")
+        figures = self.figures(metric)
+        kind = "per-image pixel histograms" if metric.startswith("pixel") else "per-image scores"
+        if figures is not None and {a, b} <= set(figures[1].columns):
+            result = paired.compare(figures[0], figures[1], a, b)
+            finding.test = "paired bootstrap over test images"
+            finding.interval, finding.p_value = result.interval, result.p_value
+            partial = [figures[2][r] for r in (a, b) if figures[2][r][0] < figures[2][r][1]]
+            if partial:
+                seen = sum(figures[2][r][0] for r in (a, b))
+                total = sum(figures[2][r][1] for r in (a, b))
+                finding.subset = (f"; only {seen} of the {total} jobs have {kind}: there the difference is "
+                                  f"{_points(result.difference)} points")
+            elif abs(result.difference - finding.margin) > 5e-4:  # files and records of different runs
+                finding.subset = f"; the {kind} give {_points(result.difference)} points"
+            return finding
+        categories = [c[: -len("_low")] for c in table.columns if c.endswith("_low")]
+        if len(categories) >= statistics.MIN_BLOCKS:
+            x, y = table.loc[a, categories].astype(float), table.loc[b, categories].astype(float)
+            finding.test = f"Wilcoxon over {len(categories)} categories"
+            finding.p_value = 1.0 if (x == y).all() else float(stats.wilcoxon(x, y).pvalue)
+            return finding
+        lacking = [r for r in (a, b) if figures is None or r not in figures[1].columns]
+        why = ("no per-image evidence for this metric exists (PRO needs per-region overlaps)" if figures is None
+               else f"no {kind} for {' and '.join(lacking)}")
+        finding.reason = (f"{why}, and {len(categories)} categories are fewer than the {statistics.MIN_BLOCKS} "
+                          "a test across categories needs")
+        return finding
+
+
+def headline_findings(tables: dict[str, pd.DataFrame], evidence: Evidence) -> list[Finding]:
+    """Best against runner-up for each headline metric the tables have (complete rows only)."""
+    findings = []
+    for metric in HEADLINE:
+        if metric not in tables:
+            continue
+        means = tables[metric]["mean"].dropna().sort_values(ascending=False)
+        if len(means) >= 2:
+            findings.append(evidence.compare(tables[metric], metric, means.index[0], means.index[1]))
+    return findings
+
+
+def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence) -> list[Finding]:
+    """Each seed method (:data:`BASELINES`) against its baseline on image AUROC, where both rows are complete."""
+    table = tables["image_auroc"]
+    complete = set(table.index[table["mean"].notna()])
+    rows_of = runs.groupby("name").row.unique()
+    findings = []
+    for method, baseline in BASELINES.items():
+        for row in rows_of.get(method, []):
+            other = row.replace(f"{method} (", f"{baseline} (", 1)
+            if row in complete and other in complete:
+                findings.append(evidence.compare(table, "image_auroc", row, other))
+    return findings
+
+
+def headline_sentence(finding: Finding) -> str:
+    label = METRIC_LABELS[finding.metric].split(" (")[0]
+    return (f"{label}: {finding.a} is best with {100 * finding.value_a:.1f} %, "
+            f"{_points(finding.margin)} points over {finding.b} ({100 * finding.value_b:.1f} %); {finding.verdict()}.")
+
+
+def baseline_sentence(finding: Finding) -> str:
+    if finding.significant:
+        word = "beats" if finding.margin > 0 else "is worse than"
+    else:
+        word = "does not significantly differ from" if finding.p_value is not None else "is not shown to beat"
+    return (f"{finding.a} {word} its baseline {finding.b} on image AUROC "
+            f"({100 * finding.value_a:.1f} vs {100 * finding.value_b:.1f} %, {_points(finding.margin)} points; "
+            f"{finding.verdict()}).")
+
+
+def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence) -> None:
+    """The answer first: best per headline metric, margin, interval, significance; seed methods vs baselines."""
+    findings = headline_findings(tables, evidence)
+    baselines = baseline_findings(tables, runs, evidence)
+    categories = runs.category.nunique()
+    seeds = sorted(set(runs.seed.dropna().astype(int)))
+    items, lines = [], []
+    for finding in findings:
+        sentence = headline_sentence(finding)
+        word = {True: "sig", False: "nsig", None: "untested"}[finding.significant]
+        head, rest = sentence.split(": ", 1)
+        items.append(f"<li class='headline' data-metric='{finding.metric}'><b>{html.escape(head)}</b>: "
+                     f"{html.escape(rest.split('; ')[0])}; <span class='{word}'>"
+                     f"{html.escape(rest.split('; ', 1)[1])}</span></li>")
+        lines.append(f"- **{head}**: {rest}")
+    base_items = [f"<li class='baseline'>{html.escape(baseline_sentence(f))}</li>" for f in baselines]
+    lines += [f"- {baseline_sentence(f)}" for f in baselines]
+    design = (f"{len(seeds)} seed(s) x {categories} categor{'y' if categories == 1 else 'ies'}: best = highest "
+              "mean over categories of each method's seed mean (complete rows); margin over the runner-up in points; "
+              "95 % interval and p from a paired bootstrap over the test images (both methods on the same resampled "
+              "images, seeds averaged inside each resample), where the per-image data exist.")
+    page = (f"<div class='answer' id='answer'><h2>The answer</h2><ul>{''.join(items)}</ul>"
+            + (f"<p><b>Seed methods against their baselines</b></p><ul>{''.join(base_items)}</ul>" if base_items else "")
+            + f"<p class='notes'>{html.escape(design)}</p></div>")
+    report.markdown += ["## The answer", ""]
+    report.raw(page, "\n".join(lines) + f"\n\n{design}")
