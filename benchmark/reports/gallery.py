@@ -53,7 +53,7 @@ def thumbnail(image: Image.Image, alt: str) -> str:
     image = image.copy()
     image.thumbnail((THUMBNAIL, THUMBNAIL))
     buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=75)
+    image.save(buffer, format="JPEG", quality=70)
     return f"<img alt='{escape(alt)}' src='data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()}'>"
 
 
@@ -95,8 +95,8 @@ def gallery(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> tuple[str
         missing = [r for r in rows if r not in by_row]
         note = f" No pictures for: {', '.join(missing)}." if missing else ""
         parts.append(f"<h3>{escape(category)}</h3><p class='notes'>{len(chosen)} images, {len(methods)} methods."
-                     f"{escape(note)}</p><table class='gallery' data-category='{escape(category)}'>"
-                     f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+                     f"{escape(note)}</p><div class='scroll'><table class='gallery' data-category='{escape(category)}'>"
+                     f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
         markdown.append(f"- {category}: {len(chosen)} images x {len(methods)} methods ({', '.join(chosen)})")
     return "".join(parts), "\n".join(markdown), count
 

@@ -31,7 +31,7 @@ table.sortable th[data-dir=desc]:after{content:' \\25BC';color:#333}
 table.sortable th[data-dir=asc]:after{content:' \\25B2';color:#333}
 small{color:#555;font-size:.75em}sup{color:#a00}
 .notes{font-size:.8em;color:#444}
-.gallery td{padding:1px;text-align:center;font-size:.75em}.gallery img{width:128px;display:block}
+.scroll{overflow-x:auto}.gallery td{padding:1px;text-align:center;font-size:.75em}.gallery img{width:128px;display:block}
 .gallery th{font-size:.75em;max-width:130px;white-space:normal}
 img.figure{max-width:100%}
 """
