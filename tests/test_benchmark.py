@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -191,6 +192,14 @@ def test_sweep_runs_records_and_builds_leaderboard_then_resumes(tmp_path: Path, 
     assert len(scores) == record["timing"]["test_images"] and set(scores.label) == {0, 1}
     assert not scores.path.str.startswith("/").any(), "paths are relative to the dataset root"
     assert set(scores.defect_type[scores.label == 0]) == {"good"}
+    # Beside them, the per-image pixel histograms the report's paired pixel tests use: their sum gives the
+    # record's pixel AUROC within the binning's error, their paths are the score file's.
+    from adbench.benchmark.reports.paired import histogram_auroc
+
+    with np.load((results / record["image_scores"]).with_suffix(".pixels.npz")) as pixels:
+        assert list(pixels["paths"]) == list(scores.path)
+        whole = pixels["histograms"].sum(axis=0)
+    assert histogram_auroc(whole[0], whole[1]) == pytest.approx(record["metrics"]["pixel_auroc"], abs=0.003)
     from adbench.callbacks.metrics import roc_auc
 
     assert roc_auc(scores.score, scores.label) == pytest.approx(record["metrics"]["image_auroc"])

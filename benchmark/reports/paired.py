@@ -12,7 +12,9 @@ scores them too. A paired bootstrap over *images* answers the question with that
 
 The difference A - B of the resampled figures gives a 95 % percentile interval and a two-sided
 p-value from the bootstrap standard error (normal approximation). What it covers is the
-test-set sampling of the trained models, not the spread of training itself.
+test-set sampling of the trained models, not the spread of training itself. (With both methods'
+maps in memory, ``callbacks.intervals.paired_bootstrap_deltas`` does the same for every metric of
+one run each, as ``make compare`` does; the report works from the files a sweep keeps.)
 
 Image AUROC comes from the per-image score files (``scores/<job>.csv``); pixel AUROC and pixel
 AP from the per-image pixel histograms (``scores/<job>.pixels.npz``, written by the evaluator
