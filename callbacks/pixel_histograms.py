@@ -2,10 +2,10 @@
 
 For every test image, the counts of its normal and of its anomalous pixels in each of 256 score
 bins (the bins' edges are quantiles of the test maps' normal pixels and of their anomalous ones).
-Summed over any resample of the images they give that resample's pixel AUROC within about 0.001 and pixel AP
-within about 0.005 of the exact figures (``tests/test_statistics.py``), so the report can
-bootstrap over images two methods scored without keeping their maps: about 2 KB per image
-compressed instead of the map. Written next to the job's per-image scores
+Summed over any resample of the images they give that resample's pixel AUROC within about 0.001
+and pixel AP within about 0.005 of the exact figures (``tests/test_statistics.py``), so the report
+can bootstrap over the images two methods scored without keeping their maps: under 1 KB per image
+compressed (0.6 KB measured for 256 x 256 maps). Written next to the job's per-image scores
 (``scores/<job>.pixels.npz``: ``paths``, ``labels``, ``histograms`` (n, 2, bins), ``edges``).
 """
 

@@ -461,6 +461,52 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root:
     assert (TEST_OUTPUT / "leaderboard_first_screen.png").stat().st_size > 10_000
 
 
+def test_wandb_leaderboard_run_logs_the_summary_tables_gallery_and_page(
+    tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+    import types
+
+    from adbench.benchmark.reports.wandb_report import log_leaderboard
+
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble"], [0], str(embedded_root))
+    _write_evidence(results)
+    tables = build_leaderboard(results, n_resamples=100)
+    logged: dict[str, object] = {}
+
+    class Table:
+        def __init__(self, dataframe=None, columns=None, data=None):
+            self.columns = list(dataframe.columns) if dataframe is not None else columns
+            self.data = dataframe.to_numpy().tolist() if dataframe is not None else data
+
+    class Run:
+        dir, summary = str(tmp_path / "wandb"), {}
+
+        def log(self, entries: dict) -> None:
+            logged.update(entries)
+
+        def finish(self) -> None:
+            logged["finished"] = True
+
+    fake = types.SimpleNamespace(init=lambda **kwargs: Run(), Table=Table, Image=lambda x: ("image", x),
+                                 Html=lambda text: ("html", text))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    log_leaderboard(results, SweepConfig(name="trust", methods=list(METHODS), categories=["weave"]), tables)
+    summary = logged["summary"]
+    rows = [dict(zip(summary.columns, r, strict=True)) for r in summary.data]
+    image = next(r for r in rows if r["metric"] == "image_auroc" and r["kind"] == "headline")
+    assert image["a"] == "patchcore (quick)" and image["b"] == "stpm (quick)" and image["margin"] > 0
+    assert 0 <= image["p_value"] <= 1 and "paired bootstrap over test images" in image["verdict"]
+    assert Run.summary["best/image_auroc"] == "patchcore (quick)"
+    assert {"leaderboard/image_auroc", "leaderboard/pixel_auroc", "runs", "figures/leaderboard_bars"} <= set(logged)
+    gallery = logged["gallery/weave"]
+    assert gallery.columns[:3] == ["image", "input", "ground truth"] and len(gallery.columns) == 3 + 3
+    assert [row[0] for row in gallery.data] == ["crack_000", "crack_001", "good_000"]
+    assert all(cell[0] == "image" and cell[1].size[0] == 16 for row in gallery.data for cell in row[1:])
+    assert logged["report"][0] == "html" and "The answer" in logged["report"][1] and logged["finished"]
+
+
 @pytest.mark.slow
 def test_editing_a_methods_file_reruns_its_jobs_only(tmp_path: Path, embedded_root: Path) -> None:
     from .test_benchmark import _run

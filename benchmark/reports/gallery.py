@@ -18,7 +18,6 @@ import base64
 import io
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from PIL import Image
 
@@ -71,12 +70,13 @@ def map_folders(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> dict[
     return folders
 
 
-def gallery(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> tuple[str, str, int] | None:
-    """(HTML, Markdown, number of images) of the gallery, or None when no job has its pictures."""
+def gallery(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> tuple[str, str, pd.DataFrame] | None:
+    """(HTML, Markdown, cells) of the gallery, or None when no job has its pictures. ``cells``: one row per
+    category, image and method with the picture's path relative to ``results_dir`` (for W&B)."""
     folders = map_folders(runs, results_dir, rows)
     if not folders:
         return None
-    parts, count, markdown = [], 0, []
+    parts, markdown, cells_frame = [], [], []
     for category, by_row in folders.items():
         common = set.intersection(*({p.stem for p in f.glob("*.png")} for f in by_row.values()))
         chosen = choose_images(sorted(common))
@@ -91,16 +91,13 @@ def gallery(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> tuple[str
             cells += [f"<td>{thumbnail(panel(by_row[m] / f'{name}.png', 3), f'{category} {name} {m}')}</td>"
                       for m in methods]  # fmt: skip
             body.append("<tr>" + "".join(cells) + "</tr>")
-        count += len(chosen)
+            cells_frame += [{"category": category, "image": name, "method": m,
+                             "picture": (by_row[m] / f"{name}.png").relative_to(results_dir).as_posix()}
+                            for m in methods]  # fmt: skip
         missing = [r for r in rows if r not in by_row]
         note = f" No pictures for: {', '.join(missing)}." if missing else ""
         parts.append(f"<h3>{escape(category)}</h3><p class='notes'>{len(chosen)} images, {len(methods)} methods."
                      f"{escape(note)}</p><div class='scroll'><table class='gallery' data-category='{escape(category)}'>"
                      f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
         markdown.append(f"- {category}: {len(chosen)} images x {len(methods)} methods ({', '.join(chosen)})")
-    return "".join(parts), "\n".join(markdown), count
-
-
-def image_array(tag_source: Path, index: int = 3) -> np.ndarray:
-    """A panel as an array (for W&B)."""
-    return np.asarray(panel(tag_source, index))
+    return "".join(parts), "\n".join(markdown), pd.DataFrame(cells_frame)

@@ -495,7 +495,8 @@ def build_leaderboard(
     notes = row_notes(runs)
     done = int(runs.status.isin(FINISHED).sum())
     if done:
-        summary.answer_section(report, tables, runs, evidence)
+        findings = summary.answer_section(report, tables, runs, evidence)
+        summary.findings_frame(findings).to_csv(output_dir / "leaderboard_summary.csv", index=False)
     for line in header(runs, left_out, errors):
         report.text(line, "meta")
     report.text(LEGEND, "meta")
@@ -564,7 +565,9 @@ def _pictures_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.
         report.text("No anomaly maps here: this results folder keeps no jobs/<job>/anomaly_maps (they are not "
                     "committed); build the report from the sweep's local folder to see them.")
     else:
-        page, markdown, count = shown
+        page, markdown, cells = shown
+        cells.to_csv(output_dir / "leaderboard_gallery.csv", index=False)
+        count = len(cells[["category", "image"]].drop_duplicates())
         report.text(f"{count} test images, chosen by a fixed rule (per category, the first {gallery.PER_DEFECT} "
                     f"file names of each defect type and the first {gallery.GOOD} good one), never by how they look; "
                     "each method's lowest seed. Cells: the map thresholded at the method's validation threshold (red), "

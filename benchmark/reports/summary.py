@@ -45,6 +45,7 @@ class Finding:
     p_value: float | None = None
     reason: str = ""
     subset: str = ""  # where the test saw only some jobs: which, and the difference there
+    kind: str = "headline"  # or "baseline": a seed method against the method it builds on
 
     @property
     def margin(self) -> float:
@@ -143,6 +144,7 @@ def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evide
             other = row.replace(f"{method} (", f"{baseline} (", 1)
             if row in complete and other in complete:
                 findings.append(evidence.compare(table, "image_auroc", row, other))
+                findings[-1].kind = "baseline"
     return findings
 
 
@@ -162,8 +164,10 @@ def baseline_sentence(finding: Finding) -> str:
             f"{finding.verdict()}).")
 
 
-def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence) -> None:
-    """The answer first: best per headline metric, margin, interval, significance; seed methods vs baselines."""
+def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence
+                   ) -> list[Finding]:
+    """The answer first: best per headline metric, margin, interval, significance; seed methods vs baselines.
+    Returns the findings shown (headline ones first)."""
     findings = headline_findings(tables, evidence)
     baselines = baseline_findings(tables, runs, evidence)
     categories = runs.category.nunique()
@@ -188,3 +192,15 @@ def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.Dat
             + f"<p class='notes'>{html.escape(design)}</p></div>")
     report.markdown += ["## The answer", ""]
     report.raw(page, "\n".join(lines) + f"\n\n{design}")
+    return findings + baselines
+
+
+def findings_frame(findings: list[Finding]) -> pd.DataFrame:
+    """One row per finding (values in 0..1): what ``leaderboard_summary.csv`` and W&B hold."""
+    return pd.DataFrame([{
+        "metric": f.metric, "kind": f.kind, "a": f.a, "b": f.b,
+        "value_a": f.value_a, "value_b": f.value_b, "margin": f.margin,
+        "low": None if f.interval is None else f.interval[0], "high": None if f.interval is None else f.interval[1],
+        "p_value": f.p_value, "test": f.test, "verdict": f.verdict(),
+    } for f in findings], columns=["metric", "kind", "a", "b", "value_a", "value_b", "margin", "low",
+                                                 "high", "p_value", "test", "verdict"])

@@ -1,4 +1,13 @@
-"""Publish a sweep's leaderboard to Weights & Biases (one ``leaderboard`` run per sweep).
+"""Publish a sweep's leaderboard to Weights & Biases (one ``leaderboard`` run per sweep): what the
+HTML report shows, so that a dashboard answers the same question.
+
+* ``summary``: the answer (best per headline metric, margin, interval, test; seed methods against
+  their baselines) as a table, from ``leaderboard_summary.csv``, and the run's summary fields
+  ``best/<metric>`` and ``margin/<metric>``;
+* ``leaderboard/<metric>``: every metric table, sorted by its own metric; ``runs``: runs.csv;
+* ``gallery/<category>``: one row per chosen test image, one column per method, each cell the
+  method's map at its validation threshold (``leaderboard_gallery.csv``, where the folder has maps);
+* ``report``: the self-contained HTML page itself, and the figures.
 
 Offline mode writes everything under the results folder and needs no network
 (``wandb sync`` uploads it later); with W&B disabled nothing here is imported.
@@ -14,10 +23,15 @@ import pandas as pd
 if TYPE_CHECKING:
     from adbench.benchmark.orchestration.sweep import SweepConfig
 
+FIGURES = ("leaderboard_bars.png", "leaderboard_speed.png", "leaderboard_heatmap.png")
+
 
 def log_leaderboard(results_dir: Path, sweep: SweepConfig, tables: dict[str, pd.DataFrame]) -> str:
-    """Log runs.csv, every metric table and the heatmap; return the W&B run directory."""
+    """Log the summary, runs.csv, every metric table, the gallery, the figures and the page; return the
+    W&B run directory."""
     import wandb
+
+    from adbench.benchmark.reports.gallery import panel
 
     settings = sweep.wandb
     run = wandb.init(
@@ -30,12 +44,34 @@ def log_leaderboard(results_dir: Path, sweep: SweepConfig, tables: dict[str, pd.
         reinit=True,
     )
     try:
+        summary = results_dir / "leaderboard_summary.csv"
+        if summary.is_file():
+            findings = pd.read_csv(summary)
+            run.log({"summary": wandb.Table(dataframe=findings)})
+            for f in findings[findings.kind == "headline"].itertuples():
+                run.summary[f"best/{f.metric}"] = f.a
+                run.summary[f"margin/{f.metric}"] = f.margin
         run.log({"runs": wandb.Table(dataframe=pd.read_csv(results_dir / "runs.csv"))})
         for metric, table in tables.items():
             run.log({f"leaderboard/{metric}": wandb.Table(dataframe=table.reset_index())})
-        heatmap = results_dir / "leaderboard_heatmap.png"
-        if heatmap.is_file():
-            run.log({"leaderboard/heatmap": wandb.Image(str(heatmap))})
+        cells = results_dir / "leaderboard_gallery.csv"
+        if cells.is_file():
+            for category, part in pd.read_csv(cells).groupby("category", sort=False):
+                methods = list(dict.fromkeys(part.method))
+                rows = []
+                for image, group in part.groupby("image", sort=False):
+                    pictures = dict(zip(group.method, group.picture, strict=True))
+                    first = results_dir / pictures[methods[0]]
+                    rows.append([image, wandb.Image(panel(first, 0)), wandb.Image(panel(first, 1)),
+                                 *(wandb.Image(panel(results_dir / pictures[m], 3)) for m in methods)])
+                run.log({f"gallery/{category}": wandb.Table(columns=["image", "input", "ground truth", *methods],
+                                                            data=rows)})
+        for name in FIGURES:
+            if (results_dir / name).is_file():
+                run.log({f"figures/{Path(name).stem}": wandb.Image(str(results_dir / name))})
+        page = results_dir / "leaderboard.html"
+        if page.is_file():
+            run.log({"report": wandb.Html(page.read_text())})
         return run.dir
     finally:
         run.finish()
