@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from adbench.callbacks.metrics import METRIC_LABELS as METRICS  # noqa: E402
 
@@ -36,7 +37,8 @@ def heatmap(tables: dict[str, pd.DataFrame], path: Path) -> Path:
 
 
 def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
-    """Per-category bars with error bars: std over seeds where several, else the bootstrap interval."""
+    """Per-category bars with whiskers: the 95 % bootstrap interval of the test set where the records have
+    one (the mean of the seeds' bounds), else the std over seeds."""
     metrics = [m for m in ("image_auroc", "pixel_auroc", "pro") if m in tables]
     first = tables[metrics[0]]
     categories = [c[: -len("_low")] for c in first.columns if c.endswith("_low")]
@@ -51,7 +53,8 @@ def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
             std = np.array([table.at[row, f"{c}_std"] for c in categories], dtype=float) * 100
             low = np.array([table.at[row, f"{c}_low"] for c in categories], dtype=float) * 100
             high = np.array([table.at[row, f"{c}_high"] for c in categories], dtype=float) * 100
-            error = np.where(np.isnan(std), np.stack([mean - low, high - mean]), np.stack([std, std]))
+            interval = ~(np.isnan(low) | np.isnan(high))
+            error = np.where(interval, np.stack([mean - low, high - mean]), np.stack([std, std]))
             x = np.arange(len(categories)) + (k - (len(rows) - 1) / 2) * width
             ax.bar(x, mean, width, yerr=np.nan_to_num(np.clip(error, 0, None)), capsize=2, label=row)
         ax.set_xticks(range(len(categories)), categories)
@@ -59,7 +62,7 @@ def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
         ax.set_ylabel(METRICS[metric] + " (%)", fontsize=8)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    axes[0, 0].set_title("mean per category; error bars: std over seeds, or the 95 % bootstrap interval (one seed)",
+    axes[0, 0].set_title("mean per category; whiskers: 95 % bootstrap interval of the test set, or the std over seeds where none",
                          fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -83,6 +86,8 @@ def speed_quality(tables: dict[str, pd.DataFrame], path: Path) -> Path | None:
         for name, xi, yi in zip(y.index, x, y, strict=True):
             ax.annotate(name.split(" (")[0], (xi, yi), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if str(f"{v:g}")[0] in "25" else ""))
         ax.set_xlabel("test images per second (log scale; this sweep's machine)", fontsize=8)
         ax.set_ylabel(METRICS[metric].split(" (")[0] + ", mean over categories (%)", fontsize=8)
         ax.grid(lw=0.3)

@@ -9,7 +9,8 @@ The cells are cut from the pictures the visualisation callback already writes pe
 validation threshold with the truth outlined in green), so any sweep folder that still has them
 gets a gallery without rerunning anything: the first two columns show the input and the ground
 truth, each method's cell its thresholded map. Cells are 128-px JPEG thumbnails embedded in the page
-(about 4 KB each: 7 methods x 15 categories x ~12 images stay near 5 MB).
+(4.7 KB each in base64, measured on bottle and transistor: 7 methods x 15 MVTec categories x ~11
+images, with input and truth, come to about 7 MB).
 """
 
 from __future__ import annotations

@@ -29,6 +29,12 @@ from adbench.callbacks.metrics import METRIC_LABELS
 BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem", "glass": "simplenet"}
 #: The metrics the summary answers for, where the sweep has them.
 HEADLINE = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05", "mad")
+#: Why a headline metric has no paired test over images.
+NO_EVIDENCE = {
+    "pro": "PRO needs per-region overlaps, which the job files do not keep",
+    "pro_fpr05": "PRO needs per-region overlaps, which the job files do not keep",
+    "mad": "mAD averages seven metrics, PRO among them, which has no per-image evidence",
+}
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Evidence:
             finding.p_value = 1.0 if (x == y).all() else float(stats.wilcoxon(x, y).pvalue)
             return finding
         lacking = [r for r in (a, b) if figures is None or r not in figures[1].columns]
-        why = ("no per-image evidence for this metric exists (PRO needs per-region overlaps)" if figures is None
+        why = (NO_EVIDENCE.get(metric, "the job files keep no per-image evidence for this metric") if figures is None
                else f"no {kind} for {' and '.join(lacking)}")
         finding.reason = (f"{why}, and {len(categories)} categories are fewer than the {statistics.MIN_BLOCKS} "
                           "a test across categories needs")
@@ -149,7 +155,7 @@ def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evide
 
 
 def headline_sentence(finding: Finding) -> str:
-    label = METRIC_LABELS[finding.metric].split(" (")[0]
+    label = "mAD (mean of seven metrics)" if finding.metric == "mad" else METRIC_LABELS[finding.metric]
     return (f"{label}: {finding.a} is best with {100 * finding.value_a:.1f} %, "
             f"{_points(finding.margin)} points over {finding.b} ({100 * finding.value_b:.1f} %); {finding.verdict()}.")
 
