@@ -46,6 +46,7 @@ def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
     fig, axes = plt.subplots(len(metrics), 1, figsize=(max(6.0, 0.25 * len(categories) * len(rows) + 2),
                                                        2.6 * len(metrics)), squeeze=False)
     width = 0.8 / max(1, len(rows))
+    colours = plt.get_cmap("tab10" if len(rows) <= 10 else "tab20")  # more rows than colours would repeat
     for ax, metric in zip(axes[:, 0], metrics, strict=True):
         table = tables[metric]
         for k, row in enumerate(rows):
@@ -56,7 +57,8 @@ def bars(tables: dict[str, pd.DataFrame], path: Path) -> Path:
             interval = ~(np.isnan(low) | np.isnan(high))
             error = np.where(interval, np.stack([mean - low, high - mean]), np.stack([std, std]))
             x = np.arange(len(categories)) + (k - (len(rows) - 1) / 2) * width
-            ax.bar(x, mean, width, yerr=np.nan_to_num(np.clip(error, 0, None)), capsize=2, label=row)
+            ax.bar(x, mean, width, yerr=np.nan_to_num(np.clip(error, 0, None)), capsize=2, label=row,
+                   color=colours(k % colours.N))
         ax.set_xticks(range(len(categories)), categories)
         ax.set_ylim(max(0.0, np.nanmin([table[c].min() for c in categories]) * 100 - 10), 100.5)
         ax.set_ylabel(METRICS[metric] + " (%)", fontsize=8)
