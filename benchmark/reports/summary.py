@@ -121,9 +121,9 @@ class Evidence:
             return finding
         lacking = [r for r in (a, b) if figures is None or r not in figures[1].columns]
         why = (NO_EVIDENCE.get(metric, "the job files keep no per-image evidence for this metric") if figures is None
-               else f"no {kind} for {' and '.join(lacking)}")
-        finding.reason = (f"{why}, and {len(categories)} categories are fewer than the {statistics.MIN_BLOCKS} "
-                          "a test across categories needs")
+               else f"{' and '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no {kind}")
+        finding.reason = (f"{why}, and {len(categories)} categories are too few (< {statistics.MIN_BLOCKS}) "
+                          "for a test across them")
         return finding
 
 
