@@ -184,6 +184,7 @@ def expand_model_names(argv: Sequence[str]) -> list[str]:
 #: that realise them: the one place where the sweep's names meet the CLI's.
 JOB_SETTINGS = {
     "seed": "seed_everything",
+    "split_seed": "data.init_args.split_seed",
     "categories": "data.init_args.category",
     "root": "data.init_args.root",
     "texture_root": "data.init_args.texture_source",

@@ -48,6 +48,15 @@ Choices the recipe leaves open, fixed here:
 * Texture sources beyond DTD: :class:`ProceduralTextures` (no files at all)
   and :class:`SelfTextures` (the training images themselves, shuffled) are
   extensions, not part of DRAEM.
+
+Recipes (:data:`SYNTHESIS_RECIPES`, an extension): ``draem`` is the recipe above,
+what training uses; ``validation`` draws what training never draws, so that
+validation anomalies rank how a model generalises from its synthesis rather than
+how well it recalls it: filled, rotated ellipses (``mask_shape="ellipses"``,
+:func:`ellipse_mask`) instead of Perlin blobs, smaller (each 0.2-3 % of the image),
+and weaker blends (``beta ~ U(0.4, 0.8)``: at least 40 % of the original image
+inside the mask). The datamodule also draws them from texture classes training
+never sees (:meth:`FolderTextures.split`).
 """
 
 from __future__ import annotations
@@ -74,10 +83,12 @@ __all__ = [
     "ProceduralTextures",
     "PseudoAnomalySynthesizer",
     "SelfTextures",
+    "SYNTHESIS_RECIPES",
     "SynthesisResult",
     "TextureSource",
     "blend",
     "build_texture_augmentation",
+    "ellipse_mask",
     "make_texture_source",
 ]
 
@@ -357,6 +368,46 @@ def make_texture_source(
 
 # --------------------------------------------------------------------------- synthesis
 
+#: ``mask_shape`` values of :class:`PseudoAnomalySynthesizer`.
+MASK_SHAPES = ("perlin", "ellipses")
+#: Named recipes: keyword arguments of :class:`PseudoAnomalySynthesizer` (see the module docstring).
+SYNTHESIS_RECIPES: dict[str, dict[str, Any]] = {
+    "draem": {},
+    "validation": {"mask_shape": "ellipses", "ellipse_area": (0.002, 0.03), "ellipse_count": (1, 3),
+                   "beta_range": (0.4, 0.8)},
+}
+
+
+def ellipse_mask(
+    shape: tuple[int, int],
+    rng: np.random.Generator,
+    area: tuple[float, float] = (0.002, 0.03),
+    count: tuple[int, int] = (1, 3),
+) -> np.ndarray:
+    """Filled, rotated ellipses: float32 ``shape`` array in {0, 1}, never empty.
+
+    ``n ~ U{count}`` ellipses, each of area ``a * H * W`` with ``a`` log-uniform in ``area``,
+    aspect ratio U(1, 4), centre uniform over the image, angle U(0, 180) degrees; drawn in
+    that order from ``rng``. Parts outside the image are cut off; a centre pixel is always set.
+    """
+    if not 0.0 < area[0] <= area[1] < 1.0:
+        raise ValueError(f"ellipse area must satisfy 0 < low <= high < 1 (fractions of the image), got {area}")
+    if not 1 <= count[0] <= count[1]:
+        raise ValueError(f"ellipse count must satisfy 1 <= low <= high, got {count}")
+    height, width = shape
+    canvas = np.zeros(shape, np.uint8)
+    for _ in range(int(rng.integers(count[0], count[1] + 1))):
+        pixels = math.exp(rng.uniform(math.log(area[0]), math.log(area[1]))) * height * width
+        aspect = rng.uniform(1.0, 4.0)
+        major = math.sqrt(pixels * aspect / math.pi)
+        centre = (int(rng.integers(width)), int(rng.integers(height)))
+        angle = float(rng.uniform(0.0, 180.0))
+        axes = (max(1, round(major)), max(1, round(major / aspect)))
+        cv2.ellipse(canvas, centre, axes, angle, 0.0, 360.0, 1, thickness=-1)
+        canvas[centre[1], centre[0]] = 1
+    return canvas.astype(np.float32)
+
+
 
 def build_texture_augmentation(n_augmentations: int = 3) -> A.Compose:
     """DRAEM's texture augmentation: ``n`` of 10 ops, distinct, in random order.
@@ -433,7 +484,12 @@ class PseudoAnomalySynthesizer:
         perlin_max_exp: int = 5,
         threshold: float = 0.5,
         n_augmentations: int = 3,
+        mask_shape: str = "perlin",
+        ellipse_area: tuple[float, float] = (0.002, 0.03),
+        ellipse_count: tuple[int, int] = (1, 3),
     ) -> None:
+        if mask_shape not in MASK_SHAPES:
+            raise ValueError(f"mask_shape must be one of {MASK_SHAPES}, got {mask_shape!r}")
         if not 0.0 <= anomaly_probability <= 1.0:
             raise ValueError(f"anomaly_probability must be in [0, 1], got {anomaly_probability}")
         if not 0.0 <= beta_range[0] <= beta_range[1] <= 1.0:
@@ -445,7 +501,17 @@ class PseudoAnomalySynthesizer:
         self.perlin_max_exp = perlin_max_exp
         self.threshold = threshold
         self.n_augmentations = n_augmentations
+        self.mask_shape = mask_shape
+        self.ellipse_area = (float(ellipse_area[0]), float(ellipse_area[1]))
+        self.ellipse_count = (int(ellipse_count[0]), int(ellipse_count[1]))
         self._augmentation = build_texture_augmentation(n_augmentations)
+
+    @classmethod
+    def from_recipe(cls, texture_source: TextureSource, recipe: str) -> PseudoAnomalySynthesizer:
+        """A synthesizer of one of :data:`SYNTHESIS_RECIPES` (``draem``: training's; ``validation``)."""
+        if recipe not in SYNTHESIS_RECIPES:
+            raise ValueError(f"synthesis recipe must be one of {tuple(SYNTHESIS_RECIPES)}, got {recipe!r}")
+        return cls(texture_source, **SYNTHESIS_RECIPES[recipe])
 
     def augment_texture(self, texture: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Apply the random augmentation to a uint8 texture, seeded from ``rng``."""
@@ -463,13 +529,16 @@ class PseudoAnomalySynthesizer:
         """
         if rng.random() >= self.anomaly_probability:
             return None
-        mask = perlin_mask(
-            size,
-            rng,
-            min_exp=self.perlin_min_exp,
-            max_exp=self.perlin_max_exp,
-            threshold=self.threshold,
-        )
+        if self.mask_shape == "ellipses":
+            mask = ellipse_mask(size, rng, self.ellipse_area, self.ellipse_count)
+        else:
+            mask = perlin_mask(
+                size,
+                rng,
+                min_exp=self.perlin_min_exp,
+                max_exp=self.perlin_max_exp,
+                threshold=self.threshold,
+            )
         texture = self.augment_texture(self.texture_source.sample(rng, size), rng)
         beta = float(rng.uniform(*self.beta_range))
         return AnomalyDraw(mask, texture.astype(np.float32) / np.float32(255.0), beta)

@@ -11,6 +11,12 @@ discriminative U-Net reads ``[reconstruction, input]`` and predicts the anomaly
 mask (focal loss). The anomaly map is the discriminator's per-pixel probability;
 the image score is the maximum of that map average-pooled over 21 x 21 pixels.
 
+``encoder`` (not the paper's): ``"scratch"`` (default) is the paper's reconstructive
+encoder; a backbone name (e.g. ``tf_efficientnet_lite0``) replaces it by that frozen
+ImageNet backbone, plugged in as the quick POUTA and TSDN profiles plug theirs
+(``unet.BackboneEncoder``), so DRAEM is their baseline on the same encoder. The decoder
+and the discriminative network stay DRAEM's.
+
 Readings, open choices and ablations: docs/methods/draem.md.
 """
 
@@ -26,7 +32,10 @@ from .losses import focal_loss, reconstruction_loss
 from .registry import register_model
 from .schedules import draem_schedule
 from .scoring import pooled_max_score
-from .unet import UNet, draem_init, widths_from_base
+from .unet import BackboneEncoder, UNet, draem_init, widths_from_base
+
+#: ``encoder`` value of the paper's reconstructive encoder, trained from scratch.
+SCRATCH = "scratch"
 
 
 @register_model("draem")
@@ -48,6 +57,9 @@ class DRAEM(AnomalyModule):
         detach_reconstruction: bool = False,
         weight_init: str = "normal",
         decoder_layout: str = "draem",
+        encoder: str = SCRATCH,
+        encoder_weights: str = "auto",
+        encoder_weights_sha256: str | None = None,
     ) -> None:
         super().__init__()
         if pool_size < 1 or pool_size % 2 == 0:
@@ -59,8 +71,14 @@ class DRAEM(AnomalyModule):
         disc_widths = widths_from_base(disc_base_width, disc_depth)
         self.reconstructive = UNet(3, 3, recon_widths, skip=False, layout=decoder_layout)
         self.discriminative = UNet(6, 1, disc_widths, skip=True, layout=decoder_layout)
+        if encoder != SCRATCH:
+            # Baseline on the same encoder as the quick POUTA/TSDN: frozen ImageNet stages, projected to the widths.
+            self.reconstructive.encoder = BackboneEncoder(recon_widths, encoder, encoder_weights, True,
+                                                          encoder_weights_sha256)
         if weight_init == "normal":
-            self.apply(draem_init)
+            for name, module in self.named_modules():
+                if ".backbone." not in f".{name}.":  # keep the pretrained weights
+                    draem_init(module)
 
     def _logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Reconstruction of ``images`` and the discriminator's per-pixel anomaly logits."""
@@ -87,9 +105,10 @@ class DRAEM(AnomalyModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
+        # A frozen pretrained encoder contributes no trainable parameters.
         optimizer = torch.optim.Adam(
             [
-                {"params": self.reconstructive.parameters(), "lr": hp.lr},
+                {"params": [p for p in self.reconstructive.parameters() if p.requires_grad], "lr": hp.lr},
                 {"params": self.discriminative.parameters(), "lr": hp.lr},
             ]
         )

@@ -389,7 +389,7 @@ def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
     records = [record("rstpm", "rstpm", 0, 0.90), record("rstpm", "rstpm", 1, 0.94),
                record("rstpm-no-attention", "rstpm", 0, 0.80), record("rstpm-no-attention", "rstpm", 1, 0.86),
                record("stpm", "stpm", 0, 0.91), record("stpm", "stpm", 1, 0.91)]  # fmt: skip
-    table = ablation_table(runs_frame(records), ["pixel_auroc"]).set_index("row")
+    table = ablation_table(runs_frame(records), ["pixel_auroc"], baselines={"rstpm": "stpm"}).set_index("row")
     assert table.loc["rstpm", "pixel_auroc"] == "92.0 ± 2.8"
     # Paired by seed: deltas 10 and 8 -> +9.0 ± 1.4 (unpaired means would give the same mean, another std).
     assert table.loc["rstpm-no-attention", "Δ pixel_auroc"] == "+9.0 ± 1.4"
@@ -415,12 +415,45 @@ def test_ablation_table_reads_several_folders_first_record_wins_and_keeps_named_
     record("rivals", "stpm", 0, 0.10)  # the same job again: the first folder's record counts
     record("rivals", "glass", 0, 0.80)
     record("rivals", "simplenet", 0, 0.70)
+    # Records from before jobs recorded their baseline: their sweep's YAML (rivals.yaml: glass vs simplenet).
+    for path in (tmp_path / "rivals" / RUNS_FOLDER).glob("*.json"):
+        write_json_atomic(path, {**json.loads(path.read_text()), "sweep": "rivals"})
     assert main([str(tmp_path / "seeds"), str(tmp_path / "rivals"), "--metrics", "image_auroc",
                  "--rows", "stpm,glass,simplenet"]) == 0  # fmt: skip
     lines = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
-             for line in capsys.readouterr().out.splitlines()[2:]}  # fmt: skip
+             for line in capsys.readouterr().out.splitlines()[2:] if line.startswith("|")}  # fmt: skip
     assert sorted(lines) == [("bottle", "glass"), ("bottle", "simplenet"), ("bottle", "stpm"), ("transistor", "stpm")]
     assert "92.0 ± 2.8" in lines[("bottle", "stpm")] and "+10.0" in lines[("bottle", "simplenet")]  # glass - baseline
+
+
+def test_seed_methods_are_compared_with_the_baseline_their_sweep_declares(
+        tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import asdict
+
+    from adbench.benchmark.orchestration.records import RUNS_FOLDER
+    from adbench.benchmark.reports.ablation_table import main
+
+    sweep = SweepConfig.from_yaml(REPO / "configs" / "sweeps" / "ablations.yaml", root=str(embedded_root),
+                                  categories=["weave"], methods=["draem", "draem-pretrained-encoder", "pouta", "stpm", "rstpm"])  # fmt: skip
+    assert sweep.baselines["pouta"] == sweep.baselines["tsdn"] == "draem-pretrained-encoder"
+    jobs = {j.name: j for j in sweep.jobs()}
+    assert jobs["pouta"].baseline == "draem-pretrained-encoder" and jobs["rstpm"].baseline == "stpm"
+    assert jobs["draem"].baseline is None
+    # Same budget as DRAEM quick, only the encoder switched.
+    variant, draem = jobs["draem-pretrained-encoder"].config(), jobs["draem"].config()
+    assert variant["model"]["init_args"].pop("encoder") == "tf_efficientnet_lite0"
+    assert variant == draem
+    for name, image in (("pouta", 0.95), ("draem", 0.80), ("draem-pretrained-encoder", 0.90)):
+        write_json_atomic(tmp_path / RUNS_FOLDER / f"{name}.json", {
+            **asdict(jobs[name]), "status": "ok", "metrics": {"image_auroc": image}})  # fmt: skip
+    assert main([str(tmp_path), "--metrics", "image_auroc"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| weave")}
+    assert "pouta: +5.0" in rows["draem-pretrained-encoder"]  # on the same encoder, not +15 against scratch DRAEM
+    assert "pouta" not in rows["draem"]
+    assert "pouta vs draem-pretrained-encoder" in out
+    with pytest.raises(SweepConfigError, match="baselines"):
+        SweepConfig(baselines={"pouta": "draem-same"}).validate()
 
 
 def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: Path) -> None:
@@ -435,7 +468,7 @@ def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: 
     records = [record("pouta", "pouta", 0, 0.90), record("pouta", "pouta", 1, 0.94), record("pouta", "pouta", 2, 0.9),
                record("pouta-finest-only", "pouta", 0, 0.85), record("draem", "draem", 1, 0.70),
                {**record("pouta-finest-only", "pouta", 1, 0.1), "status": "failed"}]  # fmt: skip
-    deltas = paired_deltas(runs_frame(records), ["pixel_auroc"]).set_index(["row", "seed"])
+    deltas = paired_deltas(runs_frame(records), ["pixel_auroc"], {"pouta": "draem"}).set_index(["row", "seed"])
     assert sorted(deltas.index) == [("draem", 1), ("pouta-finest-only", 0)]
     assert deltas.loc[("pouta-finest-only", 0), "delta"] == pytest.approx(5.0)
     assert deltas.loc[("draem", 1), ["vs", "kind"]].tolist() == ["pouta", "baseline"]
@@ -477,3 +510,45 @@ def test_bench_patchcore_reads_the_metrics_lightning_prints(capsys: pytest.Captu
     rich_row = "│     test/pixel_auroc      │    0.9979014992713928     │"
     assert printed_test_metrics(rich_row) == {"pixel_auroc": "0.9979014992713928"}
     assert printed_test_metrics("test/pro 0.5") == {}
+
+
+def test_split_seed_follows_the_seed_unless_the_sweep_fixes_it(tmp_path: Path, embedded_root: Path) -> None:
+    path = _sweep_file(tmp_path, embedded_root, seeds=[0, 1, 2])
+    following = SweepConfig.from_yaml(path).jobs()
+    assert [(j.seed, j.split_seed, j.split_seed_source) for j in following] == [(s, s, "seed") for s in (0, 1, 2)]
+    assert [j.config()["data"]["init_args"]["split_seed"] for j in following] == [0, 1, 2]
+    fixed = SweepConfig.from_yaml(path, split_seed=7).jobs()
+    assert [(j.split_seed, j.split_seed_source) for j in fixed] == [(7, "sweep")] * 3
+    assert [j.config()["data"]["init_args"]["split_seed"] for j in fixed] == [7, 7, 7]
+    assert fixed[0].fingerprint() != following[0].fingerprint()
+    with pytest.raises(SweepConfigError, match="split_seed"):
+        SweepConfig(split_seed="seed").validate()
+
+
+def test_validation_saturation_on_crafted_histories() -> None:
+    from adbench.benchmark.orchestration.records import (
+        record_saturated,
+        saturation_rate,
+        selection_saturation,
+    )
+
+    def history(*scores: float) -> list[dict]:
+        return [{"epoch": i, "selection_score": s} for i, s in enumerate(scores)]
+
+    assert selection_saturation(history(0.8, 1.0, 0.9), 1.0)["reason"] == "maximum"
+    assert selection_saturation(history(0.95, 0.94, 0.951), 0.951)["reason"] == "first"  # +0.001: a tie
+    assert selection_saturation(history(0.97), 0.97)["reason"] == "first"  # validated once: nothing ranked
+    improving = selection_saturation(history(0.9, 0.99, 0.995), 0.995)
+    assert improving == {"saturated": False, "reason": None, "ranked_epochs": 3}
+    # A staged method's not-ready epochs (-1) are no candidates: the first candidate is 0.9.
+    assert selection_saturation(history(-1.0, 0.9, 0.96), 0.96)["saturated"] is False
+    assert selection_saturation(history(-1.0, 0.96, 0.9), 0.96)["reason"] == "first"
+    assert selection_saturation([], None)["saturated"] is None
+
+    def record(status: str, *scores: float) -> dict:
+        return {"status": status, "selection": {"history": history(*scores), "best_val_score": max(scores)}}
+
+    records = [record("ok", 0.9, 1.0), record("ok", 0.9, 0.95), record("warning", 0.97, 0.96),
+               record("failed", 0.5, 1.0), {"status": "ok", "selection": {"history": [], "best_val_score": None}}]  # fmt: skip
+    assert [record_saturated(r) for r in records] == [True, False, True, None, None]
+    assert saturation_rate(records) == (2, 3)

@@ -422,3 +422,39 @@ def test_held_out_validation_textures_are_classes_training_never_sees(tmp_path: 
                         validation_textures="held-out", pseudo_anomalies=True).setup("fit")  # fmt: skip
     with pytest.raises(ValueError, match="validation_textures"):
         MVTecDataModule(validation_textures="other")
+
+
+def test_validation_anomalies_use_held_out_textures_for_every_seed_and_the_validation_recipe(
+        tmp_path: Path, embedded_root: Path) -> None:
+    from adbench.datamodules.synthesis import SYNTHESIS_RECIPES
+
+    rng = np.random.default_rng(0)
+    kinds = [f"kind{i}" for i in range(10)]
+    for kind in kinds:
+        (tmp_path / "tex" / kind).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "tex" / kind / f"{i}.png")
+    held_by_seed = {}
+    for seed in range(5):
+        # Default validation_textures ("auto"): held out as soon as there is a texture folder.
+        data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, val_fraction=0.2,
+                               split_seed=seed, texture_source=str(tmp_path / "tex"), pseudo_anomalies=True)  # fmt: skip
+        train, val = data._synthesizers(np.zeros((1, 64, 64, 3), np.uint8))
+        trained = {p.parent.name for p in train.texture_source.paths}
+        held = {p.parent.name for p in val.texture_source.paths}
+        assert trained.isdisjoint(held) and trained | held == set(kinds) and len(held) == 2, seed
+        assert (train.mask_shape, train.beta_range) == ("perlin", (0.0, 0.8))
+        assert (val.mask_shape, val.beta_range) == ("ellipses", SYNTHESIS_RECIPES["validation"]["beta_range"])
+        held_by_seed[seed] = held
+    assert len({frozenset(h) for h in held_by_seed.values()}) > 1, "the seed chooses the held-out classes"
+    # Procedural textures have no classes to hold out: shared, still with the validation recipe.
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, pseudo_anomalies=True)
+    train, val = data._synthesizers(np.zeros((1, 64, 64, 3), np.uint8))
+    assert train.texture_source is val.texture_source and val.mask_shape == "ellipses"
+    # The suite's validation before 2026-12-06, on request.
+    old = MVTecDataModule(root=str(embedded_root), category="weave", image_size=64, validation_textures="shared",
+                          validation_recipe="draem", texture_source=str(tmp_path / "tex"))  # fmt: skip
+    train, val = old._synthesizers(np.zeros((1, 64, 64, 3), np.uint8))
+    assert train.texture_source is val.texture_source and val.mask_shape == "perlin" and val.beta_range == (0.0, 0.8)
+    with pytest.raises(ValueError, match="validation_recipe"):
+        MVTecDataModule(validation_recipe="other")

@@ -33,11 +33,11 @@ from adbench.benchmark.orchestration.records import (
     FINISHED,
     LAUNCH_TOKEN_VARIABLE,
     LAUNCHED_AT_VARIABLE,
+    selection_saturation,
     write_json_atomic,
     write_text_atomic,
 )
 from adbench.benchmark.orchestration.sweep import JobSpec
-from adbench.callbacks.evaluation import NOT_READY_SCORE
 from adbench.callbacks.guards import LossHistory
 from adbench.callbacks.pixel_histograms import HISTOGRAM_SUFFIX, PixelHistograms
 from adbench.cli import AnomalyCLI
@@ -61,28 +61,6 @@ def _logger(spec: JobSpec, job_dir: Path) -> Any:
             "save_dir": str(settings.get("dir", job_dir)),
         },
     }
-
-
-#: A best validation score this close to 1 leaves no room to rank checkpoints by.
-SATURATION_LEVEL = 0.995
-#: Selection scores closer than this to the best one are treated as ties.
-SATURATION_TIE = 0.002
-
-
-def selection_saturation(history: list[dict[str, Any]], best: float | None) -> dict[str, Any]:
-    """Whether checkpoint selection could tell the validated epochs apart.
-
-    ``saturated`` when the best selection score is at least :data:`SATURATION_LEVEL`
-    or another validated epoch ties with it (within :data:`SATURATION_TIE`): then the
-    chosen checkpoint is as good as any other by the only signal there is, and on easy
-    synthetic anomalies that says little about real defects.
-    """
-    # Epochs whose model was not ready (staged training) were never candidates.
-    scores = [h["selection_score"] for h in history if h.get("selection_score", NOT_READY_SCORE) != NOT_READY_SCORE]
-    if best is None or not scores:
-        return {"saturated": None, "ranked_epochs": len(scores), "ties": 0}
-    ties = sum(abs(score - best) <= SATURATION_TIE for score in scores) - 1
-    return {"saturated": bool(best >= SATURATION_LEVEL or ties > 0), "ranked_epochs": len(scores), "ties": max(ties, 0)}
 
 
 SCORES_FOLDER = "scores"

@@ -57,6 +57,10 @@ class SweepConfig:
     profile: str = "quick"
     categories: list[str] | str = "all"
     seeds: list[int] = field(default_factory=lambda: [0])
+    #: Seed of the validation split, the few-shot draw and the validation anomalies (and of which
+    #: texture classes validation holds out). None: each job's ``seed``, so seeds vary the split too;
+    #: an integer fixes it for every job. The job spec records the value and which (``split_seed_source``).
+    split_seed: int | None = None
     #: A registered dataset (adbench.datamodules.list_datasets()); its layout is read under ``root``.
     dataset: str = "mvtec"
     root: str | None = None  # None: the embedded procedural dataset (mvtec only)
@@ -81,6 +85,10 @@ class SweepConfig:
     #: Named variants (e.g. ablations): name -> {method: <registry name>, overrides: {...}}.
     #: A variant name can be listed in ``methods`` like a method and gets its own leaderboard row.
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: Seed-versus-baseline pairs of the reports: row -> the row it is compared with on the same
+    #: footing (same encoder, same budget), e.g. ``{pouta: draem-pretrained-encoder}``. Names are
+    #: methods or variants; every job of a row records its baseline (the ablation table reads it).
+    baselines: dict[str, str] = field(default_factory=dict)
     retry_failed: bool = True
     #: local launcher: stop (and record as failed) a job running longer than this; None: no limit.
     #: On SLURM the array's time limit is ``slurm.time_min``.
@@ -138,6 +146,15 @@ class SweepConfig:
                 raise SweepConfigError(
                     f"variant {name!r} must be {{method: <registered name>, overrides: {{...}}}}, got {variant!r}"
                 )
+        if self.split_seed is not None and not isinstance(self.split_seed, int):
+            raise SweepConfigError(f"split_seed must be an integer or null (follow each job's seed), got {self.split_seed!r}")
+        if not isinstance(self.baselines, dict):
+            raise SweepConfigError(f"baselines must map a row to its baseline row, got {self.baselines!r}")
+        for row, baseline in self.baselines.items():
+            for name in (row, baseline):
+                if name not in self.variants and name not in models.list_models():
+                    raise SweepConfigError(f"baselines: {name!r} ({row}: {baseline}) is neither a registered "
+                                           f"method nor a variant of this sweep")
 
     # ------------------------------------------------------------------ expansion
 
@@ -205,6 +222,9 @@ class SweepConfig:
                 profile=self.profile,
                 categories=group,
                 seed=seed,
+                split_seed=seed if self.split_seed is None else self.split_seed,
+                split_seed_source="seed" if self.split_seed is None else "sweep",
+                baseline=self.baselines.get(name),
                 root=self.root,
                 texture_root=self.texture_root,
                 precision=self.precision,
@@ -251,6 +271,12 @@ class JobSpec:
     shots: int | None = None  # few-shot: normal training images per category; None: all
     setting: str = "per-category"  # or "unified": one model for all of ``categories``
     cpu_isa: str | None = None  # ONEDNN_MAX_CPU_ISA of a CPU job; None: the CPU's best
+    #: The datamodule's split_seed (validation split, few-shot draw, validation anomalies); None: its default.
+    split_seed: int | None = None
+    #: Where split_seed comes from: ``seed`` (follows the job's seed) or ``sweep`` (fixed by the sweep's split_seed).
+    split_seed_source: str | None = None
+    #: The row this job's row is compared with on the same footing (the sweep's ``baselines``); None: none.
+    baseline: str | None = None
     #: Where the job runs, as the runner's slot sets it: {"device": ..., "threads": ...}.
     execution: dict[str, Any] = field(default_factory=dict)
 
@@ -275,9 +301,12 @@ class JobSpec:
         """Hash of what determines the result: the spec (not the sweep name or W&B settings), the
         method's YAML, the source of the code it runs (:func:`code_hash`) and where it runs
         (device kind, CPU threads). A record whose fingerprint differs is rerun, never reused."""
-        content = {k: v for k, v in asdict(self).items() if k not in ("sweep", "wandb")}
+        # Neither where split_seed came from nor the report's pairing changes the result.
+        content = {k: v for k, v in asdict(self).items()
+                   if k not in ("sweep", "wandb", "split_seed_source", "baseline")}
         # Fields added later count only when set, so older records of the default stay comparable.
-        for key, default in (("dataset", "mvtec"), ("shots", None), ("setting", "per-category"), ("cpu_isa", None)):
+        for key, default in (("dataset", "mvtec"), ("shots", None), ("setting", "per-category"), ("cpu_isa", None),
+                             ("split_seed", None)):
             if content.get(key) == default:
                 content.pop(key)
         content["config_text"] = self.config_file.read_text() if self.config_file.is_file() else None
@@ -288,6 +317,7 @@ class JobSpec:
         """What this job sets beyond its method's YAML, by the names of ``adbench.cli.JOB_SETTINGS``."""
         return {
             "seed": self.seed,
+            "split_seed": self.split_seed,
             "categories": list(self.categories),
             "root": self.root,
             "texture_root": self.texture_root,

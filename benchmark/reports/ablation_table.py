@@ -7,9 +7,12 @@
 For every row (a method, a variant of it, or a baseline) and category: mean +- std
 over seeds of each metric (in %), and for a variant its delta to the full method
 it ablates, computed seed by seed (same seed, same category) with the std of
-those paired deltas. Baselines (``BASELINES``) get the delta of the method built
-on them, so "full minus baseline" reads the same way as "full minus ablation":
-positive = the full method is better. Rows come from the records of one results
+those paired deltas. A baseline row gets the delta of the method compared with it,
+so "full minus baseline" reads the same way as "full minus ablation": positive =
+the full method is better. Which baseline a method is compared with is declared by
+its sweep (``baselines:`` in the sweep YAML: the row on the same footing, e.g. POUTA
+vs DRAEM on POUTA's frozen encoder) and recorded by each job; records from before
+jobs recorded it take it from their sweep's YAML. The pairs are printed under the table. Rows come from the records of one results
 or several folders (``runs/*.json``; where two hold the same name, category and
 seed, the first folder's record counts); only ``ok`` records count, and the seeds
 each mean covers are printed. ``--rows`` keeps the named rows only. ``--plot`` draws the same paired deltas as a forest plot, one
@@ -29,23 +32,26 @@ import pandas as pd  # noqa: E402
 
 from adbench.benchmark.orchestration.records import iter_records  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
-from adbench.benchmark.reports.summary import BASELINES  # noqa: E402  (one place: the summary compares them too)
+from adbench.benchmark.reports.summary import declared_baselines  # noqa: E402  (one place: the summary uses them too)
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.status.isin(("ok", "warning"))]
 
 
-def paired_deltas(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
+def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, str] | None = None) -> pd.DataFrame:
     """Long form, one row per comparison, category, seed and metric: ``delta`` = full minus other, in points.
 
-    ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation") or the baseline
-    ``vs`` builds on (``kind`` "baseline"). Only seeds both sides ran are paired.
+    ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation") or ``vs``'s baseline
+    (``kind`` "baseline", from ``baselines``: :func:`declared_baselines`). Only seeds both sides ran are paired.
     """
     ok = _finished(runs)
+    baselines = baselines or {}
+    # A variant that is a baseline (DRAEM on POUTA's encoder) is compared with what it is the baseline of, not
+    # taken for an ablation of its method.
     pairs = [(name, method, "ablation") for name, method in ok[["name", "method"]].drop_duplicates().itertuples(
-        index=False) if name != method]  # fmt: skip
-    pairs += [(baseline, method, "baseline") for method, baseline in BASELINES.items()]
+        index=False) if name != method and name not in baselines.values()]  # fmt: skip
+    pairs += [(baseline, method, "baseline") for method, baseline in baselines.items()]
     out = []
     for row, full_name, kind in pairs:
         for category in sorted(ok.category.unique()):
@@ -56,6 +62,15 @@ def paired_deltas(runs: pd.DataFrame, metrics: list[str]) -> pd.DataFrame:
                 out += [{"category": category, "row": row, "vs": full_name, "kind": kind, "seed": seed,
                          "metric": metric, "delta": value} for seed, value in delta.items()]  # fmt: skip
     return pd.DataFrame(out, columns=["category", "row", "vs", "kind", "seed", "metric", "delta"])
+
+
+def baselines_line(runs: pd.DataFrame, baselines: dict[str, str]) -> str:
+    """Which baseline each method's delta is against (and where the baseline has no records, so no delta)."""
+    present = set(_finished(runs).name)
+    shown = [f"{row} vs {baseline}" + ("" if baseline in present else " (no records: no delta)")
+             for row, baseline in baselines.items() if row in present]
+    return ("Baselines (same encoder and budget; the sweeps' `baselines:`): " + ", ".join(shown) + "."
+            if shown else "No method of these records declares a baseline.")
 
 
 def _cell(values: pd.Series) -> str:
@@ -73,14 +88,15 @@ def _delta(paired: pd.Series) -> str:
     return f"{paired.mean():+.1f} ± {paired.std(ddof=1):.1f}"
 
 
-def ablation_table(runs: pd.DataFrame, metrics: list[str], deltas: pd.DataFrame | None = None) -> pd.DataFrame:
+def ablation_table(runs: pd.DataFrame, metrics: list[str], deltas: pd.DataFrame | None = None,
+                   baselines: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per (category, row name): mean ± std per metric and the paired delta to the full method.
 
-    ``deltas``: :func:`paired_deltas` of the same runs and metrics, where the caller already has them.
+    ``deltas``: :func:`paired_deltas` of the same runs, metrics and ``baselines``, where the caller already has them.
     """
     ok = _finished(runs)
     if deltas is None:
-        deltas = paired_deltas(runs, metrics)
+        deltas = paired_deltas(runs, metrics, baselines)
     rows = []
     for (category, name), group in ok.groupby(["category", "name"], sort=True):
         row = {"category": category, "row": name, "seeds": ",".join(str(s) for s in sorted(group.seed))}
@@ -157,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = runs_frame(list(records.values()))
     if args.rows:
         runs = runs[runs.name.isin(args.rows.split(","))]
-    deltas = paired_deltas(runs, metrics)
+    baselines = declared_baselines(list(records.values()))
+    deltas = paired_deltas(runs, metrics, baselines)
     print(ablation_table(runs, metrics, deltas).to_markdown(index=False))
+    print("\n" + baselines_line(runs, baselines))
     if args.plot:
         if deltas.empty:
             parser.error(f"no arm or baseline in {' '.join(args.results_dirs)} shares a category and seed with its full method")

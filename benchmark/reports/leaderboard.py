@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from adbench.benchmark.orchestration import records as job_records
 from adbench.benchmark.orchestration.environment import environment_differences, environment_key
 from adbench.benchmark.orchestration.records import FINISHED, scan_records
 from adbench.benchmark.orchestration.sweep import JobSpec
@@ -60,7 +61,7 @@ EFFICIENCY = {
 MEANINGFUL_PIXEL_AUROC = 0.70
 RUN_COLUMNS = [
     "name", "method", "profile", "dataset", "setting", "shots", "category", "seed", "status", *METRICS,
-    *(f"{m}_{end}" for m in METRICS for end in ("low", "high")), "val_saturated", "warnings",
+    *(f"{m}_{end}" for m in METRICS for end in ("low", "high")), "val_saturated", "baseline", "warnings",
     "fit_seconds", "test_seconds", "test_images_per_second", "train_steps_per_second",
     "fit_peak_memory_mb", "test_peak_memory_mb", "parameters", "precision", "devices", "max_epochs",
     "error", "job_id", "sweep", "root", "git_commit", "environment", "stale", "device", "host", "finished",
@@ -95,7 +96,8 @@ def runs_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
             # Which protocol, dataset, setting and shots produced the row is part of its name.
             "profile": _profile_label(r.get("profile") or "", r.get("protocol"), r.get("dataset"),
                                       r.get("shots"), r.get("setting")),
-            "val_saturated": ((r.get("selection") or {}).get("saturation") or {}).get("saturated"),
+            "val_saturated": job_records.record_saturated(r),
+            "baseline": r.get("baseline"),  # the row it is compared with (summary.declared_baselines)
             "warnings": "; ".join(r.get("warnings") or []) or None,
             **{m: (r.get("metrics") or {}).get(m) for m in METRICS},
             **{f"{m}_{end}": (intervals.get(m) or [None, None])[i]
@@ -523,11 +525,11 @@ def build_leaderboard(
             report.raw("<ol class='notes'>" + "".join(f"<li>{html.escape(line.split('. ', 1)[1])}</li>"
                                                       for line in lines) + "</ol>", "\n".join(lines))
     footer = f"{done} of {len(expected)} jobs finished ({int((runs.status == 'warning').sum())} with warnings)."
-    saturated = runs[runs.val_saturated.fillna(False).astype(bool)]
-    if len(saturated):
-        footer += (f" Checkpoint selection saturated in {len(saturated)} of {done} jobs (best validation score"
-                   f" >= 0.995 or tied epochs: the synthetic validation anomalies could not rank them): "
-                   f"{', '.join(sorted(set(saturated.row)))}.")
+    saturated, validated = job_records.saturation_rate(chosen)
+    if validated:  # definition: adbench.benchmark.orchestration.records.selection_saturation
+        rows = sorted(set(runs[runs.val_saturated.fillna(False).astype(bool)].row))
+        footer += (f" Validation saturated in {saturated} of {validated} jobs (best score 1, or first validation"
+                   f" never beaten: checkpoint selection could not rank)" + (f": {', '.join(rows)}." if rows else "."))
     report.text(footer)
     for line in weak_rows(tables["pixel_auroc"], runs):
         report.text(line)

@@ -14,19 +14,45 @@ Which test fits (in this order):
 
 from __future__ import annotations
 
+import functools
 import html
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import yaml
 from scipy import stats
 
 from adbench.benchmark.reports import paired, statistics
 from adbench.benchmark.reports.html import Report
 from adbench.callbacks.metrics import METRIC_LABELS
+from adbench.project import config_dir
 
-#: The baseline each seed method builds on (methods.md): the ablation table and the summary compare them.
-BASELINES = {"rstpm": "stpm", "pouta": "draem", "tsdn": "draem", "glass": "simplenet"}
+
+@functools.cache
+def _sweep_baselines() -> dict[str, dict[str, str]]:
+    """``baselines:`` of every sweep YAML of the checkout, by sweep name."""
+    found = {}
+    for path in sorted((config_dir() / "sweeps").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        found[str(data.get("name", path.stem))] = dict(data.get("baselines") or {})
+    return found
+
+
+def declared_baselines(records: list[dict[str, Any]]) -> dict[str, str]:
+    """Row -> the row it is compared with on the same footing (same encoder, same budget: POUTA vs
+    DRAEM on POUTA's frozen encoder), as the records' jobs declare it (``baseline``, from their
+    sweep's ``baselines:``); a record that declares none takes its sweep's YAML (records from before
+    2026-12-06). The ablation table and the summary compare these pairs; the first declaration wins."""
+    pairs: dict[str, str] = {}
+    for r in records:
+        baseline = r.get("baseline")
+        declared = {r.get("name") or r.get("method"): baseline} if isinstance(baseline, str) and baseline \
+            else _sweep_baselines().get(str(r.get("sweep")), {})
+        for row, other in declared.items():
+            pairs.setdefault(row, other)
+    return pairs
 #: The metrics the summary answers for, where the sweep has them.
 HEADLINE = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05", "mad")
 #: Why a headline metric has no paired test over images.
@@ -140,12 +166,13 @@ def headline_findings(tables: dict[str, pd.DataFrame], evidence: Evidence) -> li
 
 
 def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence) -> list[Finding]:
-    """Each seed method (:data:`BASELINES`) against its baseline on image AUROC, where both rows are complete."""
+    """Each seed method against its declared baseline (:func:`declared_baselines`) on image AUROC, where both
+    rows are complete."""
     table = tables["image_auroc"]
     complete = set(table.index[table["mean"].notna()])
     rows_of = runs.groupby("name").row.unique()
     findings = []
-    for method, baseline in BASELINES.items():
+    for method, baseline in declared_baselines(runs.to_dict("records")).items():
         for row in rows_of.get(method, []):
             other = row.replace(f"{method} (", f"{baseline} (", 1)
             if row in complete and other in complete:
