@@ -43,19 +43,12 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .download import needs_extraction
-from .synthesis import (
-    SYNTHESIS_RECIPES,
-    FolderTextures,
-    PseudoAnomalySynthesizer,
-    make_texture_source,
-)
+from .synthesis import SYNTHESIS_RECIPES as RECIPES
+from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
 
 #: ``texture_source`` of the paper profiles: a texture folder must be supplied.
 TEXTURES_REQUIRED = "required"
-#: ``auto``: held-out with a texture folder, shared otherwise (procedural or the images themselves).
 VALIDATION_TEXTURES = ("auto", "shared", "held-out")
-#: Share of a texture folder's classes that validation holds out (never seen in training).
-HELD_OUT_TEXTURE_FRACTION = 0.2
 #: The file suffixes read as images (any case), by every dataset.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 #: ``defect_type`` of a normal image, and the folder name of normal images in the MVTec-style layouts.
@@ -300,14 +293,11 @@ class AnomalyDataModule(LightningDataModule):
         validation_textures: ``"shared"``: validation anomalies are drawn from the
             same textures as training's; ``"held-out"``: from texture classes that
             training never sees (20 % of a texture folder's classes, seeded by
-            ``split_seed``; training's synthesis then never draws them), so
-            validation measures generalisation of the synthesis rather than its
-            memorisation. Needs a texture folder. ``"auto"`` (default): held-out with
-            a texture folder, shared otherwise.
-        validation_recipe: the validation anomalies' recipe
-            (:data:`adbench.datamodules.synthesis.SYNTHESIS_RECIPES`): ``"validation"``
-            (default: ellipses, smaller, weaker blends than training's) or ``"draem"``
-            (training's own; the suite's validation before 2026-12-06).
+            ``split_seed``; training never draws them), so validation measures generalisation
+            of the synthesis rather than its memorisation. Needs a texture folder.
+            ``"auto"`` (default): held-out with a texture folder, else shared.
+        validation_recipe: ``"validation"`` (default: smaller ellipses, weaker blends than
+            training's) or ``"draem"`` (training's; the suite's before 2026-12-06): ``SYNTHESIS_RECIPES``.
         download: download the official archive (SHA-256 verified) if the category is
             missing under ``root`` (datasets that publish one).
     """
@@ -366,8 +356,8 @@ class AnomalyDataModule(LightningDataModule):
             raise ValueError(f"train_shots must be a positive number of images (or null for all), got {train_shots}")
         if validation_textures not in VALIDATION_TEXTURES:
             raise ValueError(f"validation_textures must be one of {VALIDATION_TEXTURES}, got {validation_textures!r}")
-        if validation_recipe not in SYNTHESIS_RECIPES:
-            raise ValueError(f"validation_recipe must be one of {tuple(SYNTHESIS_RECIPES)}, got {validation_recipe!r}")
+        if validation_recipe not in RECIPES:
+            raise ValueError(f"validation_recipe must be one of {tuple(RECIPES)}, got {validation_recipe!r}")
         self.save_hyperparameters()
         self.root = root
         self.category = category or self.default_category()
@@ -524,8 +514,8 @@ class AnomalyDataModule(LightningDataModule):
         return self._model_asks("needs_pseudo_anomalies", False)
 
     def _synthesizers(self, train_images: np.ndarray) -> tuple[PseudoAnomalySynthesizer, PseudoAnomalySynthesizer]:
-        """The training synthesizer (DRAEM's recipe) and the validation one (``validation_recipe``, on
-        the shared textures or on held-out texture classes that the training one never draws)."""
+        """The training synthesizer (DRAEM's recipe) and the validation one (``validation_recipe``), on shared
+        or held-out textures."""
         if self.texture_source == TEXTURES_REQUIRED:
             raise DatasetError(
                 "this profile needs a texture folder for its pseudo-anomalies (DRAEM uses DTD) and got none: "
@@ -533,17 +523,13 @@ class AnomalyDataModule(LightningDataModule):
                 "--data.texture_source=procedural uses procedural textures deliberately"
             )
         source = make_texture_source(self.texture_source, images=train_images)
-        textures = self.validation_textures
-        if textures == "auto":
-            textures = "held-out" if isinstance(source, FolderTextures) else "shared"
-        if textures == "shared":
-            train_source = val_source = source
-        elif not isinstance(source, FolderTextures):
+        held_out = self.validation_textures == "held-out" or (
+            self.validation_textures == "auto" and isinstance(source, FolderTextures))
+        if held_out and not isinstance(source, FolderTextures):
             raise DatasetError(
                 f"validation_textures='held-out' needs a texture folder, got texture_source={self.texture_source!r}"
             )
-        else:
-            train_source, val_source = source.split(HELD_OUT_TEXTURE_FRACTION, seed=self.split_seed)
+        train_source, val_source = source.split(0.2, seed=self.split_seed) if held_out else (source, source)
         return (PseudoAnomalySynthesizer.from_recipe(train_source, "draem"),
                 PseudoAnomalySynthesizer.from_recipe(val_source, self.validation_recipe))
 

@@ -30,7 +30,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from adbench.benchmark.orchestration.records import iter_records  # noqa: E402
+from adbench.benchmark.orchestration.records import iter_records, saturation_rate  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
 from adbench.benchmark.reports.summary import declared_baselines  # noqa: E402  (one place: the summary uses them too)
 
@@ -177,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     deltas = paired_deltas(runs, metrics, baselines)
     print(ablation_table(runs, metrics, deltas).to_markdown(index=False))
     print("\n" + baselines_line(runs, baselines))
+    saturated, validated = saturation_rate([r for r in records.values() if (r.get("name") or r.get("method"))
+                                            in set(runs.name)])  # fmt: skip
+    print(f"Validation saturated in {saturated} of {validated} jobs (records.selection_saturation).")
     if args.plot:
         if deltas.empty:
             parser.error(f"no arm or baseline in {' '.join(args.results_dirs)} shares a category and seed with its full method")
