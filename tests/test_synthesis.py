@@ -576,10 +576,10 @@ def test_validation_recipe_draws_other_shapes_smaller_masks_and_weaker_blends() 
     trained, validated = draws(training), draws(validation)
     low, high = recipe["beta_range"]
     assert all(low <= d.beta <= high for d in validated)
-    assert np.mean([d.beta for d in validated]) > np.mean([d.beta for d in trained]) + 0.15  # 0.6 vs 0.4
-    # Ellipses of 0.2-3 % each (1-3 of them) against Perlin blobs of DRAEM's scales: median area at 128 px
-    # 2.0 % against 4.2 % (400 draws each).
-    assert np.median([d.mask.mean() for d in validated]) < 0.65 * np.median([d.mask.mean() for d in trained])
+    assert np.mean([d.beta for d in validated]) > np.mean([d.beta for d in trained]) + 0.2  # 0.75 vs 0.4
+    # Ellipses of 0.05-1 % each (1-3 of them) against Perlin blobs of DRAEM's scales: median area at 128 px
+    # 0.2-3 % ellipses gave 2.0 % against Perlin's 4.2 % (400 draws each); these are smaller still.
+    assert np.median([d.mask.mean() for d in validated]) < 0.4 * np.median([d.mask.mean() for d in trained])
     with pytest.raises(ValueError, match="recipe"):
         PseudoAnomalySynthesizer.from_recipe(ProceduralTextures(), "easy")
     with pytest.raises(ValueError, match="mask_shape"):
