@@ -238,11 +238,11 @@ def test_pretrained_encoder_variant_is_draem_with_frozen_imagenet_stages(embedde
 
 @pytest.mark.slow
 def test_pretrained_encoder_variant_separates_embedded_defects_after_brief_training(embedded_root: Path) -> None:
-    # 200 steps at 64 px on weave, as the scratch test above: image AUROC MEASURED_IMAGE, pixel AUROC
-    # MEASURED_PIXEL (seeds 0-1, 2026-12-06); chance is 0.5.
+    # 200 steps at 64 px on weave, as the scratch test above: image AUROC 0.803-0.933, pixel AUROC
+    # 0.925-0.987 over seeds 0-2 (ADBENCH_TEST_SEED, 2026-12-06, loaded 2-core CPU); chance is 0.5.
     _, metrics = fit_and_test(lambda: _tiny(encoder=LITE0), embedded_root, steps=200)
-    assert metrics["pixel_auroc"] > 0.75, metrics
-    assert metrics["image_auroc"] > 0.55, metrics
+    assert metrics["pixel_auroc"] > 0.8, metrics
+    assert metrics["image_auroc"] > 0.65, metrics
 
 
 @pytest.mark.slow
