@@ -37,6 +37,8 @@ from .registry import register_model
 
 #: ``coreset_method`` values: exact greedy k-center (the paper's), or greedy within random partitions.
 CORESET_METHODS = ("greedy", "partitioned")
+#: ``collection_dtype`` values: how the training patches wait for the coreset (float16 halves that memory).
+COLLECTION_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Distance-matrix entries computed at once in the nearest-neighbour search (~64 MiB).
 _NN_CHUNK_ELEMENTS = 1 << 24
 
@@ -49,7 +51,9 @@ def random_projection(dim_in: int, dim_out: int, seed: int, device: torch.device
 
 
 @torch.no_grad()
-def greedy_coreset(features: Tensor, size: int, seed: int = 0, cpu_threads: int | None = 1) -> Tensor:
+def greedy_coreset(
+    features: Tensor | list[Tensor], size: int, seed: int = 0, cpu_threads: int | None = 1
+) -> Tensor:
     """Indices (``size``,) of a greedy k-center coreset of ``features`` (N, D), in selection order.
 
     Exact greedy farthest-point selection: every step adds the point farthest from the
@@ -60,22 +64,32 @@ def greedy_coreset(features: Tensor, size: int, seed: int = 0, cpu_threads: int 
     which is what bounds a step on a CPU. The chosen index stays on the device (no
     host synchronisation per step on a GPU).
 
+    ``features`` may be a list of row blocks (N is their total), read in order; the list
+    is emptied as the blocks are copied into the working matrix, so that the two are
+    never both whole in memory.
+
     On a CPU the loop runs on ``cpu_threads`` threads (``None``: torch's setting). A
     step is memory-bound and short (~5 ms for 190k x 130 floats): on the shared 2-core
     machine two threads made no product faster and made every step ~3x slower, as
     each small parallel region waited for a core busy with other work.
     """
-    n = features.shape[0]
+    blocks = features if isinstance(features, list) else [features]
+    n = sum(block.shape[0] for block in blocks)
     if not 0 < size <= n:
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
     start = torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed))
-    picks = _batched_farthest_points(features[None], torch.tensor([size]), start[None], cpu_threads)
+    points_t = _augmented_parts(blocks, torch.zeros(n, dtype=torch.long), torch.arange(n), 1, n)
+    picks = _batched_farthest_points(points_t, torch.tensor([size]), start[None], cpu_threads)
     return picks[0]
 
 
 @torch.no_grad()
 def partitioned_coreset(
-    features: Tensor, size: int, partition_size: int = 50_000, seed: int = 0, cpu_threads: int | None = None
+    features: Tensor | list[Tensor],
+    size: int,
+    partition_size: int = 50_000,
+    seed: int = 0,
+    cpu_threads: int | None = None,
 ) -> Tensor:
     """Indices (``size``,) of an approximate greedy coreset: exact greedy within random partitions.
 
@@ -88,18 +102,20 @@ def partitioned_coreset(
     together: a step is one batched product over the parts, which torch spreads over every
     core (``cpu_threads``: None = torch's setting). Its covering radius is larger than the
     exact one's; ``benchmark/experiments/bench_patchcore.py`` measures what that costs in metrics.
-    Indices are returned part by part, each part in its selection order.
+    Indices are returned part by part, each part in its selection order. ``features``:
+    as in ``greedy_coreset`` (a list of row blocks is emptied).
     """
-    n = features.shape[0]
+    blocks = features if isinstance(features, list) else [features]
+    n = sum(block.shape[0] for block in blocks)
     if not 0 < size <= n:
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
     if partition_size < 1:
         raise ValueError(f"partition_size must be positive, got {partition_size}")
     parts = math.ceil(n / partition_size)
     if parts == 1:
-        return greedy_coreset(features, size, seed, cpu_threads)
+        return greedy_coreset(blocks, size, seed, cpu_threads)
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=generator).to(features.device)
+    order = torch.randperm(n, generator=generator)
     lengths = torch.full((parts,), n // parts)
     lengths[: n % parts] += 1
     # Each part's share of the picks, by largest remainder, so that the shares add up to `size`.
@@ -112,37 +128,56 @@ def partitioned_coreset(
     for p, chunk in enumerate(order.split(lengths.tolist())):
         padded[p, : chunk.numel()] = chunk
     starts = torch.stack([torch.randint(int(length), (1,), generator=generator) for length in lengths])
-    local = _batched_farthest_points(features[padded.clamp(min=0)], shares, starts, cpu_threads,
-                                     valid=padded >= 0)
+    # Where each patch goes: part p, column j, for the patch at position offsets[p] + j of the shuffle.
+    position = torch.empty_like(order)
+    position[order] = torch.arange(n)
+    offsets = lengths.cumsum(0) - lengths
+    part = torch.searchsorted(lengths.cumsum(0), position, right=True)
+    points_t = _augmented_parts(blocks, part, position - offsets[part], parts, longest)
+    local = _batched_farthest_points(points_t, shares, starts, cpu_threads, valid=(padded >= 0))
+    padded = padded.to(local.device)
     return torch.cat([padded[p, local[p, : int(k)]] for p, k in enumerate(shares)])
 
 
+def _augmented_parts(blocks: list[Tensor], part: Tensor, column: Tensor, parts: int, columns: int) -> Tensor:
+    """(parts, D + 2, columns) float32: the blocks' row r as ``[x, ||x||^2, 1]`` at (``part[r]``, :, ``column[r]``).
+
+    The augmented coordinates make a squared distance one dot product (``_batched_farthest_points``).
+    Columns no row fills stay zero. The list is emptied block by block as they are copied.
+    """
+    device = blocks[0].device
+    d = blocks[0].shape[1]
+    with torch.autocast(device_type=device.type, enabled=False):
+        points_t = torch.zeros(parts, d + 2, columns, device=device)
+        row = 0
+        while blocks:
+            block = blocks.pop(0).float()
+            p, c = part[row : row + len(block)].to(device), column[row : row + len(block)].to(device)
+            points_t[p, :d, c] = block
+            points_t[p, d, c] = block.pow(2).sum(dim=1)
+            points_t[p, d + 1, c] = 1.0
+            row += len(block)
+            del block
+    return points_t
+
+
 def _batched_farthest_points(
-    points: Tensor, sizes: Tensor, starts: Tensor, cpu_threads: int | None, valid: Tensor | None = None
+    points_t: Tensor, sizes: Tensor, starts: Tensor, cpu_threads: int | None, valid: Tensor | None = None
 ) -> Tensor:
     """Greedy farthest-point selection in each of ``B`` point sets at once.
 
-    ``points`` (B, N, D); ``sizes`` (B,) picks per set; ``starts`` (B, 1) first picks;
-    ``valid`` (B, N) marks real points (padding is never picked). Returns (B, max(sizes))
-    indices into each set (entries past a set's size are to be ignored).
+    ``points_t`` (B, D + 2, N): each set's points in augmented coordinates ``x' = [x, ||x||^2, 1]``
+    (``_augmented_parts``); with ``c' = [-2c, 1, ||c||^2]``, ``x'.c' = ||x - c||^2``, so a step's
+    distances are a single (batched) product. ``c'`` is made from the picked column at each
+    step, so no second (B, D + 2, N) matrix is held. ``sizes`` (B,) picks per set; ``starts``
+    (B, 1) first picks; ``valid`` (B, N) marks real points (padding is never picked). Returns
+    (B, max(sizes)) indices into each set (entries past a set's size are to be ignored).
     """
-    b, n, d = points.shape
-    device = points.device
+    b, d2, n = points_t.shape
+    d = d2 - 2
+    device = points_t.device
     steps = int(sizes.max())
     with torch.autocast(device_type=device.type, enabled=False):
-        points = points.float()
-        sq_norms = points.pow(2).sum(dim=2)  # (B, N)
-        # Augmented coordinates: x' = [x, |x|^2, 1] and c' = [-2c, 1, |c|^2] give
-        # x'.c' = ||x - c||^2, so a step's distances are a single (batched) product. Both are
-        # written straight into their transposed (B, D + 2, N) buffers: no (N, D + 2)
-        # temporaries, each as large as the features.
-        points_t = points.new_empty(b, d + 2, n)
-        points_t[:, :d] = points.transpose(1, 2)
-        points_t[:, d], points_t[:, d + 1] = sq_norms, 1.0
-        centers_t = points.new_empty(b, d + 2, n)
-        torch.mul(points.transpose(1, 2), -2.0, out=centers_t[:, :d])
-        centers_t[:, d], centers_t[:, d + 1] = 1.0, sq_norms
-        del points, sq_norms
         index = starts.to(device).view(b, 1)
         selected = torch.empty(b, steps, dtype=torch.long, device=device)
         min_sq_dist = torch.full((b, 1, n), math.inf, device=device)
@@ -158,12 +193,28 @@ def _batched_farthest_points(
                        disable=steps < 1000)
             for step in bar:
                 selected[:, step] = index[:, 0]
-                center = centers_t[gather, :, index[:, 0]][:, None, :]  # (B, 1, D + 2)
-                torch.minimum(min_sq_dist, torch.bmm(center, points_t), out=min_sq_dist)
+                picked = points_t[gather, :, index[:, 0]]  # (B, D + 2): [c, ||c||^2, 1]
+                center = torch.cat([picked[:, :d] * -2.0, picked[:, d + 1 :], picked[:, d : d + 1]], dim=1)
+                torch.minimum(min_sq_dist, torch.bmm(center[:, None, :], points_t), out=min_sq_dist)
                 index = min_sq_dist[:, 0].argmax(dim=1, keepdim=True)
         finally:
             torch.set_num_threads(threads)
     return selected
+
+
+def take_rows(blocks: Sequence[Tensor], indices: Tensor) -> Tensor:
+    """Rows ``indices`` of the blocks' concatenation (in that order), without concatenating the blocks."""
+    lengths = torch.tensor([block.shape[0] for block in blocks])
+    ends = lengths.cumsum(0)
+    indices = indices.cpu()
+    owner = torch.searchsorted(ends, indices, right=True)
+    if len(indices) and int(owner.max()) >= len(blocks):
+        raise IndexError(f"row index {int(indices.max())} out of range for {int(ends[-1])} rows")
+    rows = blocks[0].new_empty(len(indices), *blocks[0].shape[1:])
+    for i in owner.unique().tolist():
+        mine = (owner == i).nonzero().squeeze(1)
+        rows[mine.to(rows.device)] = blocks[i][(indices[mine] - (ends[i] - lengths[i])).to(rows.device)]
+    return rows
 
 
 @torch.no_grad()
@@ -207,6 +258,7 @@ class PatchCore(AnomalyModule):
         coreset_ratio: float = 0.1,
         coreset_method: str = "greedy",
         coreset_partition_size: int = 50_000,
+        collection_dtype: str = "float16",
         projection_dim: int | None = 128,
         num_neighbors: int = 9,
         reweight: bool = True,
@@ -218,6 +270,8 @@ class PatchCore(AnomalyModule):
             raise ValueError(f"coreset_ratio must be in (0, 1], got {coreset_ratio}")
         if coreset_method not in CORESET_METHODS:
             raise ValueError(f"coreset_method must be one of {sorted(CORESET_METHODS)}, got {coreset_method!r}")
+        if collection_dtype not in COLLECTION_DTYPES:
+            raise ValueError(f"collection_dtype must be one of {sorted(COLLECTION_DTYPES)}, got {collection_dtype!r}")
         if reweight and num_neighbors < 2:
             raise ValueError(f"reweighting needs num_neighbors >= 2, got {num_neighbors}")
         if min(pretrain_embed_dimension, target_embed_dimension) < 1:
@@ -232,7 +286,9 @@ class PatchCore(AnomalyModule):
         # (ModelCheckpoint saves nothing at step 0, max_steps bounds a run) by optimiser
         # steps: a no-op optimiser over this parameter steps once per batch.
         self._step_anchor = nn.Parameter(torch.empty(0))
-        self._collected: list[Tensor] = []
+        self._collected: list[Tensor] = []  # the epoch's patch features, one block per batch
+        self._projected: list[Tensor] = []  # their float32 projections, what the coreset compares
+        self._projection: Tensor | None = None
         self._bank_is_current = True  # no features collected since the bank was built
         self.coreset_seconds = math.nan
 
@@ -247,29 +303,52 @@ class PatchCore(AnomalyModule):
 
     # ------------------------------------------------------------------ memory bank
 
-    def build_memory_bank(self, features: Tensor) -> None:
-        """Greedy-coreset subsample of ``features`` (N, target_dim) becomes the memory bank."""
+    def project(self, features: Tensor) -> Tensor:
+        """What the coreset compares: ``features`` (N, D) in float32, randomly projected to
+        ``projection_dim`` dimensions when D is larger (the same matrix for every block)."""
         hp = self.hparams
-        size = max(1, int(round(hp.coreset_ratio * features.shape[0])))
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            features = features.float()
+            if not hp.projection_dim or features.shape[1] <= hp.projection_dim:
+                return features
+            if self._projection is None or self._projection.device != features.device:
+                self._projection = random_projection(features.shape[1], hp.projection_dim, hp.seed, features.device)
+            return features @ self._projection
+
+    def build_memory_bank(self, features: Tensor | list[Tensor], projected: list[Tensor] | None = None) -> None:
+        """The greedy-coreset subsample of ``features`` (N, target_dim) becomes the memory bank (float32).
+
+        ``features`` may be a list of row blocks (the training batches, never concatenated:
+        never held twice); ``projected``: their ``project``ions, made from the features before
+        they were stored in ``collection_dtype`` (so the selection is the float32 one), emptied
+        by the selection. Without them (or with fewer) the stored features are projected here.
+        """
+        hp = self.hparams
+        blocks = features if isinstance(features, list) else [features]
+        n = sum(block.shape[0] for block in blocks)
+        size = max(1, int(round(hp.coreset_ratio * n)))
         start = time.perf_counter()
-        if size < features.shape[0]:
-            projected = features
-            if hp.projection_dim and features.shape[1] > hp.projection_dim:
-                matrix = random_projection(features.shape[1], hp.projection_dim, hp.seed, features.device)
-                projected = features @ matrix
+        if size < n:
+            if projected is None or len(projected) != len(blocks):
+                projected = [self.project(block) for block in blocks]
             if hp.coreset_method == "partitioned":
                 selected = partitioned_coreset(projected, size, hp.coreset_partition_size, hp.seed)
             else:
                 selected = greedy_coreset(projected, size, hp.seed)
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(selected, src=0)  # identical banks on every process, by construction
-            bank = features[selected]
+            bank = take_rows(blocks, selected)
         else:
-            bank = features
+            bank = torch.cat(blocks)
+        if not torch.isfinite(bank).all():
+            raise ValueError(
+                f"PatchCore: the memory bank has non-finite features (collection_dtype={hp.collection_dtype}; "
+                "float16 overflows above 65504: set model.init_args.collection_dtype=float32)"
+            )
         self.coreset_seconds = time.perf_counter() - start
-        self.memory_bank = bank.contiguous()
+        self.memory_bank = bank.float().contiguous()
         rank_zero_info(
-            f"PatchCore: memory bank of {features.shape[0]} patches -> {hp.coreset_method} coreset of "
+            f"PatchCore: memory bank of {n} patches -> {hp.coreset_method} coreset of "
             f"{bank.shape[0]} ({hp.coreset_ratio:.1%}) in {self.coreset_seconds:.1f} s"
         )
 
@@ -277,9 +356,9 @@ class PatchCore(AnomalyModule):
         """Build the bank from this epoch's features if any arrived since the last build."""
         if self._bank_is_current or not self._collected:
             return
-        features = torch.cat(self._collected)
-        self._collected = [features]  # not the per-batch copies as well: the bank's peak memory
-        self.build_memory_bank(_gather_rows(features))
+        # The projections are used up by the selection; should more batches follow (a validation
+        # within the epoch), the next build projects the stored features again.
+        self.build_memory_bank(_gather_blocks(self._collected), _gather_blocks(self._projected))
         self._bank_is_current = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -336,18 +415,20 @@ class PatchCore(AnomalyModule):
     # epoch's end without validation; under DDP from every process's features.
 
     def on_train_epoch_start(self) -> None:
-        self._collected = []  # the bank is built from one pass (the latest epoch)
+        self._collected, self._projected = [], []  # the bank is built from one pass (the latest epoch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        features, _ = self.embed(batch["image"])
-        self._collected.append(features.flatten(0, 1))
+        features = self.embed(batch["image"])[0].flatten(0, 1)
+        self._collected.append(features.to(COLLECTION_DTYPES[self.hparams.collection_dtype]))
+        if self.hparams.coreset_ratio < 1.0:
+            self._projected.append(self.project(features))
         self._bank_is_current = False
         self.optimizers().step()  # no-op (see _step_anchor): counts the step
         return None
 
     def on_train_epoch_end(self) -> None:
         self._finish_memory_bank()
-        self._collected = []  # free the full bank; the coreset is what is kept
+        self._collected, self._projected = [], []  # free the full bank; the coreset is what is kept
 
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:
@@ -362,6 +443,13 @@ class PatchCore(AnomalyModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Nothing learns: lr 0 over an empty parameter; it exists to count steps.
         return torch.optim.SGD([self._step_anchor], lr=0.0)
+
+
+def _gather_blocks(blocks: list[Tensor]) -> list[Tensor]:
+    """``blocks`` alone (the same list); under DDP every process's rows in rank order, as one block."""
+    if not blocks or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return blocks
+    return [_gather_rows(torch.cat(blocks))]
 
 
 def _gather_rows(rows: Tensor) -> Tensor:

@@ -18,6 +18,7 @@ from adbench.models.patchcore import (
     greedy_coreset,
     nearest_neighbors,
     partitioned_coreset,
+    take_rows,
 )
 
 from .helpers import log_quality
@@ -148,6 +149,63 @@ def test_coreset_method_is_checked_and_the_partitioned_bank_has_the_asked_size()
     model = _model(coreset_ratio=0.1, coreset_method="partitioned", coreset_partition_size=500)
     model.build_memory_bank(torch.randn(2000, 256))
     assert model.memory_bank.shape == (200, 256)
+
+
+def test_selection_from_row_blocks_equals_the_whole_tensor_and_empties_the_list() -> None:
+    """The training batches go to the coreset block by block: the same picks as from their concatenation."""
+    generator = torch.Generator().manual_seed(7)
+    points = torch.randn(10, 32, generator=generator).repeat(300, 1) + torch.randn(3000, 32, generator=generator)
+    for select in (lambda x: greedy_coreset(x, 300), lambda x: partitioned_coreset(x, 300, partition_size=700)):
+        blocks = list(points.split(384))
+        assert torch.equal(select(blocks), select(points))
+        assert blocks == [], "the blocks are released as they are copied (never held twice)"
+    blocks = list(points.split(384))
+    indices = torch.tensor([2999, 0, 384, 383, 1500, 0])
+    assert torch.equal(take_rows(blocks, indices), points[indices])
+    with pytest.raises(IndexError, match="out of range for 3000 rows"):
+        take_rows(blocks, torch.tensor([3000]))
+
+
+def _collect(model: PatchCore, features: Tensor) -> None:
+    """What ``training_step`` does with each batch's patches, then the epoch's bank."""
+    model._collected, model._projected = [], []
+    for block in features.split(512):
+        model._collected.append(block.to(getattr(torch, model.hparams.collection_dtype)))
+        model._projected.append(model.project(block))
+    model._bank_is_current = False
+    model._finish_memory_bank()
+
+
+@pytest.mark.parametrize("method", ["greedy", "partitioned"])
+def test_float16_collection_picks_the_float32_coreset_and_scores_within_rounding(method: str) -> None:
+    generator = torch.Generator().manual_seed(8)
+    features = torch.randn(20, 256, generator=generator).repeat(200, 1) + torch.randn(4000, 256, generator=generator)
+    kwargs = dict(coreset_ratio=0.05, coreset_method=method, coreset_partition_size=1500)
+    exact = _model(**kwargs, collection_dtype="float32")
+    exact.build_memory_bank(features)  # the whole float32 tensor: the path before collection in blocks
+    same = _model(**kwargs, collection_dtype="float32")
+    _collect(same, features)
+    assert torch.equal(same.memory_bank, exact.memory_bank), "float32 collection: bit for bit"
+    half = _model(**kwargs)  # the default: patches wait for the coreset in float16
+    _collect(half, features)
+    assert half._projected == [], "the projections were used up by the selection"
+    # The same picks (selected on the float32 projections), each row rounded to float16.
+    assert torch.equal(half.memory_bank, exact.memory_bank.half().float())
+    # Nearest-neighbour scores move by at most the rounding of a bank row (|x - fl16(x)| <= 2^-11 |x|).
+    queries = features[::7] + 0.3 * torch.randn(len(features[::7]), 256, generator=generator)
+    d_exact, i_exact = nearest_neighbors(queries, exact.memory_bank)
+    d_half, i_half = nearest_neighbors(queries, half.memory_bank)
+    bound = 2.0**-11 * exact.memory_bank.norm(dim=1).max().item()
+    assert (d_half - d_exact).abs().max().item() <= bound + 1e-5
+    assert (i_half == i_exact).float().mean() > 0.99
+
+
+def test_collection_dtype_is_checked_and_float16_overflow_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="collection_dtype must be one of"):
+        _model(collection_dtype="int8")
+    model = _model(coreset_ratio=1.0)
+    with pytest.raises(ValueError, match="collection_dtype=float32"):
+        _collect(model, torch.full((64, 256), 1e5))
 
 
 # --------------------------------------------------------------------------- scoring
