@@ -34,7 +34,7 @@ def test_one_of_two_processes_gets_the_lock_and_it_is_released(tmp_path: Path) -
         other = _other(tmp_path)
         refused = other.stdout.readline().strip()
         other.communicate("\n", timeout=30)
-        assert refused == f"{socket.gethostname()} pid {os.getpid()}", "the refused one is told who holds it"
+        assert refused == f"{socket.gethostname()} pid {os.getpid()}", "told who holds it"
         with job_lock(tmp_path, "other-job") as unrelated:
             assert unrelated is None, "one lock per job"
     assert not lock_path(tmp_path, "job").exists(), "released and removed"
@@ -48,7 +48,8 @@ def test_a_killed_holders_lock_is_taken_over(tmp_path: Path) -> None:
     assert holder.stdout.readline().strip() == "held"
     with job_lock(tmp_path, "job") as refused:
         assert refused == f"{socket.gethostname()} pid {holder.pid}"
-    os.kill(holder.pid, signal.SIGKILL)  # no cleanup runs: the file stays, the kernel drops the lock
+    # No cleanup runs: the file stays, the kernel drops the lock.
+    os.kill(holder.pid, signal.SIGKILL)
     holder.wait(timeout=30)
     assert lock_path(tmp_path, "job").exists()
     with job_lock(tmp_path, "job") as taken:
