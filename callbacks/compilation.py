@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from lightning import Callback, LightningModule, Trainer
+
+#: What is compiled: ``forward`` (which validation, test and predict steps call) and the training step.
+COMPILED_STEPS = ("forward", "training_step")
 
 
 class CompileModules(Callback):
-    """Compile each top-level submodule of the method in place (``nn.Module.compile``).
+    """Compile the method's ``forward`` and ``training_step`` with ``torch.compile``.
 
-    A method's steps call its submodules (backbone, student, decoder, ...) rather than its own
-    ``forward``, so compiling those covers training, validation and test alike. In place, the
-    state dict keeps its keys: checkpoints load with or without compilation. Submodules without
-    parameters or buffers are left alone (nothing to gain).
+    A method's training step calls its parts' own methods (``self.pair.loss(...)``), not its
+    ``forward``, so compiling submodules' ``__call__`` would miss most of it; the two steps
+    cover all of it. What dynamo cannot trace (``self.log``) runs eagerly between compiled
+    graphs. The compiled functions are instance attributes: the state dict and checkpoints are
+    those of the uncompiled method.
 
     Args:
         mode: ``torch.compile``'s mode (``default``, ``reduce-overhead``, ``max-autotune``).
@@ -30,10 +35,6 @@ class CompileModules(Callback):
         options: dict[str, Any] = {"backend": self.backend}
         if self.mode is not None:
             options["mode"] = self.mode
-        for name, child in pl_module.named_children():
-            if (
-                next(child.parameters(), None) is not None
-                or next(child.buffers(), None) is not None
-            ):
-                child.compile(**options)
-                self.compiled.append(name)
+        for name in COMPILED_STEPS:
+            setattr(pl_module, name, torch.compile(getattr(pl_module, name), **options))
+            self.compiled.append(name)

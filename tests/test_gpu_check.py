@@ -25,6 +25,17 @@ def test_without_cuda_it_refuses_and_says_how_to_run_on_the_cpu(
     assert not any(tmp_path.iterdir()), "nothing ran"
 
 
+def test_a_bad_root_or_method_stops_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "no-such-root"
+    assert gpu_check.main(["--cpu", "--root", str(missing), "--out", str(tmp_path / "out")]) == 2
+    assert str(missing) in capsys.readouterr().err
+    assert gpu_check.main(["--cpu", "--methods", "stpn", "--out", str(tmp_path / "out")]) == 2
+    assert "unknown method 'stpn'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_ddp_comparison_holds_its_tolerance() -> None:
     single = {"status": "ok", "metrics": {"image_auroc": 0.90, "pixel_auroc": 0.95}}
     close = {"status": "ok", "metrics": {"image_auroc": 0.895, "pixel_auroc": 0.951}}
@@ -36,20 +47,28 @@ def test_the_ddp_comparison_holds_its_tolerance() -> None:
     assert not gpu_check.ddp_comparison(single, failed)["match"]
 
 
-def test_compile_modules_compiles_each_submodule_in_place() -> None:
+def test_compile_modules_compiles_the_forward_and_the_training_step() -> None:
     class Method(LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net, self.act = nn.Linear(4, 2), nn.ReLU()
+            self.net = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, x: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return self.net(x).square().mean()
 
     method = Method()
     # The eager backend traces without generating kernels: fast, on any machine.
     callback = CompileModules(backend="eager")
     callback.setup(None, method, "fit")  # type: ignore[arg-type]
-    assert callback.compiled == ["net"], "a submodule without parameters or buffers is left alone"
-    assert method.net._compiled_call_impl is not None and method.act._compiled_call_impl is None
+    assert callback.compiled == ["forward", "training_step"]
     x = torch.randn(3, 4)
-    assert torch.allclose(method.net(x), x @ method.net.weight.T + method.net.bias)
+    assert torch.allclose(method(x), x @ method.net.weight.T + method.net.bias)
+    for name in ("forward", "training_step"):  # torch.compile's wrapper, on the instance
+        assert getattr(getattr(method, name), "_torchdynamo_orig_callable", None) is not None, name
+    assert torch.allclose(method.training_step(x, 0), method.net(x).square().mean())
     assert list(method.state_dict()) == ["net.weight", "net.bias"], "checkpoints keep their keys"
 
 

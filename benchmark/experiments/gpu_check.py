@@ -37,7 +37,7 @@ import torch
 
 from adbench.benchmark.orchestration.records import FINISHED, read_record
 from adbench.benchmark.orchestration.runner import device_slots, record_path, run_jobs
-from adbench.benchmark.orchestration.sweep import JobSpec, SweepConfig
+from adbench.benchmark.orchestration.sweep import JobSpec, SweepConfig, SweepConfigError
 from adbench.project import config_dir
 
 #: Largest |one GPU - two GPUs| difference of PaDiM's image and pixel AUROC. PaDiM's fit is a sum of
@@ -227,7 +227,12 @@ def main(argv: list[str] | None = None) -> int:
               "Run it with --cpu (make gpu-check CPU=1) for the toy-size CPU check.", file=sys.stderr)  # fmt: skip
         return 2
     started, date = time.perf_counter(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    sweep = check_sweep(args)
+    try:
+        sweep = check_sweep(args)
+        sweep.jobs()  # a missing root, category or method stops here, before anything runs
+    except (SweepConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     gpus = 0 if args.cpu else torch.cuda.device_count()
     device = (
         "cpu"
