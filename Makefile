@@ -7,6 +7,10 @@
 # A real sweep:
 #   make benchmark MVTEC_ROOT=../shared/data/mvtec_ad METHODS=stpm,patchcore \
 #        CATEGORIES=bottle SEEDS=0,1 PROFILE=quick RESULTS_DIR=results/mvtec
+# The GPU check (every method briefly under bf16-mixed, one job per GPU, DDP, torch.compile; < 8 min on one H100):
+#   make gpu-check MVTEC_ROOT=../shared/data/mvtec_ad CATEGORY=bottle     one table, also as JSON under results/gpu_check/
+#   make gpu-check CPU=1                                                  toy size on the CPU (no CUDA needed; CI's test)
+#   make gpu-check GPU_CHECK_ARGS="--compile --methods stpm,patchcore"    any option of the script
 # Our methods against anomalib 2.7.0's (own venv, .venv-compare: anomalib pins jsonargparse<4.47):
 #   make compare                                   embedded data, all pairs -> results/compare/
 #   make compare MVTEC_ROOT=../shared/data/mvtec_ad DTD_ROOT=../shared/data/dtd CATEGORY=bottle \
@@ -51,6 +55,9 @@ COMPARE_STAMP := $(COMPARE_VENV)/.installed
 CATEGORY ?=
 COMPARE_METHODS ?=
 COMPARE_ARGS ?=
+# make gpu-check: CPU=1 adds --cpu (`make gpu-check --cpu` would be read by make itself); GPU_CHECK_ARGS passes the rest.
+CPU ?=
+GPU_CHECK_ARGS ?=
 
 # Only pass the variables the user set, so the sweep YAML keeps its defaults.
 SWEEP_ARGS := --sweep $(SWEEP) --results-dir $(RESULTS_DIR) \
@@ -66,7 +73,7 @@ SWEEP_ARGS := --sweep $(SWEEP) --results-dir $(RESULTS_DIR) \
 	$(if $(MVTEC_ROOT),--root $(MVTEC_ROOT)) \
 	$(if $(DTD_ROOT),--texture-root $(DTD_ROOT))
 
-.PHONY: venv test test-all lint lock lock-check benchmark compare clean
+.PHONY: venv test test-all lint lock lock-check benchmark compare gpu-check clean
 
 $(UV):
 	test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
@@ -111,6 +118,14 @@ test-all: test
 
 benchmark: $(STAMP)
 	$(PY) -m adbench.benchmark.run $(SWEEP_ARGS)
+
+# Without MVTEC_ROOT: the embedded dataset. Without CUDA it refuses (exit 2) unless CPU=1.
+gpu-check: $(STAMP)
+	$(PY) -m adbench.benchmark.experiments.gpu_check \
+		$(if $(MVTEC_ROOT),--root $(MVTEC_ROOT)) \
+		$(if $(CATEGORY),--category $(CATEGORY)) \
+		$(if $(CPU),--cpu) \
+		$(GPU_CHECK_ARGS)
 
 $(COMPARE_STAMP): $(COMPARE_LOCK) pyproject.toml | $(UV)
 	test -x $(COMPARE_PY) || $(UV) venv --quiet --python $(PYTHON) $(COMPARE_VENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import statistics
 import sys
 import time
 from typing import Any
@@ -27,6 +28,7 @@ def synchronized_now(pl_module: LightningModule) -> float:
 class TimingCallback(Callback):
     """Measures fit time, test time and test throughput (images/s), and peak memory.
 
+    ``train_step_seconds`` is the median time of one training step (batch start to end).
     Test throughput counts the model's work from the first test batch's start to
     the last batch's end (data already decoded and cached), not the metric
     computation that follows. On CUDA the device is synchronised before reading
@@ -45,14 +47,23 @@ class TimingCallback(Callback):
             torch.cuda.reset_peak_memory_stats(pl_module.device)
         self._start = synchronized_now(pl_module)
         self._train_steps = 0
+        self._step_seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._step_start = synchronized_now(pl_module)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         self._train_steps += 1
+        self._step_seconds.append(synchronized_now(pl_module) - self._step_start)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         seconds = synchronized_now(pl_module) - self._start
         self.stats.update(fit_seconds=seconds, train_steps=self._train_steps)
         self.stats["train_steps_per_second"] = self._train_steps / seconds if seconds > 0 else float("nan")
+        # One step alone, without data loading, validation or epoch-end work; the median of the
+        # steps after the first, which pays for warm-up (cuDNN autotuning, torch.compile's tracing).
+        steps = self._step_seconds[1:] or self._step_seconds
+        self.stats["train_step_seconds"] = statistics.median(steps) if steps else float("nan")
         self._record_memory(pl_module, "fit")
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -16,23 +16,16 @@ import pytest
 import torch
 
 from adbench import models
+from adbench.benchmark.experiments import gpu_check
 from adbench.benchmark.orchestration.runner import device_slots, run_jobs
 from adbench.benchmark.orchestration.sweep import SweepConfig, config_path
 from adbench.cli import AnomalyCLI
 
 METHODS = models.list_models()
-TINY = {
-    "data.image_size": 64,
-    "data.batch_size": 4,
-    "data.eval_batch_size": 8,
-    "trainer.max_epochs": 1,
-    "trainer.limit_train_batches": 2,
-    "trainer.num_sanity_val_steps": 0,
-    "trainer.enable_progress_bar": False,
-    "trainer.enable_model_summary": False,
-}
+#: The toy budget, one definition with `make gpu-check CPU=1`'s: 64 px, two training batches.
+TINY = {**gpu_check.TOY, **gpu_check.QUIET}
 #: Per method, on top of TINY: EfficientAD's quick profile distils its teacher for 1000 steps at the first fit.
-METHOD_TINY = {"efficientad": {"model.distill_steps": 2, "model.distill_norm_images": 4, "model.teacher_cache": None}}
+METHOD_TINY = gpu_check.TOY_METHOD_BUDGET
 
 
 def test_every_method_has_both_profiles() -> None:

@@ -130,3 +130,35 @@ def test_a_preempted_task_checkpoints_requeues_resumes_and_ends_with_one_record(
     assert records[0]["config"]["trainer"]["max_epochs"] == 100
     assert not (checkpoints / "requeue.ckpt").exists(), "the resumed attempt removes its resume file"
     assert released, "the task was never requeued"
+
+
+@pytest.mark.slow
+def test_two_concurrent_submissions_of_one_sweep_run_each_job_once(
+    slurm_cluster: None, tmp_path: Path, embedded_root: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    results = tmp_path / "results"
+    sweep = _sweep(tmp_path, embedded_root)
+    command = ["--sweep", str(sweep), "--results-dir", str(results)]
+    # The first submission returns at once; the second, made while the first's tasks wait or run
+    # (both arrays at parallelism 1, one CPU each: their first tasks start together), waits for its own.
+    assert run.main([*command, "--no-wait"]) == 0
+    assert run.main(command) == 0
+    out = capsys.readouterr().out
+    assert out.count("[slurm] 2 of 2 job(s) to run (0 finished)") == 2, "each submission submitted both jobs"
+    arrays = [line.split()[3] for line in out.splitlines() if "submitted array" in line]
+    deadline = time.time() + 900
+    while any(subprocess.run(["squeue", "-h", "-j", a], capture_output=True, text=True).stdout.strip() for a in arrays):
+        assert time.time() < deadline, "the first submission's tasks never ended"
+        time.sleep(1)
+    records = iter_records(results)
+    job_ids = ["stpm__quick__disc__seed0", "stpm__quick__weave__seed0"]
+    assert sorted(r["job_id"] for r in records) == job_ids
+    assert all(r["status"] == "ok" for r in records), [r.get("error") for r in records]
+    # Every task's own output: across both arrays, each job was fitted once and skipped once.
+    logs = [path.read_text() for path in (results / "slurm").rglob("*.out")]
+    assert len(logs) == 4, sorted(str(p) for p in (results / "slurm").rglob("*.out"))
+    for job_id in job_ids:
+        fitted = sum(f"[job] {job_id}: ok" in log for log in logs)
+        skipped = sum(f"[job] {job_id}: skipped" in log for log in logs)
+        assert (fitted, skipped) == (1, 1), (job_id, fitted, skipped)
+    assert not list((results / "runs" / ".locks").glob("*.lock")), "every lock released"

@@ -7,7 +7,8 @@ runs by hand, so a leaderboard number can always be reproduced with
 ``adbench fit/test --config ...``. The checkpoint that is tested is chosen on
 the validation split (held-out ``train/good`` with synthetic anomalies), never
 on the test set. Whatever happens, a record is written: ``ok`` with metrics, or
-``failed`` with the error, so a sweep never loses a result or hides a failure.
+``failed`` with the error, so a sweep never loses a result or hides a failure; a job that
+another process runs (its lock, :mod:`.locks`) or whose record is finished writes nothing.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ import torch
 import yaml
 
 from adbench.benchmark.orchestration.environment import environment, pin_cpu_isa
+from adbench.benchmark.orchestration.locks import SKIPPED_EXIT_CODE, job_lock
 from adbench.benchmark.orchestration.records import (
     FINISHED,
     LAUNCH_TOKEN_VARIABLE,
     LAUNCHED_AT_VARIABLE,
+    RUNS_FOLDER,
     selection_saturation,
     write_json_atomic,
     write_text_atomic,
 )
+from adbench.benchmark.orchestration.runner import is_finished
 from adbench.benchmark.orchestration.sweep import JobSpec
 from adbench.callbacks.guards import LossHistory
 from adbench.callbacks.pixel_histograms import HISTOGRAM_SUFFIX, PixelHistograms
@@ -176,11 +180,27 @@ def run_job(spec: JobSpec, job_dir: Path, scores_path: Path | None = None) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the job unless another process runs it or its record is finished: then exit with
+    :data:`SKIPPED_EXIT_CODE`, writing nothing. The lock is taken here, by the job itself, so
+    the local and the SLURM launcher share one rule (:mod:`.locks`)."""
     spec_path, record_path = (argv or sys.argv[1:])[:2]
     spec = JobSpec(**json.loads(Path(spec_path).read_text()))
     if spec.cpu_isa:  # read by torch at its first kernel, i.e. still to come in this process
         pin_cpu_isa(spec.cpu_isa)
     results_dir = Path(record_path).parent.parent
+    if "LOCAL_RANK" in os.environ:  # a DDP worker Lightning started: its rank 0 holds the lock
+        return _run_and_record(spec, Path(record_path), results_dir)
+    with job_lock(results_dir / RUNS_FOLDER, spec.job_id) as holder:
+        if holder is not None:
+            print(f"[job] {spec.job_id}: skipped, being run by {holder}")
+            return SKIPPED_EXIT_CODE
+        if is_finished(results_dir, spec):  # finished by another sweep since this one was launched
+            print(f"[job] {spec.job_id}: skipped, its record is finished (same fingerprint)")
+            return SKIPPED_EXIT_CODE
+        return _run_and_record(spec, Path(record_path), results_dir)
+
+
+def _run_and_record(spec: JobSpec, record_path: Path, results_dir: Path) -> int:
     job_dir = results_dir / "jobs" / spec.job_id
     record: dict[str, Any] = {**asdict(spec), "job_id": spec.job_id, "fingerprint": spec.fingerprint()}
     record["started"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

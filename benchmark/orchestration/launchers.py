@@ -2,6 +2,7 @@
 
 Both run the same job code (:func:`adbench.benchmark.orchestration.job.main`), write the same records with the
 same resume rule (:func:`adbench.benchmark.orchestration.runner.is_finished`) and feed the same leaderboard.
+The job takes its own lock (:mod:`.locks`), so two submissions of one sweep run each job once.
 
 SLURM goes through submitit (one job array per sweep, one array task per unfinished job):
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from adbench.benchmark.orchestration.locks import SKIPPED_EXIT_CODE
 from adbench.benchmark.orchestration.records import FINISHED, read_record, write_json_atomic
 from adbench.benchmark.orchestration.runner import (
     device_slots,
@@ -87,11 +89,12 @@ class SlurmTask:
     limit too often, or killed, ends with a failed record naming SLURM's reason.
     """
 
-    def __call__(self, spec_path: str, record_path_: str) -> str:
+    def __call__(self, spec_path: str, record_path_: str) -> dict[str, Any]:
+        """The job's outcome: ``skipped`` when another submission runs it or has run it (its lock)."""
         from adbench.benchmark.orchestration import job
 
-        job.main([spec_path, record_path_])
-        return record_path_
+        code = job.main([spec_path, record_path_])
+        return {"record": record_path_, "skipped": code == SKIPPED_EXIT_CODE}
 
     def checkpoint(self, spec_path: str, record_path_: str) -> Any:
         import submitit
@@ -143,22 +146,36 @@ def run_slurm(jobs: list[JobSpec], results_dir: Path, sweep: Any, wait: bool = T
 
 def _collect(pending: list[JobSpec], tasks: list[Any], results_dir: Path, submitted_at: float,
              poll_seconds: float) -> list[dict[str, Any]]:
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, dict[str, Any] | None] = {}
     with tqdm(total=len(tasks), desc="slurm", unit="job") as bar:
         while len(records) < len(tasks):
             for spec, task in zip(pending, tasks, strict=True):
                 if spec.job_id in records or not task.done():
                     continue
+                bar.update(1)
                 record = read_record(record_path(results_dir, spec))
+                if _skipped(task):  # another submission's task runs it (or ran it): its record, if any
+                    records[spec.job_id] = record if record and record.get("status") in FINISHED else None
+                    tqdm.write(f"[slurm] skipped {spec.job_id}: run by another submission on this folder "
+                               f"({task.paths.stdout})")
+                    continue
                 if record is None or (record.get("started_unix") or 0) < submitted_at:
                     record = _failed_without_record(spec, task, results_dir)
                 records[spec.job_id] = record
-                bar.update(1)
                 status = record.get("status")
                 tqdm.write(f"[slurm] {'done' if status in FINISHED else 'FAILED'} {spec.job_id}"
                            + ("" if status in FINISHED else f": {record.get('error')}"))
             time.sleep(poll_seconds)
-    return [records[s.job_id] for s in pending]
+    return [records[s.job_id] for s in pending if records[s.job_id] is not None]
+
+
+def _skipped(task: Any) -> bool:
+    """Whether the task's job did not run (SlurmTask's outcome), never raising."""
+    try:
+        outcome = task.result()
+    except Exception:  # noqa: BLE001 - a failed task is not a skipped one
+        return False
+    return isinstance(outcome, dict) and bool(outcome.get("skipped"))
 
 
 def _failed_without_record(spec: JobSpec, task: Any, results_dir: Path) -> dict[str, Any]:

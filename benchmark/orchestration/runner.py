@@ -11,17 +11,16 @@ or an out-of-memory kill ends that job only. A job's record is written
 atomically; a job whose record is ``ok`` (or ``warning``) and whose fingerprint
 (method config, category, seed, overrides, the source of the code it runs, the
 device kind and CPU threads) is unchanged is skipped on the next run, so a killed
-sweep resumes where it stopped and never reuses a record of other code.
+sweep resumes where it stopped and never reuses a record of other code. Each job process takes
+its own lock (:mod:`.locks`), so two sweeps on one results folder run each job once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +35,7 @@ from typing import IO, Any
 import torch
 from tqdm.auto import tqdm
 
+from adbench.benchmark.orchestration.locks import SKIPPED_EXIT_CODE
 from adbench.benchmark.orchestration.records import (
     FINISHED,
     LAUNCH_TOKEN_VARIABLE,
@@ -87,51 +87,6 @@ def device_slots(devices_per_job: int, parallel: int | None, accelerator: str = 
     slots = parallel or 1
     threads = max(1, (os.cpu_count() or 1) // (slots * devices_per_job))
     return [{"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""} for _ in range(slots)]
-
-
-LOCKS_FOLDER = ".locks"
-
-
-def acquire_job_lock(results_dir: Path, spec: JobSpec) -> str | None:
-    """Claim ``spec`` for this process: ``None`` when claimed, else who holds it.
-
-    The lock is a file created with O_CREAT | O_EXCL (atomic on local and NFS file systems)
-    holding host and pid. A lock left by a dead process of this host is taken over; one of
-    another host is honoured (its sweep may still run there): delete the file to override.
-    """
-    path = results_dir / RUNS_FOLDER / LOCKS_FOLDER / f"{spec.job_id}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            holder = read_record(path) or {}
-            alive = holder.get("host") != me["host"] or _pid_alive(int(holder.get("pid", -1)))
-            if alive and holder:
-                return f"{holder.get('host')} pid {holder.get('pid')}"
-            path.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return None
-    return "another process (lock contended)"
-
-
-def release_job_lock(results_dir: Path, spec: JobSpec) -> None:
-    (results_dir / RUNS_FOLDER / LOCKS_FOLDER / f"{spec.job_id}.lock").unlink(missing_ok=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
@@ -199,14 +154,7 @@ def run_jobs(
         while pending or running:
             while pending and free:
                 spec = pending.popleft()
-                holder = acquire_job_lock(results_dir, spec)
-                if holder is not None:  # another sweep on this results folder runs it now
-                    tqdm.write(f"[sweep] skipped {spec.job_id}: being run by another sweep ({holder}); "
-                               "rerun later to pick up its record")
-                    bar.update(1)
-                    continue
                 if is_finished(results_dir, spec, retry_failed):  # finished by another sweep meanwhile
-                    release_job_lock(results_dir, spec)
                     bar.update(1)
                     continue
                 slot = free.pop(0)
@@ -236,19 +184,23 @@ def run_jobs(
                 job.process.wait()
                 time.sleep(0.05)  # let the pump thread drain the last lines
                 job.log.close()
+                bar.update(1)
+                if job.process.returncode == SKIPPED_EXIT_CODE and job.timed_out_after is None:
+                    # The job's own lock (locks.py): another sweep on this folder runs it, or has run it.
+                    said = next((line for line in reversed(job.tail) if line.startswith("[job]")), "")
+                    tqdm.write(f"[sweep] skipped {job.spec.job_id}: {said.partition('skipped, ')[2] or said}; "
+                               "its record is the other sweep's")
+                    continue
                 record = _collect(results_dir, job)
-                release_job_lock(results_dir, job.spec)
                 finished.append(record)
                 failures += record["status"] not in FINISHED
                 if on_record:
                     on_record(record)
-                bar.update(1)
                 bar.set_postfix_str(f"failed {failures}" if failures else "")
                 tqdm.write(_summary(record, time.time() - job.started))
     finally:
-        for job in running:  # interrupted (Ctrl-C): stop the children, keep finished records
+        for job in running:  # interrupted (Ctrl-C): stop the children (the kernel frees their locks)
             job.process.kill()
-            release_job_lock(results_dir, job.spec)
         bar.close()
     return finished
 
