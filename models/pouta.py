@@ -5,10 +5,11 @@ IEEE TCSVT 2024 (arXiv 2312.12913).
 
 A DRAEM-like pair of networks trained jointly on normal images carrying synthetic
 anomalies, with one difference that gives the method its name: the discriminative
-network has NO encoder of its own. The features the reconstructive network (DRAEM's,
-loss ``L2 + (1 - SSIM)``) produces once are used twice: at each level its encoder
-stage ``E_i`` (standing for the input) and the symmetric decoder stage ``D_i``
-(standing for the reconstruction) are compared by a feature comparison module
+network has NO encoder of its own. The features the reconstructive network (DRAEM's
+widths and no skips, but the suite's "symmetric" decoder layout of ``models/unet.py``,
+not DRAEM's narrower reference layout: decoder stage ``D_i`` has encoder stage ``E_i``'s
+shape; loss ``L2 + (1 - SSIM)``) produces once are used twice: at each level ``E_i``
+(standing for the input) and ``D_i`` (standing for the reconstruction) are compared by a feature comparison module
 (FCM); coarse to fine, each level is calibrated by the next coarser one (HSG); every
 level predicts a map supervised by the mask, and a multi-scale fusion (MSS) gives
 the final map. Loss: reconstruction + focal on the final map + weighted focal on
@@ -144,23 +145,27 @@ class POUTA(AnomalyModule):
 
         if encoder != "unet":
             self.reconstructive.encoder = make_encoder()
+        factor = 3 if fcm_difference else 2
+        in_channels = [factor * recon_widths[i] for i in range(levels)]
+        self.fcm = nn.ModuleList(FeatureComparison(in_channels[i], disc_widths[i]) for i in range(levels))
+        # The ablation switches' modules are built and initialised whether they are used or not, in the
+        # same order, and the image-input arm's extra encoder last: an arm differs from the full model in
+        # its switched part only, every other weight starts the same under the same seed.
+        # hsg[i] calibrates level i by level i + 1 (the last level is the coarsest, uncalibrated).
+        hsg = nn.ModuleList(HighLevelGuidance(disc_widths[i + 1], disc_widths[i]) for i in range(levels - 1))
+        self.level_heads = nn.ModuleList(nn.Conv2d(disc_widths[i], 1, 1) for i in range(levels))
+        mss = MultiScaleFusion(disc_widths[0], levels)
+        self.hsg = hsg if calibration else None
+        self.fusion = mss if fusion == "mss" else None
         # Ablation: the discriminative part extracts features from the input and the reconstruction
         # again, with an encoder of its own of the reconstructive encoder's kind (same widths, same
         # pretrained backbone if any), instead of reusing the reconstructive network's features.
         self.disc_encoder = make_encoder() if disc_input == "image" else None
-        factor = 3 if fcm_difference else 2
-        in_channels = [factor * recon_widths[i] for i in range(levels)]
-        self.fcm = nn.ModuleList(FeatureComparison(in_channels[i], disc_widths[i]) for i in range(levels))
-        # hsg[i] calibrates level i by level i + 1 (the last level is the coarsest, uncalibrated).
-        self.hsg = nn.ModuleList(
-            HighLevelGuidance(disc_widths[i + 1], disc_widths[i]) for i in range(levels - 1)
-        ) if calibration else None  # fmt: skip
-        self.level_heads = nn.ModuleList(nn.Conv2d(disc_widths[i], 1, 1) for i in range(levels))
-        self.fusion = MultiScaleFusion(disc_widths[0], levels) if fusion == "mss" else None
         if weight_init == "normal":
-            for name, module in self.named_modules():
-                if ".backbone." not in f".{name}.":  # keep the pretrained weights
-                    draem_init(module)
+            for part in (self.reconstructive, self.fcm, hsg, self.level_heads, mss, self.disc_encoder):
+                for name, module in part.named_modules() if part is not None else ():
+                    if ".backbone." not in f".{name}.":  # keep the pretrained weights
+                        draem_init(module)
         if head_prior is not None:
             # Focal-loss prior (Lin et al.): every map starts at P(anomaly) = head_prior, not 0.5.
             bias = math.log(head_prior / (1.0 - head_prior))
@@ -225,7 +230,12 @@ class POUTA(AnomalyModule):
             terms[f"level{i}"] = focal_loss(upsampled, mask, gamma=hp.focal_gamma, alpha=hp.focal_alpha)
         terms["loss"] = hp.recon_weight * terms["reconstruction"] + hp.final_weight * terms["final"]
         if hp.level_supervision:  # L_MSS
-            terms["loss"] = terms["loss"] + sum(w * terms[f"level{i}"] for i, w in enumerate(hp.level_weights))
+            # Without the fusion the final map IS the finest level's: L_pre already supervises that head
+            # (weight final_weight, as the full model's final map), so L_MSS does not count it twice.
+            first = 1 if self.fusion is None else 0
+            terms["loss"] = terms["loss"] + sum(
+                w * terms[f"level{i}"] for i, w in enumerate(hp.level_weights) if i >= first
+            )
         return terms
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

@@ -140,16 +140,18 @@ class RSTPM(AnomalyModule):
         deepest = (max(layers) + 1,) if second_pair else ()
         self.pair1 = StudentTeacherPair(teacher1, layers, weights1, extra_teacher_layers=deepest,
                                         weights_sha256=weights1_sha256)
-        self.teacher2: FeatureExtractor | None = None
-        self.student2: DecoderStudent | None = None
-        if second_pair:
-            self.teacher2 = FeatureExtractor(teacher2, layers, weights2, weights2_sha256, frozen=True)
-            self.student2 = DecoderStudent(self.pair1.teacher.channels[-1], self.teacher2.channels, attention)
+        # The discriminator before pair 2, and the attention maps last: the arms that remove or change pair 2
+        # or its attention leave the discriminator's and the students' initial weights as they are.
         self.discriminative: UNet | None = None
         if discriminator:
             widths = widths_from_base(disc_base_width, disc_depth)
             self.discriminative = UNet(len(self.pair1.layers), 1, widths, skip=True, layout="draem")
             self.discriminative.apply(draem_init)
+        self.teacher2: FeatureExtractor | None = None
+        self.student2: DecoderStudent | None = None
+        if second_pair:
+            self.teacher2 = FeatureExtractor(teacher2, layers, weights2, weights2_sha256, frozen=True)
+            self.student2 = DecoderStudent(self.pair1.teacher.channels[-1], self.teacher2.channels, attention)
 
     # ------------------------------------------------------------------ maps
 

@@ -118,12 +118,13 @@ class TSDN(AnomalyModule):
         else:
             self.encoder = BackboneEncoder(widths, encoder, encoder_weights, frozen=encoder_frozen,
                                            weights_sha256=encoder_weights_sha256)
-        # One estimator per skip level (all encoder stages but the bottleneck).
-        self.fne = (
-            nn.ModuleList(FeatureNormalityEstimator(w, fne_init_bias) for w in widths[:-1]) if use_fne else None
-        )
+        # One estimator per skip level (all encoder stages but the bottleneck). Built either way, so that
+        # switching it off leaves every other module's initial weights as they are (one idea per arm).
+        fne = nn.ModuleList(FeatureNormalityEstimator(w, fne_init_bias) for w in widths[:-1])
+        self.fne = fne if use_fne else None
         self.normal_decoder = Decoder(widths, skip=True)
         self.normal_head = nn.Conv2d(widths[0], 3, 3, padding=1)
+        # Built last: without it (the one-stream arm) nothing else changes.
         self.abnormal_decoder = Decoder(widths, skip=True) if two_stream else None
         self.abnormal_head = nn.Conv2d(widths[0], 1, 3, padding=1) if two_stream else None
 

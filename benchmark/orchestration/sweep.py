@@ -36,6 +36,9 @@ SETTINGS = ("per-category", "unified")
 FULL_SHOTS = "full"
 LAUNCHER_NAMES = ("local", "slurm")  # adbench.benchmark.orchestration.launchers.LAUNCHERS
 PRECISIONS = ("32-true", "32", "16-mixed", "bf16-mixed", "bf16-true", "16-true", "64-true")
+#: A variant's keys: ``partner`` (a second row the reports compare it with) and ``note`` (a caveat the
+#: ablation table prints) are for the reports only and change no job.
+VARIANT_KEYS = {"method", "overrides", "partner", "note"}
 
 
 #: oneDNN's names for ``ONEDNN_MAX_CPU_ISA`` (x86-64), lowest first.
@@ -142,7 +145,7 @@ class SweepConfig:
         if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
             raise SweepConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         for name, variant in self.variants.items():
-            if not isinstance(variant, dict) or "method" not in variant or set(variant) - {"method", "overrides"}:
+            if not isinstance(variant, dict) or "method" not in variant or set(variant) - VARIANT_KEYS:
                 raise SweepConfigError(
                     f"variant {name!r} must be {{method: <registered name>, overrides: {{...}}}}, got {variant!r}"
                 )

@@ -17,33 +17,74 @@ or several folders (``runs/*.json``; where two hold the same name, category and
 seed, the first folder's record counts); only ``ok`` records count, and the seeds
 each mean covers are printed. ``--rows`` keeps the named rows only. ``--plot`` draws the same paired deltas as a forest plot, one
 panel per metric: each seed as a dot, the mean with its std as a bar, per category.
+
+The sweep YAMLs (``configs/sweeps/*.yaml``, or ``--sweeps``) say more about an arm: its
+``partner``, a second row it is compared with the same way (partner minus arm; kind
+"partner"), where the switch cannot keep the full method's map rule (``tsdn-one-stream``
+against ``tsdn-map-reconstruction``); and its ``note``, a caveat numbered in the ``note``
+column and printed under the table. Arms renamed since their records were written keep
+their old name, with a note (``RENAMED``).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
 
 from adbench.benchmark.orchestration.records import iter_records, saturation_rate  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
 from adbench.benchmark.reports.summary import declared_baselines  # noqa: E402  (one place: the summary uses them too)
+from adbench.project import config_dir  # noqa: E402
+
+#: Arms renamed after their records were written (committed results keep the old name): old name -> note.
+RENAMED = {
+    "rstpm-no-discriminator": "renamed rstpm-pairs-fusion-map (final map = the two pairs' maps fused) on "
+    "2026-12-06; these records also built no discriminator and stopped after the students' 10 epochs, so "
+    "they switch two things, the map and the discriminator",
+}
+
+
+def sweep_variants(paths: list[Path] | None = None) -> dict[str, dict[str, Any]]:
+    """Every named variant of the sweep YAMLs (default: ``configs/sweeps/*.yaml``): name -> its definition."""
+    paths = sorted((config_dir() / "sweeps").glob("*.yaml")) if paths is None else paths
+    variants: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        for name, variant in (data.get("variants") or {}).items():
+            variants.setdefault(name, variant)
+    return variants
+
+
+def partners(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Arm -> the second row it is compared with (its variant's ``partner``)."""
+    return {name: v["partner"] for name, v in variants.items() if v.get("partner")}
+
+
+def notes(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Row -> the caveat printed beside it: its variant's ``note``, or a renamed arm's."""
+    return {**RENAMED, **{name: " ".join(str(v["note"]).split()) for name, v in variants.items() if v.get("note")}}
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.status.isin(("ok", "warning"))]
 
 
-def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, str] | None = None) -> pd.DataFrame:
+def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, str] | None = None,
+                  partner_of: dict[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
     """Long form, one row per comparison, category, seed and metric: ``delta`` = full minus other, in points.
 
-    ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation") or ``vs``'s baseline
-    (``kind`` "baseline", from ``baselines``: :func:`declared_baselines`). Only seeds both sides ran are paired.
+    ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation"), ``vs``'s baseline
+    (``kind`` "baseline", from ``baselines``: :func:`declared_baselines`), or an arm whose
+    partner is ``vs`` (``partner_of``: arm -> partner row, :func:`partners`; ``kind``
+    "partner"). Only seeds both sides ran are paired.
     """
     ok = _finished(runs)
     baselines = baselines or {}
@@ -51,6 +92,7 @@ def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, s
     # taken for an ablation of its method.
     pairs = [(name, method, "ablation") for name, method in ok[["name", "method"]].drop_duplicates().itertuples(
         index=False) if name != method and name not in baselines.values()]  # fmt: skip
+    pairs += [(arm, partner, "partner") for arm, partner in (partner_of or {}).items()]
     pairs += [(baseline, method, "baseline") for method, baseline in baselines.items()]
     out = []
     for row, full_name, kind in pairs:
@@ -89,31 +131,51 @@ def _delta(paired: pd.Series) -> str:
 
 
 def ablation_table(runs: pd.DataFrame, metrics: list[str], deltas: pd.DataFrame | None = None,
-                   baselines: dict[str, str] | None = None) -> pd.DataFrame:
+                   baselines: dict[str, str] | None = None, row_notes: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per (category, row name): mean ± std per metric and the paired delta to the full method.
 
     ``deltas``: :func:`paired_deltas` of the same runs, metrics and ``baselines``, where the caller already has them.
+    ``row_notes`` (row -> caveat, :func:`notes`): a ``note`` column numbers the rows that have one;
+    :func:`footnotes` gives the texts.
     """
     ok = _finished(runs)
     if deltas is None:
         deltas = paired_deltas(runs, metrics, baselines)
+    numbers = _note_numbers(ok, row_notes or {})
     rows = []
     for (category, name), group in ok.groupby(["category", "name"], sort=True):
         row = {"category": category, "row": name, "seeds": ",".join(str(s) for s in sorted(group.seed))}
+        if name in numbers:
+            row["note"] = f"[{numbers[name]}]"
         for metric in metrics:
             row[metric] = _cell(group[metric])
         mine = deltas[(deltas.category == category) & (deltas.row == name)]
         if not mine.empty:
-            # An arm has one full method; a baseline lists every method built on it ("pouta: ..., tsdn: ...").
-            baseline = (mine.kind == "baseline").all()
+            # An arm has its full method (and maybe a partner); a baseline lists every method built on it
+            # ("pouta: ..., tsdn: ..."). Where a row has several sides, each delta names its side.
+            named = (mine.kind == "baseline").all() or mine.vs.nunique() > 1
             row["vs"] = ",".join(dict.fromkeys(mine.vs))
             for metric in metrics:
-                cells = [(f"{vs}: " if baseline else "") + _delta(g.delta)
+                cells = [(f"{vs}: " if named else "") + _delta(g.delta)
                          for vs, g in mine[mine.metric == metric].groupby("vs", sort=False)]  # fmt: skip
                 row[f"Δ {metric}"] = ", ".join(cells)
         rows.append(row)
     columns = ["category", "row", "seeds", *metrics, "vs", *(f"Δ {m}" for m in metrics)]
+    if numbers:
+        columns.insert(2, "note")
     return pd.DataFrame(rows).reindex(columns=columns).fillna("")
+
+
+def _note_numbers(runs: pd.DataFrame, row_notes: dict[str, str]) -> dict[str, int]:
+    """Footnote numbers of the rows present that have a note, in row-name order."""
+    present = sorted(name for name in set(runs.name) if name in row_notes)
+    return {name: i for i, name in enumerate(present, start=1)}
+
+
+def footnotes(runs: pd.DataFrame, row_notes: dict[str, str]) -> list[str]:
+    """The texts behind the table's ``note`` column: ``[n] row: note``."""
+    numbers = _note_numbers(_finished(runs), row_notes)
+    return [f"[{i}] {name}: {row_notes[name]}" for name, i in numbers.items()]
 
 
 def plot_deltas(deltas: pd.DataFrame, path: Path) -> Path:
@@ -160,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics", default="image_auroc,pixel_auroc,pro")
     parser.add_argument("--rows", help="comma-separated row names to keep (default: all)")
     parser.add_argument("--plot", type=Path, help="also write the paired deltas as a forest plot (PNG)")
+    parser.add_argument("--sweeps", type=Path, nargs="+", metavar="SWEEP_YAML",
+                        help="sweep YAMLs whose variants give partners and notes (default: configs/sweeps/*.yaml)")
     args = parser.parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m]
     unknown = [m for m in metrics if m not in METRICS]
@@ -174,8 +238,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.rows:
         runs = runs[runs.name.isin(args.rows.split(","))]
     baselines = declared_baselines(list(records.values()))
-    deltas = paired_deltas(runs, metrics, baselines)
-    print(ablation_table(runs, metrics, deltas).to_markdown(index=False))
+    variants = sweep_variants(args.sweeps)
+    deltas = paired_deltas(runs, metrics, baselines, partners(variants))
+    row_notes = notes(variants)
+    print(ablation_table(runs, metrics, deltas, row_notes=row_notes).to_markdown(index=False))
+    texts = footnotes(runs, row_notes)
+    if texts:
+        print("\n" + "\n".join(texts))
     print("\n" + baselines_line(runs, baselines))
     saturated, validated = saturation_rate([r for r in records.values() if (r.get("name") or r.get("method"))
                                             in set(runs.name)])  # fmt: skip
