@@ -148,24 +148,29 @@ class POUTA(AnomalyModule):
         factor = 3 if fcm_difference else 2
         in_channels = [factor * recon_widths[i] for i in range(levels)]
         self.fcm = nn.ModuleList(FeatureComparison(in_channels[i], disc_widths[i]) for i in range(levels))
-        # The ablation switches' modules are built and initialised whether they are used or not, in the
-        # same order, and the image-input arm's extra encoder last: an arm differs from the full model in
-        # its switched part only, every other weight starts the same under the same seed.
+        # The ablation switches' modules are built and initialised whether they are used or not, and the
+        # image-input arm's extra encoder after all the rest: an arm differs from the full model in its
+        # switched part only, every other weight starts the same under the same seed.
         # hsg[i] calibrates level i by level i + 1 (the last level is the coarsest, uncalibrated).
         hsg = nn.ModuleList(HighLevelGuidance(disc_widths[i + 1], disc_widths[i]) for i in range(levels - 1))
         self.level_heads = nn.ModuleList(nn.Conv2d(disc_widths[i], 1, 1) for i in range(levels))
         mss = MultiScaleFusion(disc_widths[0], levels)
         self.hsg = hsg if calibration else None
         self.fusion = mss if fusion == "mss" else None
+
+        def initialise(*parts: nn.Module) -> None:
+            for part in parts if weight_init == "normal" else ():
+                for name, module in part.named_modules():
+                    if ".backbone." not in f".{name}.":  # keep the pretrained weights
+                        draem_init(module)
+
+        initialise(self.reconstructive, self.fcm, hsg, self.level_heads, mss)
         # Ablation: the discriminative part extracts features from the input and the reconstruction
         # again, with an encoder of its own of the reconstructive encoder's kind (same widths, same
         # pretrained backbone if any), instead of reusing the reconstructive network's features.
         self.disc_encoder = make_encoder() if disc_input == "image" else None
-        if weight_init == "normal":
-            for part in (self.reconstructive, self.fcm, hsg, self.level_heads, mss, self.disc_encoder):
-                for name, module in part.named_modules() if part is not None else ():
-                    if ".backbone." not in f".{name}.":  # keep the pretrained weights
-                        draem_init(module)
+        if self.disc_encoder is not None:
+            initialise(self.disc_encoder)
         if head_prior is not None:
             # Focal-loss prior (Lin et al.): every map starts at P(anomaly) = head_prior, not 0.5.
             bias = math.log(head_prior / (1.0 - head_prior))

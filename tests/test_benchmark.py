@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from adbench.benchmark.orchestration.records import iter_records, read_record, write_json_atomic
 from adbench.benchmark.orchestration.runner import device_slots, run_jobs
@@ -474,6 +475,48 @@ def test_ablation_forest_plot_draws_the_paired_deltas_of_shared_seeds(tmp_path: 
     assert deltas.loc[("draem", 1), ["vs", "kind"]].tolist() == ["pouta", "baseline"]
     path = plot_deltas(deltas.reset_index(), tmp_path / "deltas.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+
+
+def test_ablation_table_compares_an_arm_with_its_partner_and_prints_the_sweeps_notes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An arm that cannot keep the full method's map rule is read against its sweep ``partner`` too
+    (partner minus arm, by seed); a variant's ``note`` and a renamed arm's are footnotes of the table."""
+    from adbench.benchmark.orchestration.records import RUNS_FOLDER, write_json_atomic
+    from adbench.benchmark.reports.ablation_table import RENAMED, main
+
+    sweep = tmp_path / "arms.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "arms", "methods": ["tsdn", "tsdn-one-stream", "tsdn-map-reconstruction"],
+                                     "variants": {
+        "tsdn-one-stream": {"method": "tsdn", "overrides": {"model.init_args.two_stream": False},
+                            "partner": "tsdn-map-reconstruction", "note": "the map is the reconstruction error"},
+        "tsdn-map-reconstruction": {"method": "tsdn", "overrides": {"model.init_args.anomaly_map": "reconstruction"}},
+    }}))  # fmt: skip
+    assert SweepConfig.from_yaml(sweep).variants["tsdn-one-stream"]["partner"] == "tsdn-map-reconstruction"
+    pixel = {"tsdn": (0.90, 0.94), "tsdn-one-stream": (0.80, 0.84), "tsdn-map-reconstruction": (0.70, 0.76),
+             "rstpm-no-discriminator": (0.5, 0.5)}  # fmt: skip
+    for name, values in pixel.items():
+        for seed, value in enumerate(values):
+            write_json_atomic(tmp_path / "results" / RUNS_FOLDER / f"{name}__{seed}.json", {
+                "name": name, "method": name.split("-")[0], "profile": "quick", "categories": ["bottle"],
+                "seed": seed, "status": "ok", "metrics": {"pixel_auroc": value}})  # fmt: skip
+    assert main([str(tmp_path / "results"), "--metrics", "pixel_auroc", "--sweeps", str(sweep)]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "| tsdn-one-stream " in line)
+    # Full minus arm: 10 and 10; partner minus arm: -10 and -8.
+    assert "tsdn: +10.0 ± 0.0, tsdn-map-reconstruction: -9.0 ± 1.4" in row and "[2]" in row
+    assert "[1] rstpm-no-discriminator: " + RENAMED["rstpm-no-discriminator"] in out
+    assert "[2] tsdn-one-stream: the map is the reconstruction error" in out
+
+
+def test_the_ablation_sweeps_partners_and_notes_are_valid() -> None:
+    from adbench.benchmark.reports.ablation_table import notes, partners, sweep_variants
+
+    path = REPO / "configs" / "sweeps" / "ablations.yaml"
+    config = SweepConfig.from_yaml(path)  # partner and note are variant keys the sweep accepts
+    assert partners(sweep_variants([path])) == {"tsdn-one-stream": "tsdn-map-reconstruction"}
+    assert set(partners(sweep_variants())) >= {"tsdn-one-stream"}  # every sweep YAML by default
+    assert {"rstpm-no-attention", "tsdn-one-stream"} <= set(notes(sweep_variants([path])))
+    assert all(p in config.variants for p in partners(config.variants).values())
 
 
 @pytest.mark.slow

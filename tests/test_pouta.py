@@ -222,6 +222,20 @@ def test_finest_only_fusion_takes_the_finest_level_map() -> None:
         _tiny(fusion="mean")
 
 
+def test_finest_only_keeps_the_finest_heads_weight(embedded_root: Path) -> None:
+    """Without the fusion the final map is the finest level's: L_pre supervises that head with the final
+    map's weight (1, as in the full model), and L_MSS keeps only the coarser levels (not 1 + lambda_1)."""
+    seed_everything(0, verbose=False)
+    batch = first_train_batch(embedded_root)
+    arm = _tiny(fusion="finest")
+    terms = arm.losses(batch)
+    torch.testing.assert_close(terms["final"], terms["level0"])  # the same map, the same loss
+    weights = arm.hparams.level_weights
+    coarser = sum(w * terms[f"level{i}"] for i, w in enumerate(weights) if i > 0)
+    torch.testing.assert_close(terms["loss"], terms["reconstruction"] + terms["final"] + coarser)
+    assert weights[0] * terms["level0"].item() > 1e-3  # counting the finest head twice (1.4) would show
+
+
 def test_yaml_profiles_and_ablation_switch_from_the_command_line() -> None:
     for profile in ("quick", "paper"):
         cli = AnomalyCLI(args=["--config", str(REPO / "configs" / "pouta" / f"{profile}.yaml")], run=False)

@@ -210,25 +210,30 @@ def test_each_ablation_changes_only_its_part(switch: dict[str, Any], removed_or_
         assert extra and all(k.startswith("pair1.teacher.body.blocks.") for k in extra)
 
 
-def test_ablation_budgets_are_the_full_methods() -> None:
-    """The ablation sweep changes one constructor switch per arm; only the no-discriminator arm,
-    which has no second stage, also stops after the students' epochs."""
+def test_map_arms_switch_the_final_map_alone() -> None:
+    """The sweep's map arms keep the discriminator (same modules, same two stages; tests/test_ablation_arms.py)
+    and change the final map only: ``stpm`` is pair 1's product map, ``pairs`` the pairs' per-scale fusion."""
     import yaml
 
     sweep = yaml.safe_load((REPO / "configs" / "sweeps" / "ablations.yaml").read_text())
     profile = yaml.safe_load((REPO / "configs" / "rstpm" / "quick.yaml").read_text())
     arms = {name: v["overrides"] for name, v in sweep["variants"].items() if v["method"] == "rstpm"}
-    assert set(arms) == {"rstpm-no-second-pair", "rstpm-no-attention", "rstpm-no-discriminator",
-                         "rstpm-same-teacher"}  # fmt: skip
-    for name, overrides in arms.items():
-        model_keys = [k for k in overrides if k.startswith("model.")]
-        assert len(model_keys) == 1, name
-        other = set(overrides) - set(model_keys)
-        if name == "rstpm-no-discriminator":
-            assert overrides["trainer.max_epochs"] == profile["model"]["init_args"]["student_epochs"]
-        else:
-            assert not other, name
+    assert arms["rstpm-stpm-map"] == {"model.init_args.final_map": "stpm"}
+    assert arms["rstpm-pairs-fusion-map"] == {"model.init_args.final_map": "pairs"}
+    assert "rstpm-no-discriminator" not in arms  # renamed: it also removed the discriminator and its epochs
     assert arms["rstpm-same-teacher"]["model.init_args.teacher2"] == profile["model"]["init_args"]["teacher1"]
+    torch.manual_seed(0)
+    full = _tiny().eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        maps1, maps2 = full.level_maps(images)
+        product = full(images).anomaly_map
+        for final_map, expected in (("stpm", fuse_maps(maps1, (SIZE, SIZE), "product")),
+                                    ("pairs", full.scale_maps(maps1, maps2, (SIZE, SIZE)).prod(1, keepdim=True))):
+            arm = _tiny(final_map=final_map).eval()
+            arm.load_state_dict(full.state_dict())  # the same networks, the discriminator included
+            torch.testing.assert_close(arm(images).anomaly_map, expected)
+            assert not torch.allclose(arm(images).anomaly_map, product)
 
 
 # ---------------------------------------------------------------------- training
