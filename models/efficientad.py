@@ -482,6 +482,11 @@ class EfficientAD(AnomalyModule):
             self._ood_source = texture_source(self._textures())
         return self._ood_source
 
+    def obtain_teacher(self) -> None:
+        """The teacher's weights before a fit (distilled, or from ``teacher_cache``) unless it has them already."""
+        if not self.fitted[0]:
+            self._obtain_teacher()
+
     def _obtain_teacher(self) -> None:
         """Distil the teacher (or take it from the cache); the one-time substitute for the paper's."""
         hp = self.hparams
