@@ -175,6 +175,61 @@ def _fastflow(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, 
     return model, model.model, notes
 
 
+def _efficientad(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+
+    from .efficientad_teacher import (
+        anomalib_teacher_file,
+        check_penalty_folder,
+        check_teacher_weights,
+    )
+
+    ours = spec["our_init_args"]
+    check_anomalib_fixed("efficientad", ours)
+    # platformdirs (anomalib's get_pretrained_weights_dir) reads XDG_CACHE_HOME at each call: this worker's
+    # private cache, where the main process wrote our teacher as anomalib's file (no download).
+    os.environ["XDG_CACHE_HOME"] = spec["anomalib_cache_home"]
+    from anomalib.models import EfficientAd
+    from anomalib.utils.path import get_pretrained_weights_dir
+
+    size = ours["model_size"]
+    expected = anomalib_teacher_file(spec["anomalib_cache_home"], size)
+    looked = get_pretrained_weights_dir() / expected.parent.name / expected.name
+    if looked.resolve() != expected.resolve() or not expected.is_file():
+        raise CompareError(f"anomalib reads its EfficientAd teacher from {looked}, ours is at {expected}")
+
+    class QuantilesFromTrainingEfficientAd(EfficientAd):
+        """anomalib's EfficientAd; with no validation split its map quantiles would stay unset (raw maps):
+        measured, as anomalib's on_validation_start does, on the training images, after training, as ours."""
+
+        def on_train_end(self) -> None:
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                self.model.quantiles.update(self.map_norm_quantiles(self.trainer.datamodule.train_dataloader()))
+            self.train(was_training)
+
+    model = QuantilesFromTrainingEfficientAd(
+        imagenet_dir=spec["penalty_root"], teacher_out_channels=ours["out_channels"], model_size=size,
+        lr=ours["lr"], weight_decay=ours["weight_decay"], padding=False, pad_maps=True,
+        pre_processor=_pre_processor(spec, None), **_DISABLED,
+    )  # fmt: skip
+    model.prepare_pretrained_model()  # on_train_start loads the same file again
+    notes = {
+        "model": f"EfficientAd(model_size={size}, teacher_out_channels={ours['out_channels']}, lr={ours['lr']}, "
+                 f"weight_decay={ours['weight_decay']}, imagenet_dir={spec['penalty_root']}), map quantiles "
+                 "measured on the training images after training (no validation split)",
+        "teacher_check": check_teacher_weights(model.model.teacher, ours["teacher_weights"], size,
+                                               ours["out_channels"], ours["width"]),
+        "penalty_images": check_penalty_folder(spec["penalty_root"]),
+        "lr_schedule": "anomalib's StepLR(step_size=0.95 x steps) is returned without interval 'step', so "
+                       "Lightning steps it once per epoch: the lr never drops within these steps (ours drops "
+                       "x 0.1 for the last 5 % of the steps)",
+    }  # fmt: skip
+    print(f"{WORKER_PREFIX} teacher check passed: {notes['teacher_check']}", flush=True)
+    return model, None, notes
+
+
 def _draem(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     import torch
     from anomalib.models import Draem
@@ -273,6 +328,8 @@ def build_anomalib(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict
         model, extractor, notes = _fastflow(spec, backbone)
     elif kind == "draem":
         model, extractor, notes = _draem(spec, work_dir)
+    elif kind == "efficientad":
+        model, extractor, notes = _efficientad(spec)
     else:  # pragma: no cover - METHODS only has the kinds above
         raise CompareError(f"unknown method kind {kind!r}")
 

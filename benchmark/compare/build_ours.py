@@ -58,6 +58,11 @@ def build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
                 or getattr(model, "teacher", None) or getattr(model, "feature_extractor", None))  # fmt: skip
     if backbone is not None and hasattr(backbone, "weights_source"):
         notes["weights"] = backbone.weights_source
+    if spec["kind"] == "efficientad":
+        # Our teacher from the file the main process wrote (anomalib's holds the same tensors), by SHA-256.
+        notes["teacher"] = (f"{spec['our_init_args']['teacher_weights']} (sha256 "
+                            f"{spec['our_init_args']['teacher_sha256'][:12]}), not distilled in this worker")
+        notes["map_quantiles"] = "no validation split: measured on the training images after each epoch"
     if spec["kind"] == "patchcore":
         notes["embedding"] = f"{spec['our_init_args']['target_embed_dimension']}-d"
     return model, data, notes

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .offline_weights import DEFAULT_HF_CACHE, offline_hf_env, write_timm_hf_cache
-from .pairs import METHODS, SIDES, CompareError, require_anomalib
+from .pairs import METHODS, REPO, SIDES, CompareError, check_anomalib_fixed, require_anomalib
 from .report import build_table, markdown_report, table_markdown
 from .scoring import (
     GroundTruth,
@@ -75,9 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, or 'all' (default): {', '.join(METHODS)}")  # fmt: skip
     parser.add_argument("--sides", type=_name_list(SIDES), default=list(SIDES),
                         help="ours,anomalib (default both)")  # fmt: skip
-    parser.add_argument(
-        "--texture-root", help="DTD folder for DRAEM's pseudo-anomalies (both sides)"
-    )
+    parser.add_argument("--texture-root", help="DTD folder: DRAEM's pseudo-anomalies and EfficientAD's penalty "
+                        "images (both sides)")  # fmt: skip
     parser.add_argument("--image-size", type=_positive_int, default=256)
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size")
     parser.add_argument("--eval-batch-size", type=_positive_int, default=8)
@@ -92,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--draem-width", type=_int_pair, default=(128, 64),
                         help="reconstructive,discriminative base widths (anomalib's: 128,64)")  # fmt: skip
+    parser.add_argument("--efficientad-steps", type=_positive_int,
+                        help="optimizer steps of each EfficientAD, batch 1 (default: the quick profile's, "
+                        "max_epochs x train images // its batch size)")  # fmt: skip
+    parser.add_argument("--efficientad-distill-steps", type=_positive_int,
+                        help="steps of our teacher's distillation, done once for both sides (default: the "
+                        "profile's distill_steps; cached in its teacher_cache)")  # fmt: skip
     parser.add_argument("--stfpm-optimizer", choices=("matched", "native"), default="matched",
                         help="anomalib Stfpm's optimizer: ours (matched, default) or its SGD lr 0.4")  # fmt: skip
     parser.add_argument("--padim-subset", choices=("matched", "native"), default="matched",
@@ -124,14 +129,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="paired bootstrap resamples of the metric differences (default 1000)")
     parser.add_argument("--quick-smoke", action="store_true",
                         help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM and 1 FastFlow "
-                        "epoch, 2 DRAEM steps at widths 16,16, 1 thread (explicit options still win)")  # fmt: skip
+                        "epoch, 2 DRAEM steps at widths 16,16, 2 EfficientAD steps (teacher distilled 2 steps; 128 px when "
+                        "EfficientAD runs: anomalib's decoder needs 128), 1 thread (explicit options still win)")  # fmt: skip
     args = parser.parse_args(argv)
     explicit = {
         a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")
     }
     if args.quick_smoke:
         smoke = {"image_size": 64, "max_train_images": 16, "max_test_images": 12, "stpm_epochs": 1,
-                 "fastflow_epochs": 1, "draem_steps": 2, "draem_width": (16, 16), "threads": 1}  # fmt: skip
+                 "fastflow_epochs": 1, "draem_steps": 2, "draem_width": (16, 16), "threads": 1,
+                 "efficientad_steps": 2, "efficientad_distill_steps": 2}  # fmt: skip
+        if "efficientad" in args.methods:  # anomalib's EfficientAd decoder resizes to image_size // 64 - 1
+            smoke["image_size"] = 128
         for key, value in smoke.items():
             if "--" + key.replace("_", "-") not in explicit:
                 setattr(args, key, value)
@@ -187,6 +196,8 @@ def _prepare(args: argparse.Namespace) -> _Plan:
     test_paths = pick_evenly(test_all, args.max_test_images)
     out_dir = Path(args.out_dir)
     run_dir = out_dir / "runs"
+    if "efficientad" in args.methods and args.efficientad_steps is None:
+        args.efficientad_steps = efficientad_quick_steps(len(train_paths))
     specs = worker_specs(args, root, category,
                          None if len(train_paths) == len(train_all) else train_paths,
                          None if len(test_paths) == len(test_all) else test_paths, run_dir)  # fmt: skip
@@ -200,8 +211,69 @@ def _prepare(args: argparse.Namespace) -> _Plan:
             path = write_timm_hf_cache(backbone, args.hf_cache)
             print(f"[compare] offline timm weights for {backbone}: {path}")
         env.update(offline_hf_env(args.hf_cache))  # both sides get the same environment
+    if any(spec["kind"] == "efficientad" for spec in specs):
+        _prepare_efficientad(args, specs, run_dir)
     truth = load_ground_truth(root, category, args.image_size, test_paths)
     return _Plan(root, category, train_paths, test_paths, specs, env, truth, out_dir, run_dir)
+
+
+def efficientad_quick_steps(train_images: int) -> int:
+    """The quick profile's optimiser steps on ``train_images`` images: max_epochs x (images // batch size)."""
+    import yaml
+
+    profile = yaml.safe_load((REPO / METHODS["efficientad"].our_config).read_text())
+    return int(profile["trainer"]["max_epochs"]) * max(1, train_images // int(profile["data"]["batch_size"]))
+
+
+def _prepare_efficientad(args: argparse.Namespace, specs: list[dict[str, Any]], run_dir: Path) -> None:
+    """One teacher and one penalty folder for both sides of the EfficientAD pair, written before any worker.
+
+    The penalty folder is ``--texture-root`` (else procedural textures written once as an ImageFolder); our
+    teacher is distilled once (or read from the profile's teacher_cache) and written as our file and as
+    anomalib's ``pretrained_teacher_<size>.pth`` under a private ``XDG_CACHE_HOME``; our side then loads the
+    file by path and SHA-256, so neither worker distils and neither side downloads."""
+    import time
+
+    from .efficientad_teacher import (
+        check_pdn_architecture,
+        check_penalty_folder,
+        prepare_teacher,
+        write_procedural_penalty_folder,
+    )
+
+    ours = [s for s in specs if s["kind"] == "efficientad"]
+    init_args = dict(ours[0]["our_init_args"])
+    check_anomalib_fixed("efficientad", init_args)
+    if args.image_size < 128:
+        raise CompareError(f"--image-size {args.image_size}: anomalib's EfficientAd decoder needs at least 128 px "
+                           "(it resizes to image_size // 64 - 1)")  # fmt: skip
+    if "anomalib" in args.sides:  # a PDN anomalib cannot hold stops the run before the distillation
+        import torch
+        from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
+
+        from adbench.models.efficientad import PDN
+
+        with torch.device("meta"):
+            theirs = EfficientAdModel(init_args["out_channels"], init_args["model_size"]).teacher
+            mine = PDN(init_args["model_size"], init_args["out_channels"], init_args["width"])
+        check_pdn_architecture(mine, theirs, init_args["model_size"])
+    penalty = args.texture_root or str(write_procedural_penalty_folder(run_dir / "penalty-images"))
+    print(f"[compare] EfficientAD penalty images: {check_penalty_folder(penalty)}", flush=True)
+    if args.efficientad_distill_steps is not None:
+        init_args["distill_steps"] = args.efficientad_distill_steps
+    start = time.perf_counter()
+    cache_home = run_dir / "anomalib-cache"
+    teacher, sha256, theirs_file = prepare_teacher(ours[0]["our_class_path"], init_args, penalty,
+                                                   run_dir / "efficientad-teacher", cache_home)  # fmt: skip
+    print(f"[compare] EfficientAD teacher ({init_args['distill_steps']} distillation steps, or cached) in "
+          f"{time.perf_counter() - start:.0f} s: {teacher} (sha256 {sha256[:12]}), anomalib's {theirs_file}",
+          flush=True)  # fmt: skip
+    for spec in ours:
+        spec["our_init_args"].update(teacher_weights=str(teacher.resolve()), teacher_sha256=sha256,
+                                     penalty_source=str(Path(penalty).resolve()),
+                                     distill_steps=init_args["distill_steps"])  # fmt: skip
+        spec["penalty_root"] = str(Path(penalty).resolve())
+        spec["anomalib_cache_home"] = str(cache_home.resolve())
 
 
 def _run(spec: dict[str, Any], plan: _Plan, timeout: float | None, label: str) -> dict[str, Any]:

@@ -17,8 +17,8 @@ from .pairs import METHODS
 #: (result key, label, better, kinds it applies to or None for all)
 ROWS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
     ("fit_seconds", "fit time (s)", "lower", None),
-    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem", "fastflow")),
-    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem", "fastflow")),
+    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem", "fastflow", "efficientad")),
+    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem", "fastflow", "efficientad")),
     ("train_images_per_second", "feature collection images/s", "higher", ("patchcore", "padim")),
     ("test_images_per_second", "test images/s (predict loop)", "higher", None),
     ("predict_seconds", "test wall time incl. data setup (s)", "lower", None),
@@ -176,7 +176,9 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
         f"torch threads {args.threads or 'default'}",
         f"* budgets: PatchCore and PaDiM 1 epoch; STPM {args.stpm_epochs} epoch(s); FastFlow "
         f"{args.fastflow_epochs} epoch(s); DRAEM {args.draem_steps} optimizer steps at widths "
-        f"{args.draem_width[0]}/{args.draem_width[1]}",
+        f"{args.draem_width[0]}/{args.draem_width[1]}; EfficientAD "
+        f"{getattr(args, 'efficientad_steps', None) or 'the quick profile'} optimizer steps at batch 1 (both), teacher and "
+        "penalty images shared (notes below), map quantiles from the training images (no validation split)",
         f"* command: `{command}`",
         "",
         "Metrics are ours (`callbacks/metrics.py`) on each side's raw scores and maps, against the "

@@ -42,11 +42,13 @@ def worker_specs(args: argparse.Namespace, root: str, category: str, train_paths
             name = f"{method}__{side}"
             specs.append({
                 "method": method, "side": side, "kind": pair.kind, "root": root, "category": category,
-                "image_size": args.image_size, "batch_size": args.batch_size,
+                # EfficientAD trains on one image per step, as the paper (anomalib refuses any other size).
+                "image_size": args.image_size, "batch_size": 1 if pair.kind == "efficientad" else args.batch_size,
                 "eval_batch_size": args.eval_batch_size, "num_workers": args.num_workers,
                 "seed": args.seed, "threads": args.threads, "accelerator": args.accelerator,
                 "stpm_epochs": args.stpm_epochs, "fastflow_epochs": args.fastflow_epochs,
                 "draem_steps": args.draem_steps, "draem_width": list(args.draem_width),
+                "efficientad_steps": args.efficientad_steps,
                 "stfpm_optimizer": args.stfpm_optimizer, "padim_subset": args.padim_subset,
                 "coreset_ratio": pair.coreset_ratio, "texture_root": args.texture_root,
                 "train_paths": train_paths, "test_paths": test_paths,
@@ -150,6 +152,8 @@ def _trainer_kwargs(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
         bounds = {"max_epochs": spec["stpm_epochs"]}
     elif kind == "fastflow":
         bounds = {"max_epochs": spec["fastflow_epochs"]}
+    elif kind == "efficientad":
+        bounds = {"max_epochs": -1, "max_steps": spec["efficientad_steps"]}
     else:
         bounds = {"max_epochs": -1, "max_steps": spec["draem_steps"]}
     return {
@@ -184,6 +188,19 @@ def _collect_predictions(side: str, outputs: list[Any]) -> tuple[list[str], Any,
         scores.append(score.detach().float().cpu().reshape(-1).numpy())
         maps.append(amap.numpy())
     return paths, np.concatenate(scores), np.concatenate(maps)
+
+
+def _efficientad_fitted(side: str, model: Any) -> dict[str, str]:
+    """What each EfficientAD fitted on the training images: teacher channel statistics, map quantiles."""
+    if side == "ours":
+        mean, std = model.teacher_mean, model.teacher_std
+        q = [float(v) for v in model.quantiles]
+    else:
+        mean, std = model.model.mean_std["mean"], model.model.mean_std["std"]
+        names = ("qa_st", "qb_st", "qa_ae", "qb_ae")
+        q = [float(model.model.quantiles[n]) for n in names]
+    return {"fitted": f"teacher channel mean (averaged) {float(mean.mean()):.4g}, std {float(std.mean()):.4g}; "
+                      f"map quantiles local {q[0]:.4g} / {q[1]:.4g}, global {q[2]:.4g} / {q[3]:.4g}"}
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +258,9 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         f"{WORKER_PREFIX} fit done in {fit_seconds:.1f} s ({steps} optimiser steps); predicting",
         flush=True,
     )
+
+    if spec["kind"] == "efficientad":
+        notes.update(_efficientad_fitted(side, model))
 
     start = time.perf_counter()
     outputs = trainer.predict(model, datamodule=data)
