@@ -339,3 +339,102 @@ def test_padim_and_fastflow_pairs_match_anomalib_settings(tmp_path: Path) -> Non
     profile = yaml.safe_load((REPO / "configs/fastflow/quick.yaml").read_text())
     assert _trainer_kwargs(specs[0], tmp_path)["max_epochs"] == 1
     assert _trainer_kwargs(specs[3], tmp_path)["max_epochs"] == profile["trainer"]["max_epochs"]
+
+
+# ------------------------------------------------------------------ EfficientAD
+
+
+def test_efficientad_pair_matches_anomalib_settings(tmp_path: Path) -> None:
+    """anomalib's PDN widths and 0.999 hard loss on our side; batch 1 and the quick profile's steps on both."""
+    import yaml
+
+    from adbench.benchmark.compare.cli import efficientad_quick_steps
+
+    _, ours = our_init_args(METHODS["efficientad"], (128, 64))
+    assert (ours["model_size"], ours["width"], ours["hard_quantile"]) == ("small", 1.0, 0.999)
+    check_anomalib_fixed("efficientad", ours)
+    profile = yaml.safe_load((REPO / "configs/efficientad/quick.yaml").read_text())
+    quick = profile["model"]["init_args"]
+    # The quick profile itself is what anomalib cannot build: x0.25 widths, 0.9 hard quantile.
+    with pytest.raises(CompareError, match=r"width: ours 0.25, anomalib 1.0.*hard_quantile: ours 0.9"):
+        check_anomalib_fixed("efficientad", quick)
+    for change, message in (({"penalty": False}, "penalty"), ({"map_quantiles": [0.8, 0.995]}, "map_quantiles"),
+                            ({"autoencoder": False}, "autoencoder")):  # fmt: skip
+        with pytest.raises(CompareError, match=message):
+            check_anomalib_fixed("efficientad", {**ours, **change})
+
+    # bottle's 209 train images: 20 epochs x 26 batches of 8, the quick profile's optimizer steps.
+    assert efficientad_quick_steps(209) == profile["trainer"]["max_epochs"] * (209 // 8) == 520
+    args = parse_args(["--methods", "efficientad,stpm", "--efficientad-steps", "7"])
+    specs = worker_specs(args, "root", "bottle", None, None, tmp_path)
+    assert [(s["method"], s["side"], s["batch_size"]) for s in specs] == [
+        ("efficientad", "ours", 1), ("efficientad", "anomalib", 1), ("stpm", "ours", 8), ("stpm", "anomalib", 8)
+    ]  # fmt: skip
+    bounds = _trainer_kwargs(specs[1], tmp_path)
+    assert (bounds["max_epochs"], bounds["max_steps"]) == (-1, 7)
+    smoke = parse_args(["--quick-smoke", "--methods", "efficientad"])
+    assert smoke.image_size == 256 and smoke.efficientad_steps == 2  # anomalib's autoencoder needs 256 px
+    assert parse_args(["--quick-smoke", "--methods", "stpm"]).image_size == 64
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_efficientad_teacher_keys_round_trip(size: str) -> None:
+    """Our PDN's state dict onto anomalib's conv names and back, tensor for tensor; a foreign key is an error."""
+    from adbench.benchmark.compare.efficientad_teacher import (
+        ANOMALIB_PDN_CONVS,
+        from_anomalib_pdn,
+        to_anomalib_pdn,
+    )
+    from adbench.models.efficientad import PDN
+
+    torch.manual_seed(0)
+    state = PDN(size, 16, width=0.125).state_dict()
+    theirs = to_anomalib_pdn(state, size)
+    assert sorted({k.split(".")[0] for k in theirs}) == sorted(ANOMALIB_PDN_CONVS[size])
+    assert theirs["conv1.weight"].shape == state["0.weight"].shape  # the first conv, 3 -> 16 at 4x4
+    back = from_anomalib_pdn(theirs, size)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], v) for k, v in state.items())
+    with pytest.raises(CompareError, match="expected"):
+        to_anomalib_pdn({**state, "extra.weight": state["0.weight"]}, size)
+
+
+ANOMALIB_PDN_SCRIPT = """
+import torch
+from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
+from adbench.benchmark.compare.efficientad_teacher import check_pdn_architecture, from_anomalib_pdn, to_anomalib_pdn
+from adbench.benchmark.compare.pairs import CompareError
+from adbench.models.efficientad import PDN
+from adbench.models.weights import IMAGENET_NORMALISATION
+
+for size in ("small", "medium"):
+    theirs = EfficientAdModel(64, size).teacher.eval()
+    torch.manual_seed(1)
+    ours = PDN(size, 64, width=1.0).eval()
+    check_pdn_architecture(ours, theirs, size)
+    theirs.load_state_dict(to_anomalib_pdn(ours.state_dict(), size))
+    back = from_anomalib_pdn(theirs.state_dict(), size)
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in IMAGENET_NORMALISATION)
+    image = torch.rand(1, 3, 80, 80)
+    with torch.no_grad():
+        diff = float((ours((image - mean) / std) - theirs(image)).abs().max())
+    assert diff < 1e-4, diff
+    try:
+        check_pdn_architecture(PDN(size, 64, width=0.25), theirs, size)
+    except CompareError as error:
+        assert "convolution 1" in str(error) and "out_channels" in str(error), error
+    else:
+        raise AssertionError("a x0.25 PDN passed anomalib's architecture check")
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_efficientad_teacher_loads_into_anomalibs_pdn() -> None:
+    """anomalib's own PDN (the compare venv's anomalib) takes our teacher's tensors and gives our outputs."""
+    python = REPO / ".venv-compare" / "bin" / "python"
+    if not python.is_file():
+        pytest.skip("no .venv-compare (make .venv-compare/.installed): anomalib is not importable")
+    done = subprocess.run([str(python), "-c", ANOMALIB_PDN_SCRIPT], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

@@ -1,8 +1,9 @@
 """``make compare``: our methods against anomalib 2.7.0's, same data, backbone, weights and budget.
 
     .venv-compare/bin/python -m adbench.benchmark.compare [--root MVTEC_ROOT] [--category bottle]
-        [--methods patchcore_1pct,patchcore_10pct,stpm,draem,padim,fastflow] [--texture-root DTD_ROOT]
-        [--draem-steps 10] [--stpm-epochs 10] [--fastflow-epochs 10] [--out-dir results/compare]
+        [--methods patchcore_1pct,patchcore_10pct,stpm,draem,padim,fastflow,efficientad] [--texture-root DTD_ROOT]
+        [--draem-steps 10] [--stpm-epochs 10] [--fastflow-epochs 10] [--efficientad-steps N]
+        [--efficientad-distill-steps N] [--out-dir results/compare]
         [--quick-smoke]
 
 anomalib pins ``jsonargparse<4.47``, so it lives in its own virtualenv, ``.venv-compare``
@@ -66,6 +67,26 @@ Method pairs (ours <-> anomalib):
   (GroupNorm with one group); anomalib's loss sums ``0.5 z^2 - log|det J|`` over positions,
   ours averages it (Adam is nearly scale-free, but the weight decay weighs 1 / (H W) as much
   on anomalib's side); ours drops an epoch's incomplete last batch, as for STPM.
+* ``efficientad``: :class:`adbench.models.efficientad.EfficientAD` with ``configs/efficientad/quick.yaml``
+  at anomalib's fixed PDN widths (``width=1.0``: 128/256/256 for S) and hard-loss quantile (0.999), 128
+  output channels (anomalib's ``teacher_out_channels``), lr and weight decay from the profile <->
+  ``anomalib.models.EfficientAd`` (S, no padding, padded maps), batch 1 on both sides (anomalib refuses
+  another), ``--efficientad-steps`` optimizer steps each (default: the quick profile's, max_epochs x
+  train images // its batch 8; anomalib by ``max_steps``); at least 256 px (anomalib's autoencoder).
+  Teacher: anomalib downloads a pretrained PDN into ``get_pretrained_weights_dir()``
+  (``$XDG_CACHE_HOME/anomalib/pre_trained``); the main process instead distils ours once (or reads the
+  profile's ``teacher_cache``; ``--efficientad-distill-steps`` shortens it) and writes it both as our file
+  (loaded by path and SHA-256, so our worker does not distil) and, on anomalib's key names
+  (:mod:`~.efficientad_teacher`), as ``pretrained_teacher_small.pth`` under a private ``XDG_CACHE_HOME``;
+  the anomalib worker checks the layers (channels, kernel, stride, padding), that every loaded tensor is
+  ours and that both PDNs give the same output. Penalty images: ``--texture-root`` (DTD; anomalib's
+  ``imagenet_dir`` ImageFolder, checked to hold the same files as ours), else 32 procedural textures
+  written once as an ImageFolder for both. Teacher channel statistics: all training images, both. Map
+  quantiles (no validation split): ours measures them on the training images after each epoch;
+  anomalib's would stay unset (raw maps), so its ``on_validation_start`` computation runs on the training
+  images after training. Left as each library has it: anomalib measures the quantiles on its padded
+  full-size maps, ours on the PDN-resolution maps; anomalib's StepLR is stepped per epoch (no lr drop
+  within the run), ours drops x 0.1 for the last 5 % of steps.
 * What anomalib fixes, with no argument to change it, our config must equal
   (:data:`~.pairs.ANOMALIB_FIXED`, checked before anomalib's model is built).
 

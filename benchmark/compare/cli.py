@@ -129,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="paired bootstrap resamples of the metric differences (default 1000)")
     parser.add_argument("--quick-smoke", action="store_true",
                         help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM and 1 FastFlow "
-                        "epoch, 2 DRAEM steps at widths 16,16, 2 EfficientAD steps (teacher distilled 2 steps; 128 px when "
-                        "EfficientAD runs: anomalib's decoder needs 128), 1 thread (explicit options still win)")  # fmt: skip
+                        "epoch, 2 DRAEM steps at widths 16,16, 2 EfficientAD steps (teacher distilled 2 steps; 256 px when "
+                        "EfficientAD runs: anomalib's autoencoder needs 256), 1 thread (explicit options still win)")  # fmt: skip
     args = parser.parse_args(argv)
     explicit = {
         a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")
@@ -139,8 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         smoke = {"image_size": 64, "max_train_images": 16, "max_test_images": 12, "stpm_epochs": 1,
                  "fastflow_epochs": 1, "draem_steps": 2, "draem_width": (16, 16), "threads": 1,
                  "efficientad_steps": 2, "efficientad_distill_steps": 2}  # fmt: skip
-        if "efficientad" in args.methods:  # anomalib's EfficientAd decoder resizes to image_size // 64 - 1
-            smoke["image_size"] = 128
+        if "efficientad" in args.methods:  # anomalib's encoder ends in an 8x8 conv on image_size / 32
+            smoke["image_size"] = 256
         for key, value in smoke.items():
             if "--" + key.replace("_", "-") not in explicit:
                 setattr(args, key, value)
@@ -244,9 +244,9 @@ def _prepare_efficientad(args: argparse.Namespace, specs: list[dict[str, Any]], 
     ours = [s for s in specs if s["kind"] == "efficientad"]
     init_args = dict(ours[0]["our_init_args"])
     check_anomalib_fixed("efficientad", init_args)
-    if args.image_size < 128:
-        raise CompareError(f"--image-size {args.image_size}: anomalib's EfficientAd decoder needs at least 128 px "
-                           "(it resizes to image_size // 64 - 1)")  # fmt: skip
+    if args.image_size < 256:
+        raise CompareError(f"--image-size {args.image_size}: anomalib's EfficientAd needs at least 256 px (its "
+                           "autoencoder's encoder ends in an 8x8 convolution on image_size / 32)")  # fmt: skip
     if "anomalib" in args.sides:  # a PDN anomalib cannot hold stops the run before the distillation
         import torch
         from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
