@@ -134,10 +134,15 @@ class AnomalyDataset(Dataset):
         masks = DecodedOnAccess(self.samples, "mask", image_size, cache)
         self.images: np.ndarray | DecodedOnAccess = images
         self.masks: np.ndarray | DecodedOnAccess = masks
-        if preload:
+        if preload:  # into arrays allocated once: np.stack of a list would need twice the memory
+            self.images = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+            self.masks = np.empty((len(masks), image_size, image_size), dtype=np.uint8)
+
+            def fill(index: int) -> None:
+                self.images[index], self.masks[index] = images.read(index), masks.read(index)
+
             with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-                self.images = np.stack(list(pool.map(images.read, range(len(images)))))
-                self.masks = np.stack(list(pool.map(masks.read, range(len(masks)))))
+                list(pool.map(fill, range(len(images))))
         else:
             check_headers([(s.image_path, s.mask_path) for s in self.samples])
         self.labels = np.array([s.label for s in self.samples], dtype=np.int64)
