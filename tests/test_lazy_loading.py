@@ -11,6 +11,7 @@ import torch
 from lightning import seed_everything
 from PIL import Image
 
+import adbench.__main__ as cli_main
 from adbench.datamodules import MVTecDataModule, decoding
 from adbench.datamodules import base as base_module
 from adbench.datamodules.base import AnomalyDataModule, DatasetError
@@ -169,13 +170,23 @@ def test_preload_default_follows_the_split_size(embedded_root: Path, monkeypatch
 # --------------------------------------------------------------------------- bad files, lazily
 
 
-def test_a_file_bad_past_its_header_is_named_from_a_worker(own_layout: Path) -> None:
+def test_a_file_bad_past_its_header_is_named_from_a_worker(own_layout: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     bad = own_layout / "test_ok" / "1.png"
     bad.write_bytes(bad.read_bytes()[:200])  # the header reads, the pixels do not
     data = FolderDataModule(**_folder(own_layout, preload=False, num_workers=1))
     data.setup("test")  # the header check passes: nothing decoded yet
-    with pytest.raises(DatasetError, match=r"cannot read image .*test_ok/1.png"):
+    with pytest.raises(DatasetError, match=r"cannot read image .*test_ok/1.png") as raised:
         list(data.test_dataloader())
+    # The command line reports the worker's error in one line, naming the file.
+    def run(argv: list[str]) -> None:
+        raise raised.value
+
+    monkeypatch.setattr(cli_main, "_run", run)
+    with pytest.raises(SystemExit, match=r"^adbench fit: error: DatasetError: cannot read image '.*test_ok/1.png'"
+                       r".* \(in a DataLoader worker\) \(ADBENCH_TRACEBACK") as stopped:  # fmt: skip
+        cli_main.main(["fit"])
+    assert "\n" not in str(stopped.value)
     with pytest.raises(DatasetError, match=r"cannot read image .*test_ok/1.png"):
         FolderDataModule(**_folder(own_layout, preload=True)).setup("test")
 
