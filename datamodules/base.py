@@ -253,10 +253,8 @@ class AnomalyDataModule(LightningDataModule):
         image_size: images and masks are resized to ``image_size`` x ``image_size``.
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size.
-        num_workers: DataLoader worker processes. ``None``: none for a preloaded split (decoding
-            is done; items are cheap) and :func:`~adbench.datamodules.decoding.default_workers`
-            (the CPUs less one, 1 to 8) for a lazily decoded one. The pseudo-anomalies drawn in
-            training depend on the number of workers: set it to reproduce a lazy run elsewhere.
+        num_workers: DataLoader workers. ``None``: 0 for a preloaded split, ``default_workers()`` (the
+            CPUs less one, 1 to 8) for a lazy one; pseudo-anomalies depend on it (set it to reproduce).
         val_fraction: share of the training images held out for validation (never the test set).
         split_seed: seed of that split, of the few-shot draw and of the validation set's
             synthetic anomalies.
@@ -283,14 +281,9 @@ class AnomalyDataModule(LightningDataModule):
             training's) or ``"draem"`` (training's; the suite's before 2026-12-06): ``SYNTHESIS_RECIPES``.
         download: download the official archive (SHA-256 verified) if the category is
             missing under ``root`` (datasets that publish one).
-        preload: decode each split into memory once (``True``), or decode each item when it is
-            read, keeping memory flat in the number of images (``False``); the items are
-            identical. ``None``: preload a split that takes at most :data:`PRELOAD_MAX_BYTES`
-            decoded (MVTec AD, VisA at 256 px), decode the larger ones (Real-IAD) on access.
-        cache_dir: keep decoded, resized images and masks as ``.npy`` files in this folder, keyed
-            by file, modification time and size (:class:`~adbench.datamodules.decoding.DecodeCache`),
-            so that a lazy split, or the next run, skips decoding large originals. ``None``: nothing
-            is written.
+        preload: decode each split into memory once (``True``), or each item when read, memory flat
+            (``False``); identical items. ``None``: preload a split of at most :data:`PRELOAD_MAX_BYTES`.
+        cache_dir: keep decoded, resized arrays here (``decoding.DecodeCache``); ``None``: nothing written.
     """
 
     #: Registry name (``--data <name>``, ``dataset: <name>`` in a sweep); set by ``register_dataset``.
@@ -574,9 +567,7 @@ class AnomalyDataModule(LightningDataModule):
 
     def _dataset(self, samples: Sequence[Sample]) -> AnomalyDataset:
         """A split's dataset, preloaded or decoded on access (``preload``), through the cache if any."""
-        preload = self.preload
-        if preload is None:
-            preload = len(samples) * self.image_size**2 * 3 <= PRELOAD_MAX_BYTES
+        preload = self.preload if self.preload is not None else len(samples) * self.image_size**2 * 3 <= PRELOAD_MAX_BYTES
         cache = DecodeCache(self.cache_dir) if self.cache_dir else None
         return AnomalyDataset(samples, self.image_size, preload=preload, cache=cache)
 
