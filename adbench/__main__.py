@@ -66,7 +66,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except Exception as error:
         if os.environ.get(TRACEBACK_VARIABLE) == "1" or not isinstance(error, _input_errors()):
             raise
-        raise SystemExit(f"adbench {argv[0]}: error: {type(error).__name__}: {error} "
+        message = str(error)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: its message is the last line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1] + " (in a DataLoader worker)"
+        raise SystemExit(f"adbench {argv[0]}: error: {type(error).__name__}: {message} "
                          f"({TRACEBACK_VARIABLE}=1 shows the traceback)") from None
 
 

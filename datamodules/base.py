@@ -39,9 +39,19 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from lightning import LightningDataModule
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .decoding import (  # noqa: F401 - image_files, IMAGE_SUFFIXES, read_image, read_mask: imported from here
+    IMAGE_SUFFIXES,
+    DatasetError,
+    DecodeCache,
+    DecodedOnAccess,
+    check_headers,
+    default_workers,
+    image_files,
+    read_image,
+    read_mask,
+)
 from .download import needs_extraction
 from .synthesis import SYNTHESIS_RECIPES as RECIPES
 from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_source
@@ -49,14 +59,11 @@ from .synthesis import FolderTextures, PseudoAnomalySynthesizer, make_texture_so
 #: ``texture_source`` of the paper profiles: a texture folder must be supplied.
 TEXTURES_REQUIRED = "required"
 VALIDATION_TEXTURES = ("auto", "shared", "held-out")
-#: The file suffixes read as images (any case), by every dataset.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+#: ``preload=None``: a split is decoded into memory when it takes at most this many bytes (1 GiB:
+#: about 5,400 images at 256 px), otherwise on each access (see :class:`AnomalyDataModule`).
+PRELOAD_MAX_BYTES = 2**30
 #: ``defect_type`` of a normal image, and the folder name of normal images in the MVTec-style layouts.
 GOOD = "good"
-
-
-class DatasetError(ValueError):
-    """A dataset folder or file that cannot be used as it is; the message names it."""
 
 
 # --------------------------------------------------------------------------- files
@@ -71,11 +78,6 @@ class Sample:
     label: int
     defect_type: str
     category: str = ""
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name."""
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def layout_folder(folder: Path, what: str, layout: str, hint: str = "") -> Path:
@@ -93,70 +95,21 @@ def normal_samples(folder: Path, what: str, layout: str, hint: str = "") -> list
     return [Sample(path, None, 0, GOOD) for path in files]
 
 
-def _open(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except Image.DecompressionBombError as error:  # not an OSError: PIL's message names no file
-        raise DatasetError(f"image {str(path)!r} is too large to decode safely ({error}); if it is "
-                           "trusted, raise PIL.Image.MAX_IMAGE_PIXELS") from error
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise DatasetError(f"cannot read image {str(path)!r}: {error}") from error
-    return image
-
-
-def read_image(path: Path, size: int) -> np.ndarray:
-    """Decode to uint8 RGB (H, W, 3) at ``size`` x ``size``; grayscale, 16-bit, palette, RGBA converted."""
-    image = _open(path)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # PIL's convert("RGB") clips 16-bit values instead of rescaling them.
-        array = np.asarray(image, dtype=np.float64)
-        image = Image.fromarray((array * (255.0 / max(array.max(), 1.0))).astype(np.uint8))
-    image = image.convert("RGB")  # alpha is dropped, gray replicated
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def read_mask(path: Path, size: int, image_path: Path) -> np.ndarray:
-    """Binary uint8 (H, W) mask at ``size``; must match its image's size on disk.
-
-    ``path`` may be a folder: the mask is then the union of the image files directly in it,
-    for datasets that annotate each defect of an image in a file of its own (MVTec LOCO AD's
-    ``ground_truth/<type>/<stem>/000.png, 001.png, ...``). Each file is binarised as below.
-    """
-    if path.is_dir():
-        files = image_files(path)
-        if not files:
-            raise DatasetError(f"mask folder {str(path)!r} of image {str(image_path)!r} holds no mask image")
-        return np.bitwise_or.reduce([read_mask(file, size, image_path) for file in files])
-    mask = _open(path)
-    with Image.open(image_path) as image:
-        if mask.size != image.size:
-            raise DatasetError(
-                f"mask {str(path)!r} is {mask.size[0]}x{mask.size[1]} but its image "
-                f"{str(image_path)!r} is {image.size[0]}x{image.size[1]}"
-            )
-    if mask.mode != "P":  # a palette mask's values are its labels; the palette only colours them
-        mask = mask.convert("L")
-    if mask.size != (size, size):
-        mask = mask.resize((size, size), Image.Resampling.NEAREST)
-    array = np.asarray(mask)
-    # Label masks (0/1, or VisA's instance ids 1, 2, 3...) mark every nonzero pixel; a mask drawn
-    # in 0..255 (MVTec's 0/255) is cut at mid-grey so that faint compression noise is no defect.
-    return (array > (127 if array.max() > 127 else 0)).astype(np.uint8)
-
-
 # --------------------------------------------------------------------------- dataset
 
 
 class AnomalyDataset(Dataset):
-    """Images decoded once into memory, served as float tensors.
+    """A split's images and masks, served as float tensors; decoded once into memory, or on access.
 
-    Decoding and resizing happen once, at construction (in threads): the hot
-    training loop only converts uint8 to float, and synthesises a pseudo-anomaly
-    when a ``synthesizer`` is given. Its randomness is drawn from torch's RNG of
-    the process (seeded by ``lightning.seed_everything(workers=True)`` per worker),
+    ``preload=True`` decodes and resizes every file once, at construction (in threads): the hot
+    training loop only converts uint8 to float. ``preload=False`` keeps only the file list, so
+    memory stays flat in the number of images, and decodes in ``__getitem__`` (in the DataLoader
+    workers); every file's header is read at construction, so an unreadable file or a mask of the
+    wrong size fails before training starts. Both give identical items; both read through
+    ``cache`` (:class:`adbench.datamodules.decoding.DecodeCache`) when one is given.
+
+    A pseudo-anomaly is synthesised when a ``synthesizer`` is given. Its randomness is drawn from
+    torch's RNG of the process (seeded by ``lightning.seed_everything(workers=True)`` per worker),
     so a seed reproduces the same batches for the same number of workers.
     """
 
@@ -165,34 +118,50 @@ class AnomalyDataset(Dataset):
         samples: Sequence[Sample],
         image_size: int,
         synthesizer: PseudoAnomalySynthesizer | None = None,
+        preload: bool = True,
+        cache: DecodeCache | None = None,
     ) -> None:
         if not samples:
             raise DatasetError("a dataset needs at least one image")
         self.samples = list(samples)
         self.image_size = image_size
         self.synthesizer = synthesizer
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            self.images = np.stack(list(pool.map(lambda s: read_image(s.image_path, image_size), self.samples)))
-            self.masks = np.stack(list(pool.map(self._read_mask, self.samples)))
+        self.preload = preload
+        self.cache = cache
+        #: Lazily decoded validation anomalies: (synthesizer, seed) of :meth:`bake_pseudo_anomalies`.
+        self.baked: tuple[PseudoAnomalySynthesizer, int] | None = None
+        images = DecodedOnAccess(self.samples, "image", image_size, cache)
+        masks = DecodedOnAccess(self.samples, "mask", image_size, cache)
+        self.images: np.ndarray | DecodedOnAccess = images
+        self.masks: np.ndarray | DecodedOnAccess = masks
+        if preload:  # into arrays allocated once: np.stack of a list would need twice the memory
+            self.images = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+            self.masks = np.empty((len(masks), image_size, image_size), dtype=np.uint8)
+
+            def fill(index: int) -> None:
+                self.images[index], self.masks[index] = images.read(index), masks.read(index)
+
+            with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+                list(pool.map(fill, range(len(images))))
+        else:
+            check_headers([(s.image_path, s.mask_path) for s in self.samples])
         self.labels = np.array([s.label for s in self.samples], dtype=np.int64)
         self.defect_types = [s.defect_type for s in self.samples]
         self.categories = [s.category for s in self.samples]
-
-    def _read_mask(self, sample: Sample) -> np.ndarray:
-        if sample.mask_path is None:
-            return np.zeros((self.image_size, self.image_size), dtype=np.uint8)
-        return read_mask(sample.mask_path, self.image_size, sample.image_path)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self.images[index].astype(np.float32) / 255.0
+        image, mask = self.images[index], self.masks[index]
+        if self.baked is not None:
+            image, mask, _ = _baked_anomaly(image, *self.baked, index)
+        image = image.astype(np.float32) / 255.0
         item: dict[str, Any] = {"path": str(self.samples[index].image_path), "category": self.categories[index]}
         if self.synthesizer is None:
             item.update(
                 image=_to_chw(image),
-                mask=torch.from_numpy(self.masks[index]).float()[None],
+                mask=torch.from_numpy(mask).float()[None],
                 label=torch.tensor(self.labels[index]),
                 defect_type=self.defect_types[index],
             )
@@ -209,14 +178,25 @@ class AnomalyDataset(Dataset):
         return item
 
     def bake_pseudo_anomalies(self, synthesizer: PseudoAnomalySynthesizer, seed: int) -> None:
-        """Replace images by fixed synthetic anomalies (validation): same seed, same set."""
+        """Replace images by fixed synthetic anomalies (validation): same seed, same set. Preloaded,
+        in place; otherwise the labels now (one pass) and the same images and masks on each access."""
         for index in range(len(self)):
-            image = self.images[index].astype(np.float32) / 255.0
-            result = synthesizer(image, np.random.default_rng([seed, index]))
-            self.images[index] = np.clip(np.rint(result.image * 255.0), 0, 255).astype(np.uint8)
-            self.masks[index] = result.mask > 0.5
-            self.labels[index] = int(result.has_anomaly)
-            self.defect_types[index] = "synthetic" if result.has_anomaly else GOOD
+            image, mask, has_anomaly = _baked_anomaly(self.images[index], synthesizer, seed, index)
+            if self.preload:
+                self.images[index], self.masks[index] = image, mask
+            self.labels[index] = int(has_anomaly)
+            self.defect_types[index] = "synthetic" if has_anomaly else GOOD
+        if not self.preload:
+            self.baked = (synthesizer, seed)
+
+
+def _baked_anomaly(
+    image: np.ndarray, synthesizer: PseudoAnomalySynthesizer, seed: int, index: int
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Item ``index``'s fixed validation anomaly: uint8 image, uint8 mask, whether it is anomalous."""
+    result = synthesizer(image.astype(np.float32) / 255.0, np.random.default_rng([seed, index]))
+    baked = np.clip(np.rint(result.image * 255.0), 0, 255).astype(np.uint8)
+    return baked, (result.mask > 0.5).astype(np.uint8), bool(result.has_anomaly)
 
 
 def _to_chw(image: np.ndarray) -> torch.Tensor:
@@ -273,7 +253,8 @@ class AnomalyDataModule(LightningDataModule):
         image_size: images and masks are resized to ``image_size`` x ``image_size``.
         batch_size: training batch size.
         eval_batch_size: validation/test/predict batch size.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader workers. ``None``: 0 for a preloaded split, ``default_workers()`` (the
+            CPUs less one, 1 to 8) for a lazy one; pseudo-anomalies depend on it (set it to reproduce).
         val_fraction: share of the training images held out for validation (never the test set).
         split_seed: seed of that split, of the few-shot draw and of the validation set's
             synthetic anomalies.
@@ -300,6 +281,9 @@ class AnomalyDataModule(LightningDataModule):
             training's) or ``"draem"`` (training's; the suite's before 2026-12-06): ``SYNTHESIS_RECIPES``.
         download: download the official archive (SHA-256 verified) if the category is
             missing under ``root`` (datasets that publish one).
+        preload: decode each split into memory once (``True``), or each item when read, memory flat
+            (``False``); identical items. ``None``: preload a split of at most :data:`PRELOAD_MAX_BYTES`.
+        cache_dir: keep decoded, resized arrays here (``decoding.DecodeCache``); ``None``: nothing written.
     """
 
     #: Registry name (``--data <name>``, ``dataset: <name>`` in a sweep); set by ``register_dataset``.
@@ -334,7 +318,7 @@ class AnomalyDataModule(LightningDataModule):
         image_size: int = 256,
         batch_size: int = 8,
         eval_batch_size: int = 32,
-        num_workers: int = 0,
+        num_workers: int | None = None,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         train_shots: int | None = None,
@@ -344,12 +328,16 @@ class AnomalyDataModule(LightningDataModule):
         validation_textures: str = "auto",
         validation_recipe: str = "validation",
         download: bool = False,
+        preload: bool | None = None,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if image_size < 32:
             raise ValueError(f"image_size must be at least 32, got {image_size}")
         if batch_size < 1 or eval_batch_size < 1:
             raise ValueError(f"batch sizes must be positive, got {batch_size} and {eval_batch_size}")
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"num_workers must be at least 0 (or null for the default), got {num_workers}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
         if train_shots is not None and train_shots < 1:
@@ -377,6 +365,8 @@ class AnomalyDataModule(LightningDataModule):
         self.validation_textures = validation_textures
         self.validation_recipe = validation_recipe
         self.download = download
+        self.preload = preload
+        self.cache_dir = cache_dir
         self.train_set: AnomalyDataset | None = None
         self.val_set: AnomalyDataset | None = None
         self.test_set: AnomalyDataset | None = None
@@ -556,14 +546,14 @@ class AnomalyDataModule(LightningDataModule):
                 train += category_train
                 val += category_val
             self.shot_files = [str(s.image_path) for s in train] if self.train_shots is not None else []
-            self.train_set = AnomalyDataset(train, self.image_size)
+            self.train_set = self._dataset(train)
             wants = self._wants_pseudo_anomalies()
             if wants or (val and self.validation_anomalies):
                 train_synthesis, val_synthesis = self._synthesizers(self.train_set.images)
                 if wants:
                     self.train_set.synthesizer = train_synthesis
             if val:
-                self.val_set = AnomalyDataset(val, self.image_size)
+                self.val_set = self._dataset(val)
                 if self.validation_anomalies:
                     self.val_set.bake_pseudo_anomalies(val_synthesis, self.split_seed)
         if stage in ("test", "predict", None) and self.test_set is None:
@@ -573,17 +563,26 @@ class AnomalyDataModule(LightningDataModule):
                 if not samples:
                     raise DatasetError(f"no test images for category {category!r} under {str(self.dataset_root)!r}")
                 test += [replace(s, category=category) for s in samples]
-            self.test_set = AnomalyDataset(test, self.image_size)
+            self.test_set = self._dataset(test)
+
+    def _dataset(self, samples: Sequence[Sample]) -> AnomalyDataset:
+        """A split's dataset, preloaded or decoded on access (``preload``), through the cache if any."""
+        preload = self.preload if self.preload is not None else len(samples) * self.image_size**2 * 3 <= PRELOAD_MAX_BYTES
+        cache = DecodeCache(self.cache_dir) if self.cache_dir else None
+        return AnomalyDataset(samples, self.image_size, preload=preload, cache=cache)
 
     def _loader(self, dataset: Dataset, batch_size: int, train: bool = False) -> DataLoader:
+        workers = self.num_workers
+        if workers is None:
+            workers = 0 if getattr(dataset, "preload", True) else default_workers()
         return DataLoader(
             dataset,
             batch_size=batch_size,
             shuffle=train,
             # Never drop the only batch; otherwise as the model asks.
             drop_last=train and len(dataset) > batch_size and self._model_asks("drop_incomplete_batches", True),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 

@@ -49,6 +49,7 @@ def build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         batch_size=spec["batch_size"], eval_batch_size=spec["eval_batch_size"],
         num_workers=spec["num_workers"], val_fraction=0.0, split_seed=spec["seed"],
         texture_source=spec["texture_root"] or "procedural", validation_anomalies=False,
+        preload=True,  # restrict_dataset cuts the decoded arrays
     )  # fmt: skip
     notes: dict[str, Any] = {
         "model": f"{spec['our_class_path']}({_short_args(spec['our_init_args'])})"
