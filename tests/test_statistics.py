@@ -4,6 +4,7 @@ against brute force and sklearn, and by simulation with known truth."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -171,3 +172,17 @@ def test_paired_bootstrap_of_pixel_metrics_keeps_five_percent_and_gains_power(me
     # Measured (300 trials): pixel AUROC 0.053 / 0.33 / 0.80, pixel AP 0.060 / 0.29 / 0.71 (another generator seed).
     assert 0.01 <= rejected[0.0] <= 0.10, rejected
     assert rejected[0.0] < rejected[0.15] < rejected[0.3] and rejected[0.3] > 0.4, rejected
+
+
+def test_a_seed_method_whose_baseline_has_no_complete_row_is_said_not_dropped() -> None:
+    from adbench.benchmark.reports.summary import missing_baselines
+
+    table = pd.DataFrame({"mean": [0.9, 0.8, float("nan")]}, index=["pouta (quick)", "draem (quick)", "tsdn (quick)"])
+    runs = pd.DataFrame([
+        {"name": "pouta", "row": "pouta (quick)", "baseline": "draem-pretrained-encoder"},
+        {"name": "tsdn", "row": "tsdn (quick)", "baseline": "draem-pretrained-encoder"},  # incomplete itself: silent
+        {"name": "rstpm", "row": "rstpm (quick)", "baseline": "stpm"},  # not in the table at all: silent
+    ])
+    sentences = missing_baselines({"image_auroc": table}, runs)
+    assert sentences == ["pouta (quick) against its baseline draem-pretrained-encoder (quick): not compared, "
+                         "the baseline has no finished records in this sweep."]

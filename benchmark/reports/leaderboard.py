@@ -271,7 +271,7 @@ def row_notes(runs: pd.DataFrame) -> dict[str, list[str]]:
     return notes
 
 
-def metric_columns(table: pd.DataFrame, versus: dict[str, summary.Finding] | None = None
+def metric_columns(table: pd.DataFrame, versus: dict[str, summary.Finding | None] | None = None
                    ) -> tuple[dict[str, list[Cell]], set[str], dict[str, bool]]:
     """The cells of one metric table: mean over categories, each category, the difference to the best
     row with its interval and test (``versus``: row -> best against that row), and efficiency."""
@@ -289,15 +289,15 @@ def metric_columns(table: pd.DataFrame, versus: dict[str, summary.Finding] | Non
             _cell(*(table.at[row, f"{category}{s}"] for s in ("", "_std", "_low", "_high"))) for row in table.index
         ]
     if versus is not None:
-        columns["vs best"] = [_versus_cell(versus.get(row), row) for row in table.index]
+        columns["vs best"] = [_versus_cell(versus.get(row), row in versus) for row in table.index]
     for column, label in EFFICIENCY.items():
         columns[label] = [Cell("-" if pd.isna(v) else f"{v:.1f}" if v < 100 else f"{v:.0f}", v) for v in table[column]]
     return columns, {"mean", *categories}, {label: column == "test_images_per_second" for column, label in EFFICIENCY.items()}
 
 
-def _versus_cell(finding: summary.Finding | None, row: str) -> Cell:
-    if finding is None:
-        return Cell("best" if row else "-", np.inf)
+def _versus_cell(finding: summary.Finding | None, compared: bool) -> Cell:
+    if finding is None:  # the best row itself, or a row without every job (never compared)
+        return Cell("best", np.inf) if compared else Cell("-", np.nan)
     if finding.p_value is None:
         return Cell(f"{-100 * finding.margin:+.1f}", -finding.margin, "untested", title=finding.reason)
     interval = "" if finding.interval is None else f"[{-100 * finding.interval[1]:+.1f}, {-100 * finding.interval[0]:+.1f}] "
@@ -509,7 +509,7 @@ def build_leaderboard(
         versus = None
         if len(complete) >= 2 and metric in summary.HEADLINE:
             best = complete.index[0]
-            versus = {row: evidence.compare(table, metric, best, row) for row in complete.index[1:]}
+            versus = {best: None, **{row: evidence.compare(table, metric, best, row) for row in complete.index[1:]}}
         for dataset, part in by_dataset(runs, table):
             if dataset is not None:
                 report.text(f"Dataset: {dataset}")

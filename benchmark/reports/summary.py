@@ -181,6 +181,22 @@ def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evide
     return findings
 
 
+def missing_baselines(tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> list[str]:
+    """A sentence per seed method row whose declared baseline has no complete row here (never silently dropped)."""
+    table = tables["image_auroc"]
+    complete = set(table.index[table["mean"].notna()])
+    rows_of = runs.groupby("name").row.unique()
+    sentences = []
+    for method, baseline in declared_baselines(runs.to_dict("records")).items():
+        for row in rows_of.get(method, []):
+            other = row.replace(f"{method} (", f"{baseline} (", 1)
+            if row in complete and other not in complete:
+                sentences.append(f"{row} against its baseline {other}: not compared, the baseline has "
+                                 f"{'no finished records' if other not in table.index else 'not every job finished'} "
+                                 "in this sweep.")
+    return sentences
+
+
 def headline_sentence(finding: Finding) -> str:
     label = "mAD (mean of seven metrics)" if finding.metric == "mad" else METRIC_LABELS[finding.metric]
     return (f"{label}: {finding.a} is best with {100 * finding.value_a:.1f} %, "
@@ -214,8 +230,9 @@ def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.Dat
                      f"{html.escape(rest.split('; ')[0])}; <span class='{word}'>"
                      f"{html.escape(rest.split('; ', 1)[1])}</span></li>")
         lines.append(f"- **{head}**: {rest}")
-    base_items = [f"<li class='baseline'>{html.escape(baseline_sentence(f))}</li>" for f in baselines]
-    lines += [f"- {baseline_sentence(f)}" for f in baselines]
+    base_sentences = [baseline_sentence(f) for f in baselines] + missing_baselines(tables, runs)
+    base_items = [f"<li class='baseline'>{html.escape(sentence)}</li>" for sentence in base_sentences]
+    lines += [f"- {sentence}" for sentence in base_sentences]
     design = (f"{len(seeds)} seed(s) x {categories} categor{'y' if categories == 1 else 'ies'}: best = highest "
               "mean over categories of each method's seed mean (complete rows); margin over the runner-up in points; "
               "95 % interval and p from a paired bootstrap over the test images (both methods on the same resampled "
