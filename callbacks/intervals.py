@@ -32,6 +32,7 @@ from .metrics import (
     _pro_from,
     _region_weights,
     _saturated_defects,
+    _saturated_sweep,
     _Sweep,
     _sweep,
     _threshold_counts,
@@ -306,10 +307,7 @@ def bootstrap_saturated_pro(
         return undefined
     maps = _to_numpy(anomaly_maps)
     maps = maps[:, 0] if maps.ndim == 4 else maps
-    n_defects = sum(count for _, _, count in defects.values())
-    positives = np.concatenate([scores for scores, _, _ in defects.values()]).astype(negatives.dtype)
-    weights = np.concatenate([weights for _, weights, _ in defects.values()]) / n_defects
-    full = _sweep(np.sort(negatives), positives, weights)
+    full = _saturated_sweep(negatives, defects)
     empty = np.empty(0, dtype=maps.dtype)
     counts = _PerImageCounts(full, [empty if labels[i] else maps[i].reshape(-1) for i in range(labels.size)],
                              defects, max_thresholds)  # fmt: skip

@@ -366,11 +366,16 @@ def saturated_pro(anomaly_maps: Any, labels: Any, regions: dict[int, list[tuple[
     negatives, defects = _saturated_defects(anomaly_maps, labels, regions)
     if not defects or negatives.size == 0:
         return [math.nan] * len(fpr_limits)
+    sweep = _saturated_sweep(negatives, defects)
+    return [_pro_from(sweep, limit) for limit in fpr_limits]
+
+
+def _saturated_sweep(negatives: np.ndarray, defects: dict[int, tuple[np.ndarray, np.ndarray, int]]) -> _Sweep:
+    """sPRO's sweep of :func:`_saturated_defects`' output: every defect's weights shared out over all defects."""
     n_defects = sum(count for _, _, count in defects.values())
     positives = np.concatenate([scores for scores, _, _ in defects.values()]).astype(negatives.dtype)
     weights = np.concatenate([weights for _, weights, _ in defects.values()]) / n_defects
-    sweep = _sweep(np.sort(negatives), positives, weights)
-    return [_pro_from(sweep, limit) for limit in fpr_limits]
+    return _sweep(np.sort(negatives), positives, weights)
 
 
 def _saturated_defects(anomaly_maps: Any, labels: Any, regions: dict[int, list[tuple[np.ndarray, float]]],
