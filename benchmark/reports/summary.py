@@ -170,31 +170,29 @@ def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evide
     rows are complete."""
     table = tables["image_auroc"]
     complete = set(table.index[table["mean"].notna()])
-    rows_of = runs.groupby("name").row.unique()
     findings = []
-    for method, baseline in declared_baselines(runs.to_dict("records")).items():
-        for row in rows_of.get(method, []):
-            other = row.replace(f"{method} (", f"{baseline} (", 1)
-            if row in complete and other in complete:
-                findings.append(evidence.compare(table, "image_auroc", row, other))
-                findings[-1].kind = "baseline"
+    for row, other in _baseline_rows(runs):
+        if row in complete and other in complete:
+            findings.append(evidence.compare(table, "image_auroc", row, other))
+            findings[-1].kind = "baseline"
     return findings
+
+
+def _baseline_rows(runs: pd.DataFrame) -> list[tuple[str, str]]:
+    """(seed method's row, its declared baseline's row in the same profile) for every row of ``runs``."""
+    rows_of = runs.groupby("name").row.unique()
+    return [(row, row.replace(f"{method} (", f"{baseline} (", 1))
+            for method, baseline in declared_baselines(runs.to_dict("records")).items()
+            for row in rows_of.get(method, [])]  # fmt: skip
 
 
 def missing_baselines(tables: dict[str, pd.DataFrame], runs: pd.DataFrame) -> list[str]:
     """A sentence per seed method row whose declared baseline has no complete row here (never silently dropped)."""
     table = tables["image_auroc"]
     complete = set(table.index[table["mean"].notna()])
-    rows_of = runs.groupby("name").row.unique()
-    sentences = []
-    for method, baseline in declared_baselines(runs.to_dict("records")).items():
-        for row in rows_of.get(method, []):
-            other = row.replace(f"{method} (", f"{baseline} (", 1)
-            if row in complete and other not in complete:
-                sentences.append(f"{row} against its baseline {other}: not compared, the baseline has "
-                                 f"{'no finished records' if other not in table.index else 'not every job finished'} "
-                                 "in this sweep.")
-    return sentences
+    return [f"{row} against its baseline {other}: not compared, the baseline has "
+            f"{'no finished records' if other not in table.index else 'not every job finished'} in this sweep."
+            for row, other in _baseline_rows(runs) if row in complete and other not in complete]  # fmt: skip
 
 
 def headline_sentence(finding: Finding) -> str:
