@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,10 @@ CORESET_METHODS = ("greedy", "partitioned")
 COLLECTION_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Distance-matrix entries computed at once in the nearest-neighbour search (~64 MiB).
 _NN_CHUNK_ELEMENTS = 1 << 24
+#: Bytes of augmented points the partitioned coreset holds at once: its parts go through the
+#: selection in groups of this size (each group projects the stored features again, ~1 s per
+#: million patches), so that the fit's memory is the stored features plus a constant.
+_PARTS_GROUP_BYTES = 128 << 20
 
 
 def random_projection(dim_in: int, dim_out: int, seed: int, device: torch.device) -> Tensor:
@@ -52,7 +56,11 @@ def random_projection(dim_in: int, dim_out: int, seed: int, device: torch.device
 
 @torch.no_grad()
 def greedy_coreset(
-    features: Tensor | list[Tensor], size: int, seed: int = 0, cpu_threads: int | None = 1
+    features: Tensor | list[Tensor],
+    size: int,
+    seed: int = 0,
+    cpu_threads: int | None = 1,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Indices (``size``,) of a greedy k-center coreset of ``features`` (N, D), in selection order.
 
@@ -64,9 +72,9 @@ def greedy_coreset(
     which is what bounds a step on a CPU. The chosen index stays on the device (no
     host synchronisation per step on a GPU).
 
-    ``features`` may be a list of row blocks (N is their total), read in order; the list
-    is emptied as the blocks are copied into the working matrix, so that the two are
-    never both whole in memory.
+    ``features`` may be a list of row blocks (N is their total), read in order and kept;
+    ``transform`` (e.g. a random projection) maps each block to the coordinates compared,
+    one block at a time, so that no transformed copy of the whole set is ever held.
 
     On a CPU the loop runs on ``cpu_threads`` threads (``None``: torch's setting). A
     step is memory-bound and short (~5 ms for 190k x 130 floats): on the shared 2-core
@@ -78,7 +86,7 @@ def greedy_coreset(
     if not 0 < size <= n:
         raise ValueError(f"coreset size must be in [1, {n}], got {size}")
     start = torch.randint(n, (1,), generator=torch.Generator().manual_seed(seed))
-    points_t = _augmented_parts(blocks, torch.zeros(n, dtype=torch.long), torch.arange(n), 1, n)
+    points_t = _augmented_parts(blocks, torch.zeros(n, dtype=torch.long), torch.arange(n), 1, n, transform)
     picks = _batched_farthest_points(points_t, torch.tensor([size]), start[None], cpu_threads)
     return picks[0]
 
@@ -90,6 +98,7 @@ def partitioned_coreset(
     partition_size: int = 50_000,
     seed: int = 0,
     cpu_threads: int | None = None,
+    transform: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Indices (``size``,) of an approximate greedy coreset: exact greedy within random partitions.
 
@@ -102,8 +111,10 @@ def partitioned_coreset(
     together: a step is one batched product over the parts, which torch spreads over every
     core (``cpu_threads``: None = torch's setting). Its covering radius is larger than the
     exact one's; ``benchmark/experiments/bench_patchcore.py`` measures what that costs in metrics.
-    Indices are returned part by part, each part in its selection order. ``features``:
-    as in ``greedy_coreset`` (a list of row blocks is emptied).
+    Indices are returned part by part, each part in its selection order. ``features`` and
+    ``transform``: as in ``greedy_coreset``. The parts are selected in groups of at most
+    :data:`_PARTS_GROUP_BYTES` of working points (the same picks as all at once), so that the
+    memory does not grow with the bank beyond the stored features.
     """
     blocks = features if isinstance(features, list) else [features]
     n = sum(block.shape[0] for block in blocks)
@@ -113,7 +124,7 @@ def partitioned_coreset(
         raise ValueError(f"partition_size must be positive, got {partition_size}")
     parts = math.ceil(n / partition_size)
     if parts == 1:
-        return greedy_coreset(blocks, size, seed, cpu_threads)
+        return greedy_coreset(blocks, size, seed, cpu_threads, transform)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     lengths = torch.full((parts,), n // parts)
@@ -133,31 +144,57 @@ def partitioned_coreset(
     position[order] = torch.arange(n)
     offsets = lengths.cumsum(0) - lengths
     part = torch.searchsorted(lengths.cumsum(0), position, right=True)
-    points_t = _augmented_parts(blocks, part, position - offsets[part], parts, longest)
-    local = _batched_farthest_points(points_t, shares, starts, cpu_threads, valid=(padded >= 0))
-    padded = padded.to(local.device)
-    return torch.cat([padded[p, local[p, : int(k)]] for p, k in enumerate(shares)])
+    column = position - offsets[part]
+    width = _transformed(blocks[0][:1], transform).shape[1] + 2
+    group = max(1, _PARTS_GROUP_BYTES // (width * longest * 4))
+    picks = []
+    for first in range(0, parts, group):
+        last = min(parts, first + group)
+        points_t = _augmented_parts(blocks, part - first, column, last - first, longest, transform)
+        valid = padded[first:last] >= 0
+        local = _batched_farthest_points(points_t, shares[first:last], starts[first:last], cpu_threads, valid)
+        del points_t
+        local = local.cpu()
+        picks += [padded[first + p, local[p, : int(k)]] for p, k in enumerate(shares[first:last])]
+    return torch.cat(picks).to(blocks[0].device)
 
 
-def _augmented_parts(blocks: list[Tensor], part: Tensor, column: Tensor, parts: int, columns: int) -> Tensor:
-    """(parts, D + 2, columns) float32: the blocks' row r as ``[x, ||x||^2, 1]`` at (``part[r]``, :, ``column[r]``).
+def _transformed(block: Tensor, transform: Callable[[Tensor], Tensor] | None) -> Tensor:
+    with torch.autocast(device_type=block.device.type, enabled=False):
+        return (transform(block) if transform is not None else block).float()
+
+
+def _augmented_parts(
+    blocks: list[Tensor],
+    part: Tensor,
+    column: Tensor,
+    parts: int,
+    columns: int,
+    transform: Callable[[Tensor], Tensor] | None = None,
+) -> Tensor:
+    """(parts, D + 2, columns) float32: the blocks' row r, transformed, as ``[x, ||x||^2, 1]`` at
+    (``part[r]``, :, ``column[r]``); rows whose ``part`` is outside ``[0, parts)`` are left out.
 
     The augmented coordinates make a squared distance one dot product (``_batched_farthest_points``).
-    Columns no row fills stay zero. The list is emptied block by block as they are copied.
+    Columns no row fills stay zero. One block is transformed at a time.
     """
     device = blocks[0].device
-    d = blocks[0].shape[1]
+    d = _transformed(blocks[0][:1], transform).shape[1]
     with torch.autocast(device_type=device.type, enabled=False):
         points_t = torch.zeros(parts, d + 2, columns, device=device)
         row = 0
-        while blocks:
-            block = blocks.pop(0).float()
+        for block in blocks:
             p, c = part[row : row + len(block)].to(device), column[row : row + len(block)].to(device)
-            points_t[p, :d, c] = block
-            points_t[p, d, c] = block.pow(2).sum(dim=1)
-            points_t[p, d + 1, c] = 1.0
             row += len(block)
-            del block
+            kept = (p >= 0) & (p < parts)
+            if not bool(kept.any()):
+                continue
+            x = _transformed(block[kept] if not bool(kept.all()) else block, transform)
+            p, c = p[kept], c[kept]
+            points_t[p, :d, c] = x
+            points_t[p, d, c] = x.pow(2).sum(dim=1)
+            points_t[p, d + 1, c] = 1.0
+            del x
     return points_t
 
 
@@ -287,7 +324,6 @@ class PatchCore(AnomalyModule):
         # steps: a no-op optimiser over this parameter steps once per batch.
         self._step_anchor = nn.Parameter(torch.empty(0))
         self._collected: list[Tensor] = []  # the epoch's patch features, one block per batch
-        self._projected: list[Tensor] = []  # their float32 projections, what the coreset compares
         self._projection: Tensor | None = None
         self._bank_is_current = True  # no features collected since the bank was built
         self.coreset_seconds = math.nan
@@ -315,13 +351,13 @@ class PatchCore(AnomalyModule):
                 self._projection = random_projection(features.shape[1], hp.projection_dim, hp.seed, features.device)
             return features @ self._projection
 
-    def build_memory_bank(self, features: Tensor | list[Tensor], projected: list[Tensor] | None = None) -> None:
+    def build_memory_bank(self, features: Tensor | list[Tensor]) -> None:
         """The greedy-coreset subsample of ``features`` (N, target_dim) becomes the memory bank (float32).
 
         ``features`` may be a list of row blocks (the training batches, never concatenated:
-        never held twice); ``projected``: their ``project``ions, made from the features before
-        they were stored in ``collection_dtype`` (so the selection is the float32 one), emptied
-        by the selection. Without them (or with fewer) the stored features are projected here.
+        never held twice). The selection compares their ``project``ions, made one block at a
+        time from the stored features (in ``collection_dtype``), so that no projected copy of
+        the bank is held beside it.
         """
         hp = self.hparams
         blocks = features if isinstance(features, list) else [features]
@@ -329,12 +365,10 @@ class PatchCore(AnomalyModule):
         size = max(1, int(round(hp.coreset_ratio * n)))
         start = time.perf_counter()
         if size < n:
-            if projected is None or len(projected) != len(blocks):
-                projected = [self.project(block) for block in blocks]
             if hp.coreset_method == "partitioned":
-                selected = partitioned_coreset(projected, size, hp.coreset_partition_size, hp.seed)
+                selected = partitioned_coreset(blocks, size, hp.coreset_partition_size, hp.seed, transform=self.project)
             else:
-                selected = greedy_coreset(projected, size, hp.seed)
+                selected = greedy_coreset(blocks, size, hp.seed, transform=self.project)
             if dist.is_available() and dist.is_initialized():
                 dist.broadcast(selected, src=0)  # identical banks on every process, by construction
             bank = take_rows(blocks, selected)
@@ -356,9 +390,7 @@ class PatchCore(AnomalyModule):
         """Build the bank from this epoch's features if any arrived since the last build."""
         if self._bank_is_current or not self._collected:
             return
-        # The projections are used up by the selection; should more batches follow (a validation
-        # within the epoch), the next build projects the stored features again.
-        self.build_memory_bank(_gather_blocks(self._collected), _gather_blocks(self._projected))
+        self.build_memory_bank(_gather_blocks(self._collected))
         self._bank_is_current = True
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -415,20 +447,18 @@ class PatchCore(AnomalyModule):
     # epoch's end without validation; under DDP from every process's features.
 
     def on_train_epoch_start(self) -> None:
-        self._collected, self._projected = [], []  # the bank is built from one pass (the latest epoch)
+        self._collected = []  # the bank is built from one pass (the latest epoch)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         features = self.embed(batch["image"])[0].flatten(0, 1)
         self._collected.append(features.to(COLLECTION_DTYPES[self.hparams.collection_dtype]))
-        if self.hparams.coreset_ratio < 1.0:
-            self._projected.append(self.project(features))
         self._bank_is_current = False
         self.optimizers().step()  # no-op (see _step_anchor): counts the step
         return None
 
     def on_train_epoch_end(self) -> None:
         self._finish_memory_bank()
-        self._collected, self._projected = [], []  # free the full bank; the coreset is what is kept
+        self._collected = []  # free the full bank; the coreset is what is kept
 
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:

