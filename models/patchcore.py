@@ -266,11 +266,14 @@ def nearest_neighbors(queries: Tensor, bank: Tensor, k: int = 1) -> tuple[Tensor
         bank_sq = bank.pow(2).sum(dim=1)
         rows = max(1, _NN_CHUNK_ELEMENTS // max(1, bank.shape[0]))
         distances, indices = [], []
+        # One (rows, N) buffer for every chunk, filled in place: a fresh ~64 MiB block per chunk
+        # (two, with the broadcast sum) is what made a CPU validation's RSS grow to 6 GB with
+        # ~1 GB live (memray), as glibc kept the freed blocks (results/patchcore_scale.md).
+        buffer = queries.new_empty(min(rows, queries.shape[0]), bank.shape[0])
         for chunk in queries.split(rows):
-            sq = torch.addmm(
-                chunk.pow(2).sum(dim=1, keepdim=True) + bank_sq.unsqueeze(0), chunk, bank.t(),
-                alpha=-2.0,
-            )
+            sq = buffer[: chunk.shape[0]]
+            torch.add(chunk.pow(2).sum(dim=1, keepdim=True), bank_sq, out=sq)
+            sq.addmm_(chunk, bank.t(), alpha=-2.0)
             values, index = sq.topk(k, dim=1, largest=False)
             distances.append(values.clamp_(min=0.0).sqrt_())
             indices.append(index)
