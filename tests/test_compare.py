@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
 from adbench.benchmark.compare import cli, pairs
 from adbench.benchmark.compare.build_ours import restrict_dataset
@@ -400,6 +401,7 @@ def test_efficientad_teacher_keys_round_trip(size: str) -> None:
 
 ANOMALIB_PDN_SCRIPT = """
 import torch
+from PIL import Image
 from anomalib.models.image.efficient_ad.torch_model import EfficientAdModel
 from adbench.benchmark.compare.efficientad_teacher import check_pdn_architecture, from_anomalib_pdn, to_anomalib_pdn
 from adbench.benchmark.compare.pairs import CompareError
@@ -437,4 +439,132 @@ def test_efficientad_teacher_loads_into_anomalibs_pdn() -> None:
         pytest.skip("no .venv-compare (make .venv-compare/.installed): anomalib is not importable")
     done = subprocess.run([str(python), "-c", ANOMALIB_PDN_SCRIPT], capture_output=True, text=True,
                           timeout=600, cwd=REPO)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+# ------------------------------------------------------------------ GLASS
+
+
+def test_glass_pair_matches_anomalib_settings(tmp_path: Path) -> None:
+    """lite0 levels 2-3 on both sides; anomalib's fixed step, radius and patch labels on ours; the profile's epochs."""
+    import yaml
+
+    _, ours = our_init_args(METHODS["glass"], (128, 64))
+    assert ours["backbone"] == LITE0 and list(ours["layers"]) == [2, 3]
+    assert (ours["ascent_step_size"], ours["projection_radius"], ours["mask_threshold"]) == (0.001, 0.5, 1e-6)
+    check_anomalib_fixed("glass", ours)
+    profile = yaml.safe_load((REPO / "configs/glass/quick.yaml").read_text())
+    quick = profile["model"]["init_args"]
+    # The quick profile itself is what anomalib cannot build: lite0-scaled step and radius, half-covered patches.
+    with pytest.raises(CompareError, match=r"ascent_step_size: ours 0.0136.*projection_radius: ours 6.8.*mask_threshold"):
+        check_anomalib_fixed("glass", quick)
+    for change, message in (({"local_synthesis": False}, "local_synthesis"), ({"focal_gamma": 1.0}, "focal_gamma"),
+                            ({"discriminator_lr": 1e-4}, r"discriminator_lr: ours 0.0001, anomalib 2 x adaptor_lr")):  # fmt: skip
+        with pytest.raises(CompareError, match=message):
+            check_anomalib_fixed("glass", {**ours, **change})
+
+    args = parse_args(["--methods", "glass"])
+    specs = worker_specs(args, "root", "bottle", None, None, tmp_path)
+    assert [(s["method"], s["side"]) for s in specs] == [("glass", "ours"), ("glass", "anomalib")]
+    assert all(s["anomalib_layers"] == ["blocks.2", "blocks.4"] for s in specs)
+    assert _trainer_kwargs(specs[1], tmp_path)["max_epochs"] == profile["trainer"]["max_epochs"] == 12
+    assert parse_args(["--quick-smoke", "--methods", "glass"]).glass_epochs == 1
+
+
+def test_glass_patch_labels_match_anomalibs_rule() -> None:
+    """mask_threshold 1e-6 on a binary mask: a patch is anomalous when any pixel of its cell is (anomalib's max-pool)."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from adbench.models.glass import GLASS
+
+    torch.manual_seed(0)
+    mask = (torch.rand(4, 1, 64, 64) > 0.995).float()  # scattered single pixels: the rules' hardest case
+    mask[0] = 0.0
+    fake = SimpleNamespace(hparams=SimpleNamespace(mask_threshold=1e-6))
+    ours = GLASS.local_targets(fake, mask, (8, 8))
+    anomalib = F.max_pool2d(mask, kernel_size=8).flatten()
+    assert torch.equal(ours, anomalib) and 0 < ours.sum() < ours.numel()
+    fake.hparams.mask_threshold = 0.5  # the quick profile's rule differs on those masks
+    assert not torch.equal(GLASS.local_targets(fake, mask, (8, 8)), anomalib)
+
+
+def test_texture_files_check_and_procedural_folder(tmp_path: Path) -> None:
+    from adbench.benchmark.compare.textures import check_texture_files, write_procedural_textures
+
+    folder = write_procedural_textures(tmp_path / "textures", count=3, size=16)
+    files = sorted((folder / "procedural").glob("*.png"))
+    assert len(files) == 3 and write_procedural_textures(folder, count=3, size=16) == folder  # written once
+    assert check_texture_files(folder, files).startswith("3 images of")
+    with pytest.raises(CompareError, match="ours draws from 3 images, anomalib's from 2"):
+        check_texture_files(folder, files[:2])
+
+
+def test_our_comparison_synthesis_draws_from_every_texture(embedded_root: Path, tmp_path: Path) -> None:
+    """No validation split, so no texture classes held out: our training synthesis reads all the files anomalib reads."""
+    from adbench.benchmark.compare.build_ours import build_ours
+    from adbench.datamodules.synthesis import FolderTextures
+
+    for name in ("a", "b", "c", "d", "e"):  # five texture classes: a held-out split would keep four
+        (tmp_path / "dtd" / name).mkdir(parents=True)
+        Image.fromarray(np.full((8, 8, 3), ord(name), np.uint8)).save(tmp_path / "dtd" / name / "0.jpg")
+    args = parse_args(["--methods", "draem", "--sides", "ours", "--draem-width", "4,4", "--image-size", "32"])
+    spec = worker_specs(args, str(embedded_root), "weave", None, None, tmp_path)[0]
+    spec["texture_root"] = str(tmp_path / "dtd")
+    _, data, _ = build_ours(spec)
+    training, _ = data._synthesizers(np.zeros((1, 32, 32, 3), np.uint8))
+    assert len(training.texture_source) == len(FolderTextures(tmp_path / "dtd")) == 5
+
+
+ANOMALIB_GLASS_SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from adbench.benchmark.compare.build_anomalib import build_anomalib
+from adbench.benchmark.compare.build_ours import build_ours
+from adbench.benchmark.compare.cli import parse_args
+from adbench.benchmark.compare.worker import worker_specs
+
+root, textures, work = sys.argv[1:4]
+args = parse_args(["--methods", "glass", "--image-size", "64"])
+ours_spec, theirs_spec = worker_specs(args, root, "weave", None, None, Path(work))
+for spec in (ours_spec, theirs_spec):
+    spec["texture_root"] = textures
+theirs, _, notes = build_anomalib(theirs_spec, Path(work))  # checks weights, textures, normalisation
+ours = build_ours(ours_spec)[0]
+assert "identical to ours" in notes["weights_check"] and "the same files" in notes["local_synthesis"], notes
+inner = theirs.model
+image = torch.rand(2, 3, 64, 64)
+with torch.no_grad():
+    features, shapes = inner.generate_embeddings(image, evaluation=True)
+    mine, grid = ours.patch_features(image)
+assert features.shape == mine.shape == (2 * 8 * 8, 256) and tuple(shapes[0]) == grid == (8, 8), (features.shape, mine.shape)
+sizes = lambda m: sorted(tuple(p.shape) for p in m.parameters())
+assert sizes(inner.projection) == sizes(ours.adaptor) and sizes(inner.discriminator) == sizes(ours.discriminator)
+inner.center = torch.zeros(64, 256)
+inner.train()
+losses = inner(image)
+assert all(torch.isfinite(v) for v in losses), losses
+inner.eval()
+out = inner(image)
+assert out.pred_score.shape == (2,) and out.anomaly_map.shape == (2, 64, 64)
+print("ok")
+"""
+
+
+@pytest.mark.slow
+def test_anomalib_glass_takes_our_settings(embedded_root: Path, tmp_path: Path) -> None:
+    """anomalib's Glass as the pair builds it (compare venv): our weights and textures, our patch grid, adaptor and
+    discriminator shapes; one training and one test pass run."""
+    from adbench.benchmark.compare.textures import write_procedural_textures
+
+    python = REPO / ".venv-compare" / "bin" / "python"
+    if not python.is_file():
+        pytest.skip("no .venv-compare (make .venv-compare/.installed): anomalib is not importable")
+    write_timm_hf_cache(LITE0, tmp_path / "hf-hub")
+    textures = write_procedural_textures(tmp_path / "textures", count=4, size=64)
+    env = {**os.environ, **offline_hf_env(tmp_path / "hf-hub")}
+    done = subprocess.run([str(python), "-c", ANOMALIB_GLASS_SCRIPT, str(embedded_root), str(textures),
+                           str(tmp_path / "work")], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

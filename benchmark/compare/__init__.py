@@ -1,8 +1,9 @@
 """``make compare``: our methods against anomalib 2.7.0's, same data, backbone, weights and budget.
 
     .venv-compare/bin/python -m adbench.benchmark.compare [--root MVTEC_ROOT] [--category bottle]
-        [--methods patchcore_1pct,patchcore_10pct,stpm,draem,padim,fastflow,efficientad] [--texture-root DTD_ROOT]
-        [--draem-steps 10] [--stpm-epochs 10] [--fastflow-epochs 10] [--efficientad-steps N]
+        [--methods patchcore_1pct,patchcore_10pct,stpm,draem,padim,fastflow,efficientad,glass]
+        [--texture-root DTD_ROOT] [--draem-steps 10] [--stpm-epochs 10] [--fastflow-epochs 10]
+        [--glass-epochs 12] [--efficientad-steps N]
         [--efficientad-distill-steps N] [--out-dir results/compare]
         [--quick-smoke]
 
@@ -87,6 +88,29 @@ Method pairs (ours <-> anomalib):
   images after training. Left as each library has it: anomalib measures the quantiles on its padded
   full-size maps, ours on the PDN-resolution maps; anomalib's StepLR is stepped per epoch (no lr drop
   within the run), ours drops x 0.1 for the last 5 % of steps.
+* ``glass``: :class:`adbench.models.glass.GLASS` with ``configs/glass/quick.yaml`` (lite0 levels 2-3, 128-d
+  per level, 256-d patch features, discriminator width 256, noise std 0.5, 5 ascent steps, hard mining of
+  half the local patches) <-> ``anomalib.models.Glass`` with the same layers (``blocks.2``, ``blocks.4``),
+  dimensions, discriminator, ``step``, ``gaussian_noise_std``, ``focal_loss_quantile_threshold``, adaptor lr
+  (its ``learning_rate``; discriminator twice it on both sides), ``patchsize`` 3, one linear adaptor
+  (``pre_projection`` 1) and the "manifold" projection (``svd`` 0, the only one ours has), ``--glass-epochs``
+  epochs each (default 12, the profile's). anomalib fixes the ascent step (0.001), the shell radius (0.5) and
+  the patch labels (a patch is anomalous when any pixel of its cell is masked); our side is set to those
+  (step 0.001, ``projection_radius`` 0.5, ``mask_threshold`` 1e-6, the same rule on binary masks) instead of
+  the quick profile's lite0-scaled 0.0136, 6.8 and half-covered rule: with lite0 features the noise (norm
+  about 8) is then pulled back to within 1 of each normal feature on both sides, so the row compares the two
+  libraries at anomalib's shell, not our quick profile. Local-synthesis textures: ``--texture-root`` (DTD),
+  else 32 procedural textures written once, for both (anomalib's ``anomaly_source_path``; the worker checks
+  that anomalib lists the same files as our ``FolderTextures``, and that its synthesis undoes lite0's
+  normalisation). Left as each library has it: the synthesis itself (anomalib's ``PerlinAnomalyGenerator``
+  corrupts every training image, half the time under the union of two Perlin masks, with torchvision
+  augmentations; ours, the DataModule's DRAEM recipe, half of the images under one mask, albumentations; the
+  blend is the same, texture weight U(0.2, 1)); the patch features (anomalib unfolds each level's 3 x 3
+  neighbourhood into C x 9 values and pools those, as its PatchCore; ours averages the neighbourhood per channel,
+  then pools the channels); initialisation (anomalib zeroes the linear biases and draws BatchNorm weights from
+  N(1, 0.02)); anomalib recomputes the normal features' centre, a pass over the training images, at each epoch
+  start (read only by its hypersphere projection: part of its fit time); ours drops an epoch's incomplete
+  last batch, as for STPM.
 * What anomalib fixes, with no argument to change it, our config must equal
   (:data:`~.pairs.ANOMALIB_FIXED`, checked before anomalib's model is built).
 
@@ -97,6 +121,9 @@ Fairness, as implemented:
   validation by default; here ``val_fraction=0``, so both train on all of
   ``train/good``, and neither validates (``limit_val_batches=0``, anomalib's
   ``val_split_mode="none"``): the test set is seen once, for the reported numbers.
+  With no validation, our DataModule holds no texture classes out for validation
+  anomalies (``validation_textures="shared"``): DRAEM's and GLASS's synthesis draw from
+  every texture of the folder, as anomalib's do.
 * Same input: images resized to ``--image-size`` (256) px, batch size 8 (training and
   test), the same ``num_workers``. lite0 expects mean = std = 0.5, so anomalib gets
   ``PreProcessor(Resize(256, 256) + Normalize(0.5, 0.5))`` instead of its default
@@ -142,7 +169,7 @@ Measurements (each worker, its own fresh process):
 Ratios are ours / anomalib; the ``better`` column says which direction is better.
 
 ``--quick-smoke`` runs every pair end to end in about a minute and a half (64 px, 16 train
-and 12 test images, 1 STPM epoch, 2 DRAEM steps at widths 16/16, 1 thread) into
+and 12 test images, 1 STPM, FastFlow and GLASS epoch, 2 DRAEM steps at widths 16/16, 1 thread) into
 ``results/compare/smoke``: it checks the machinery, its numbers mean nothing. On a 2-core
 CPU the full default run on bottle takes hours, mostly anomalib's PatchCore 10 % coreset
 (its sparse projection *raises* 152-d features to ~300 dims for ~200k patches, and each
@@ -154,6 +181,8 @@ The package, one module per role:
 * ``pairs``: the method pairs, our side's config of each, the check that anomalib is there;
 * ``offline_weights``: our ImageNet weights in a private Hugging Face cache, and the check
   that anomalib's backbone holds them;
+* ``textures``: procedural textures written once for both sides, and the check that both draw from the
+  same texture files; ``efficientad_teacher``: EfficientAD's shared teacher and penalty folder;
 * ``worker``: the subprocess protocol (spec, launch, result) and what a worker runs;
   ``build_ours`` / ``build_anomalib``: each side's model and data; ``loop_timer``: the loop spans;
 * ``scoring``: the ground truth and our metrics of each worker's raw predictions;

@@ -230,6 +230,53 @@ def _efficientad(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
     return model, None, notes
 
 
+def _glass(spec: dict[str, Any], backbone: str) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+    from anomalib.models import Glass
+
+    from adbench.models.weights import default_normalisation
+
+    from .textures import check_texture_files
+
+    ours = spec["our_init_args"]
+    check_anomalib_fixed("glass", ours)
+    size = spec["image_size"]
+    settings = {
+        "pretrain_embed_dim": ours["pretrain_embed_dimension"], "target_embed_dim": ours["target_embed_dimension"],
+        "discriminator_layers": ours["discriminator_layers"], "discriminator_hidden": ours["discriminator_hidden"],
+        "learning_rate": ours["adaptor_lr"], "step": ours["ascent_steps"], "gaussian_noise_std": ours["noise_std"],
+        "focal_loss_quantile_threshold": ours["mining_fraction"], "mining": ours["gradient_ascent"],
+    }  # fmt: skip
+    # patchsize 3: our locally aware patches average 3 x 3 neighbourhoods; one linear adaptor (pre_projection 1);
+    # svd 0: the "manifold" projection around each normal feature, the only one ours implements.
+    model = Glass(
+        input_shape=(size, size), anomaly_source_path=spec["texture_root"], backbone=backbone,
+        layers=spec["anomalib_layers"], pre_trained=True, patchsize=3, patchstride=1, pre_projection=1, svd=0,
+        **settings, pre_processor=_pre_processor(spec, backbone), **_DISABLED,
+    )  # fmt: skip
+    extractor = model.model.forward_modules["feature_aggregator"]
+    # Its synthesis undoes the pre-processor's Normalize (read at construction) to blend in [0, 1] pixels.
+    mean, std = (torch.tensor(v, dtype=torch.float32) for v in default_normalisation(backbone))
+    undone = (model.model._img_mean.flatten(), model.model._img_std.flatten())
+    if not (torch.allclose(undone[0], mean) and torch.allclose(undone[1], std)):
+        raise CompareError(f"anomalib's Glass undoes the normalisation {undone}, the images have {(mean, std)}")
+    textures = check_texture_files(spec["texture_root"], model.model.augmentor.anomaly_source_paths)
+    print(f"{WORKER_PREFIX} texture check passed: {textures}", flush=True)
+    notes = {
+        "model": f"Glass(input_shape=({size}, {size}), backbone={backbone}, layers={spec['anomalib_layers']}, "
+                 f"{', '.join(f'{k}={v}' for k, v in settings.items())}, patchsize=3, pre_projection=1, svd=0)",
+        "fixed": "ascent step 0.001, projection onto [0.5, 1] every 5 steps, a patch anomalous when any pixel of its "
+                 "cell is masked, focal gamma 2, adaptor weight decay 1e-5, discriminator lr 2 x adaptor lr, map "
+                 "sigma 4 (pairs.ANOMALIB_FIXED: our side's ascent step, radius and patch labels are set to these)",
+        "local_synthesis": f"anomalib's PerlinAnomalyGenerator(probability=1, dual_mask=True): every training image, "
+                           "one Perlin mask or (half the time) the union of two, texture weight U(0.2, 1) inside it; "
+                           f"textures: {textures}",
+        "centre": "anomalib recomputes the normal features' centre (one pass over the training images) at each epoch "
+                  "start; only its hypersphere projection (svd=1) reads it: part of its fit time",
+    }  # fmt: skip
+    return model, extractor, notes
+
+
 def _draem(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     import torch
     from anomalib.models import Draem
@@ -330,6 +377,8 @@ def build_anomalib(spec: dict[str, Any], work_dir: Path) -> tuple[Any, Any, dict
         model, extractor, notes = _draem(spec, work_dir)
     elif kind == "efficientad":
         model, extractor, notes = _efficientad(spec)
+    elif kind == "glass":
+        model, extractor, notes = _glass(spec, backbone)
     else:  # pragma: no cover - METHODS only has the kinds above
         raise CompareError(f"unknown method kind {kind!r}")
 

@@ -43,12 +43,13 @@ def build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
             restrict_dataset(self.train_set, train_paths)
             restrict_dataset(self.test_set, test_paths)
 
-    # val_fraction=0: train on all of train/good, as anomalib's MVTecAD does (see the package docs).
+    # val_fraction=0: train on all of train/good, as anomalib's MVTecAD does (see the package docs). No validation,
+    # so no texture classes are held out for it: the synthesis draws from every texture, as anomalib's does.
     data = ComparisonDataModule(
         root=spec["root"], category=spec["category"], image_size=spec["image_size"],
         batch_size=spec["batch_size"], eval_batch_size=spec["eval_batch_size"],
         num_workers=spec["num_workers"], val_fraction=0.0, split_seed=spec["seed"],
-        texture_source=spec["texture_root"] or "procedural", validation_anomalies=False,
+        texture_source=spec["texture_root"] or "procedural", validation_anomalies=False, validation_textures="shared",
         preload=True,  # restrict_dataset cuts the decoded arrays
     )  # fmt: skip
     notes: dict[str, Any] = {
@@ -64,6 +65,10 @@ def build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         notes["teacher"] = (f"{spec['our_init_args']['teacher_weights']} (sha256 "
                             f"{spec['our_init_args']['teacher_sha256'][:12]}), not distilled in this worker")
         notes["map_quantiles"] = "no validation split: measured on the training images after each epoch"
+    if spec["kind"] == "glass":
+        notes["local_synthesis"] = (f"the DataModule's DRAEM recipe (datamodules/synthesis.py) on textures from "
+                                    f"{spec['texture_root']}: half of the training images, one Perlin mask, image "
+                                    "weight U(0, 0.8) inside it")
     if spec["kind"] == "patchcore":
         notes["embedding"] = f"{spec['our_init_args']['target_embed_dimension']}-d"
     return model, data, notes

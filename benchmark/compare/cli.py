@@ -75,8 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated, or 'all' (default): {', '.join(METHODS)}")  # fmt: skip
     parser.add_argument("--sides", type=_name_list(SIDES), default=list(SIDES),
                         help="ours,anomalib (default both)")  # fmt: skip
-    parser.add_argument("--texture-root", help="DTD folder: DRAEM's pseudo-anomalies and EfficientAD's penalty "
-                        "images (both sides)")  # fmt: skip
+    parser.add_argument("--texture-root", help="DTD folder: DRAEM's pseudo-anomalies, EfficientAD's penalty "
+                        "images and GLASS's local-synthesis textures (both sides)")  # fmt: skip
     parser.add_argument("--image-size", type=_positive_int, default=256)
     parser.add_argument("--batch-size", type=_positive_int, default=8, help="training batch size")
     parser.add_argument("--eval-batch-size", type=_positive_int, default=8)
@@ -86,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stpm-epochs", type=_positive_int, default=10)
     parser.add_argument("--fastflow-epochs", type=_positive_int, default=10,
                         help="epochs of each FastFlow (configs/fastflow/quick.yaml: 10)")  # fmt: skip
+    parser.add_argument("--glass-epochs", type=_positive_int, default=12,
+                        help="epochs of each GLASS (configs/glass/quick.yaml: 12)")  # fmt: skip
     parser.add_argument(
         "--draem-steps", type=_positive_int, default=10, help="optimizer steps of each DRAEM"
     )
@@ -128,7 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bootstrap-resamples", type=_positive_int, default=1000,
                         help="paired bootstrap resamples of the metric differences (default 1000)")
     parser.add_argument("--quick-smoke", action="store_true",
-                        help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM and 1 FastFlow "
+                        help="tiny end-to-end check: 64 px, 16 train / 12 test images, 1 STPM, FastFlow and GLASS "
                         "epoch, 2 DRAEM steps at widths 16,16, 2 EfficientAD steps (teacher distilled 2 steps; 256 px when "
                         "EfficientAD runs: anomalib's autoencoder needs 256), 1 thread (explicit options still win)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -137,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     }
     if args.quick_smoke:
         smoke = {"image_size": 64, "max_train_images": 16, "max_test_images": 12, "stpm_epochs": 1,
-                 "fastflow_epochs": 1, "draem_steps": 2, "draem_width": (16, 16), "threads": 1,
+                 "fastflow_epochs": 1, "glass_epochs": 1, "draem_steps": 2, "draem_width": (16, 16), "threads": 1,
                  "efficientad_steps": 2, "efficientad_distill_steps": 2}  # fmt: skip
         if "efficientad" in args.methods:  # anomalib's encoder ends in an 8x8 conv on image_size / 32
             smoke["image_size"] = 256
@@ -213,6 +215,8 @@ def _prepare(args: argparse.Namespace) -> _Plan:
         env.update(offline_hf_env(args.hf_cache))  # both sides get the same environment
     if any(spec["kind"] == "efficientad" for spec in specs):
         _prepare_efficientad(args, specs, run_dir)
+    if any(spec["kind"] == "glass" for spec in specs):
+        _prepare_glass(args, specs, run_dir)
     truth = load_ground_truth(root, category, args.image_size, test_paths)
     return _Plan(root, category, train_paths, test_paths, specs, env, truth, out_dir, run_dir)
 
@@ -234,12 +238,8 @@ def _prepare_efficientad(args: argparse.Namespace, specs: list[dict[str, Any]], 
     file by path and SHA-256, so neither worker distils and neither side downloads."""
     import time
 
-    from .efficientad_teacher import (
-        check_pdn_architecture,
-        check_penalty_folder,
-        prepare_teacher,
-        write_procedural_penalty_folder,
-    )
+    from .efficientad_teacher import check_pdn_architecture, check_penalty_folder, prepare_teacher
+    from .textures import write_procedural_textures
 
     ours = [s for s in specs if s["kind"] == "efficientad"]
     init_args = dict(ours[0]["our_init_args"])
@@ -257,7 +257,7 @@ def _prepare_efficientad(args: argparse.Namespace, specs: list[dict[str, Any]], 
             theirs = EfficientAdModel(init_args["out_channels"], init_args["model_size"]).teacher
             mine = PDN(init_args["model_size"], init_args["out_channels"], init_args["width"])
         check_pdn_architecture(mine, theirs, init_args["model_size"])
-    penalty = args.texture_root or str(write_procedural_penalty_folder(run_dir / "penalty-images"))
+    penalty = args.texture_root or str(write_procedural_textures(run_dir / "penalty-images"))
     print(f"[compare] EfficientAD penalty images: {check_penalty_folder(penalty)}", flush=True)
     if args.efficientad_distill_steps is not None:
         init_args["distill_steps"] = args.efficientad_distill_steps
@@ -274,6 +274,22 @@ def _prepare_efficientad(args: argparse.Namespace, specs: list[dict[str, Any]], 
                                      distill_steps=init_args["distill_steps"])  # fmt: skip
         spec["penalty_root"] = str(Path(penalty).resolve())
         spec["anomalib_cache_home"] = str(cache_home.resolve())
+
+
+def _prepare_glass(args: argparse.Namespace, specs: list[dict[str, Any]], run_dir: Path) -> None:
+    """One texture folder for both sides' local synthesis: ``--texture-root``, else procedural textures written once
+    (anomalib's Glass would otherwise blend its Perlin noise, ours procedural textures); anomalib's fixed settings
+    are checked before any worker starts."""
+    from adbench.datamodules.synthesis import FolderTextures
+
+    from .textures import write_procedural_textures
+
+    ours = [s for s in specs if s["kind"] == "glass"]
+    check_anomalib_fixed("glass", ours[0]["our_init_args"])
+    textures = Path(args.texture_root or write_procedural_textures(run_dir / "glass-textures")).resolve()
+    print(f"[compare] GLASS local-synthesis textures: {len(FolderTextures(textures))} images of {textures}", flush=True)
+    for spec in ours:
+        spec["texture_root"] = str(textures)
 
 
 def _run(spec: dict[str, Any], plan: _Plan, timeout: float | None, label: str) -> dict[str, Any]:

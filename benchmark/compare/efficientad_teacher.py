@@ -176,22 +176,3 @@ def check_penalty_folder(root: str | os.PathLike[str]) -> str:
         raise CompareError(f"penalty folder {root}: ours reads {len(ours)} images, anomalib's ImageFolder "
                            f"{len(theirs)}; they differ in {len(only)} (e.g. {only[:3]})")  # fmt: skip
     return f"{len(ours)} images of {root}, the same files for both sides' penalty"
-
-
-def write_procedural_penalty_folder(folder: Path, count: int = 32, size: int = 256, seed: int = 0) -> Path:
-    """``count`` procedural textures as an ImageFolder (``folder/procedural/NNN.png``): the penalty images
-    of both sides when no ``--texture-root`` is given (anomalib would otherwise download ImageNette)."""
-    import numpy as np
-    from PIL import Image
-
-    from adbench.datamodules.synthesis import make_texture_source
-
-    target = folder / "procedural"
-    if len(list(target.glob("*.png"))) == count:
-        return folder
-    target.mkdir(parents=True, exist_ok=True)
-    source, rng = make_texture_source("procedural"), np.random.default_rng(seed)
-    for i in range(count):
-        Image.fromarray(source.sample(rng, (size, size))).save(target / f"{i:03d}.png")
-    return folder
-

@@ -27,7 +27,7 @@ class MethodPair:
     """One row group of the table: our config and anomalib's model of the same method."""
 
     name: str
-    kind: str  # patchcore | stpm | draem | padim | fastflow | efficientad
+    kind: str  # patchcore | stpm | draem | padim | fastflow | efficientad | glass
     our_config: str  # YAML under configs/ whose model.init_args define our side
     our_overrides: tuple[tuple[str, Any], ...] = ()
     coreset_ratio: float | None = None
@@ -47,6 +47,11 @@ METHODS: dict[str, MethodPair] = {
     # the quick profile's x0.25 widths and 0.9 quantile are set to those (see ANOMALIB_FIXED).
     "efficientad": MethodPair("efficientad", "efficientad", "configs/efficientad/quick.yaml",
                               (("width", 1.0), ("hard_quantile", 0.999))),
+    # anomalib's Glass fixes the ascent step (0.001), the shell radius (0.5) and labels a patch anomalous when any
+    # of its pixels is: the quick profile's lite0-scaled step 0.0136, radius 6.8 and half-covered rule are set to
+    # those (see ANOMALIB_FIXED); the noise std (0.5) is an argument of anomalib's Glass, so both keep ours.
+    "glass": MethodPair("glass", "glass", "configs/glass/quick.yaml",
+                        (("ascent_step_size", 0.001), ("projection_radius", 0.5), ("mask_threshold", 1e-6))),
 }  # fmt: skip
 SIDES = ("ours", "anomalib")
 
@@ -58,12 +63,20 @@ SIDES = ("ours", "anomalib")
 #: 128/256/256 (S; 256/512/512 M), its hard loss keeps distances above their 0.999 quantile, it always has
 #: the autoencoder and the penalty, normalises maps by their 0.9 / 0.995 quantiles and declares an lr drop
 #: x 0.1 at 95 % of the steps (a StepLR that Lightning steps once per epoch: see the package docs).
+#: Glass always synthesises both ways, moves its Gaussian anomalies by steps of 0.001 with a truncated projection
+#: onto the shell [0.5, 1] around each normal feature every 5 steps (svd=0, the "manifold" projection), labels a
+#: patch anomalous when any pixel of its cell is masked (a max-pool of the mask; on our binary masks, a cell mean
+#: >= 1e-6 is the same rule), uses a focal loss with gamma 2, adaptor weight decay 1e-5 and a map blurred with
+#: sigma 4, and trains its discriminator at twice the adaptor's lr (checked apart: it is a ratio).
 ANOMALIB_FIXED: dict[str, dict[str, Any]] = {
     "padim": {"random_channels": True, "epsilon": 0.01, "sigma": 4.0},
     "fastflow": {"layers": [1, 2, 3], "layer_norm": True, "clamp": 2.0, "map_kind": "probability",
                  "lr": 1e-3, "weight_decay": 1e-5},
     "efficientad": {"width": 1.0, "hard_quantile": 0.999, "autoencoder": True, "penalty": True,
                     "map_quantiles": [0.9, 0.995], "lr_drop_at": 0.95, "lr_drop_factor": 0.1},
+    "glass": {"global_synthesis": True, "local_synthesis": True, "ascent_step_size": 0.001, "projection_every": 5,
+              "projection_radius": 0.5, "mask_threshold": 1e-6, "focal_gamma": 2.0, "adaptor_weight_decay": 1e-5,
+              "sigma": 4.0},
 }  # fmt: skip
 
 
@@ -117,6 +130,10 @@ def check_anomalib_fixed(kind: str, init_args: dict[str, Any]) -> None:
     differ = [f"{key}: ours {plain(init_args.get(key))!r}, anomalib {value!r}"
               for key, value in ANOMALIB_FIXED.get(kind, {}).items()
               if plain(init_args.get(key)) != value]  # fmt: skip
+    if kind == "glass":  # one learning_rate argument: the adaptor's, and twice it for the discriminator
+        adaptor, discriminator = init_args.get("adaptor_lr"), init_args.get("discriminator_lr")
+        if adaptor is None or discriminator is None or discriminator != 2 * adaptor:
+            differ.append(f"discriminator_lr: ours {discriminator!r}, anomalib 2 x adaptor_lr ({adaptor!r})")
     if differ:
         raise CompareError(
             f"anomalib's {kind} fixes settings our config changes: {'; '.join(differ)}"

@@ -17,8 +17,8 @@ from .pairs import METHODS
 #: (result key, label, better, kinds it applies to or None for all)
 ROWS: tuple[tuple[str, str, str, tuple[str, ...] | None], ...] = (
     ("fit_seconds", "fit time (s)", "lower", None),
-    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem", "fastflow", "efficientad")),
-    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem", "fastflow", "efficientad")),
+    ("optimizer_steps", "optimizer steps", "", ("stpm", "draem", "fastflow", "efficientad", "glass")),
+    ("steps_per_second", "training steps/s", "higher", ("stpm", "draem", "fastflow", "efficientad", "glass")),
     ("train_images_per_second", "feature collection images/s", "higher", ("patchcore", "padim")),
     ("test_images_per_second", "test images/s (predict loop)", "higher", None),
     ("predict_seconds", "test wall time incl. data setup (s)", "lower", None),
@@ -178,7 +178,8 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
         f"{args.fastflow_epochs} epoch(s); DRAEM {args.draem_steps} optimizer steps at widths "
         f"{args.draem_width[0]}/{args.draem_width[1]}; EfficientAD "
         f"{getattr(args, 'efficientad_steps', None) or 'the quick profile'} optimizer steps at batch 1 (both), teacher and "
-        "penalty images shared (notes below), map quantiles from the training images (no validation split)",
+        "penalty images shared (notes below), map quantiles from the training images (no validation split); "
+        f"GLASS {args.glass_epochs} epoch(s), local-synthesis textures shared (notes below)",
         f"* command: `{command}`",
         "",
         "Metrics are ours (`callbacks/metrics.py`) on each side's raw scores and maps, against the "

@@ -47,6 +47,7 @@ def worker_specs(args: argparse.Namespace, root: str, category: str, train_paths
                 "eval_batch_size": args.eval_batch_size, "num_workers": args.num_workers,
                 "seed": args.seed, "threads": args.threads, "accelerator": args.accelerator,
                 "stpm_epochs": args.stpm_epochs, "fastflow_epochs": args.fastflow_epochs,
+                "glass_epochs": args.glass_epochs,
                 "draem_steps": args.draem_steps, "draem_width": list(args.draem_width),
                 "efficientad_steps": args.efficientad_steps,
                 "stfpm_optimizer": args.stfpm_optimizer, "padim_subset": args.padim_subset,
@@ -152,6 +153,8 @@ def _trainer_kwargs(spec: dict[str, Any], work_dir: Path) -> dict[str, Any]:
         bounds = {"max_epochs": spec["stpm_epochs"]}
     elif kind == "fastflow":
         bounds = {"max_epochs": spec["fastflow_epochs"]}
+    elif kind == "glass":
+        bounds = {"max_epochs": spec["glass_epochs"]}
     elif kind == "efficientad":
         bounds = {"max_epochs": -1, "max_steps": spec["efficientad_steps"]}
     else:
