@@ -153,26 +153,15 @@ def check_teacher_weights(theirs: Any, teacher_file: str, size: str, out_channel
             f"{sha256_file(teacher_file)[:12]}); outputs on a random image agree (max abs diff {diff:.1e})")  # fmt: skip
 
 
-def penalty_files(root: str | os.PathLike[str]) -> tuple[list[str], list[str]]:
-    """The images our penalty draws from (``FolderTextures``) and those anomalib's ``ImageFolder`` reads."""
+def check_penalty_folder(root: str | os.PathLike[str]) -> str:
+    """:class:`CompareError` unless anomalib's ``ImageFolder`` reads the images our penalty draws from."""
     from torchvision.datasets import ImageFolder
 
-    from adbench.datamodules.synthesis import FolderTextures
+    from .textures import check_texture_files
 
-    ours = sorted(os.path.realpath(p) for p in FolderTextures(root).paths)
     try:
-        theirs = sorted(os.path.realpath(p) for p, _ in ImageFolder(str(root)).samples)
+        theirs = [p for p, _ in ImageFolder(str(root)).samples]
     except (FileNotFoundError, RuntimeError) as error:
         raise CompareError(f"penalty folder {root} is not ImageFolder-compatible (class subfolders of images), "
                            f"which anomalib's EfficientAd needs: {error}") from error  # fmt: skip
-    return ours, theirs
-
-
-def check_penalty_folder(root: str | os.PathLike[str]) -> str:
-    """:class:`CompareError` unless both sides' penalties read the same files under ``root``."""
-    ours, theirs = penalty_files(root)
-    if ours != theirs:
-        only = sorted(set(ours) ^ set(theirs))
-        raise CompareError(f"penalty folder {root}: ours reads {len(ours)} images, anomalib's ImageFolder "
-                           f"{len(theirs)}; they differ in {len(only)} (e.g. {only[:3]})")  # fmt: skip
-    return f"{len(ours)} images of {root}, the same files for both sides' penalty"
+    return check_texture_files(root, theirs, role="penalty")

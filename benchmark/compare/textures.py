@@ -29,15 +29,16 @@ def write_procedural_textures(folder: Path, count: int = 32, size: int = 256, se
     return folder
 
 
-def check_texture_files(root: str | os.PathLike[str], theirs: Iterable[str | os.PathLike[str]]) -> str:
-    """:class:`CompareError` unless anomalib's texture files (``theirs``) are those our synthesis draws from
-    under ``root`` (``FolderTextures``: every .jpg/.jpeg/.png, any case)."""
+def check_texture_files(root: str | os.PathLike[str], theirs: Iterable[str | os.PathLike[str]],
+                        role: str = "texture") -> str:
+    """:class:`CompareError` unless anomalib's files (``theirs``) are those our synthesis draws from under
+    ``root`` (``FolderTextures``: every .jpg/.jpeg/.png, any case); ``role`` names the folder's use."""
     from adbench.datamodules.synthesis import FolderTextures
 
     ours = sorted(os.path.realpath(p) for p in FolderTextures(root).paths)
     other = sorted(os.path.realpath(p) for p in theirs)
     if ours != other:
         only = sorted(set(ours) ^ set(other))
-        raise CompareError(f"texture folder {root}: ours draws from {len(ours)} images, anomalib's from {len(other)}; "
+        raise CompareError(f"{role} folder {root}: ours draws from {len(ours)} images, anomalib's from {len(other)}; "
                            f"they differ in {len(only)} (e.g. {only[:3]})")  # fmt: skip
-    return f"{len(ours)} images of {root}, the same files for both sides"
+    return f"{len(ours)} images of {root}, the same files for both sides ({role})"
