@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning import Trainer, seed_everything
+from lightning import Callback, Trainer, seed_everything
 from torch import Tensor
 
 import adbench.models.patchcore as patchcore_module
@@ -304,6 +304,26 @@ def test_bank_holds_every_training_patch_before_subsampling(
     patches = trainer.global_step * 6 * (SIZE // 8) ** 2  # one no-op optimiser step per batch
     assert trainer.global_step == len(data.train_set) // 6
     assert model.memory_bank.shape == (round(0.1 * patches), 256)
+
+
+def test_validation_at_the_epoch_end_scores_with_the_full_bank_and_without_the_collection(
+    fitted: tuple[PatchCore, Trainer, MVTecDataModule], embedded_root: Path, tmp_path: Path
+) -> None:
+    held: list[int] = []
+
+    class Watch(Callback):
+        def on_validation_batch_start(self, trainer: Trainer, pl_module: PatchCore, *args: object) -> None:
+            held.append(sum(block.numel() for block in pl_module._collected))
+
+    seed_everything(0)
+    model = _model()
+    data = MVTecDataModule(root=str(embedded_root), category="weave", image_size=SIZE, batch_size=6, eval_batch_size=16)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+                      default_root_dir=tmp_path, callbacks=[Watch()])  # fmt: skip
+    trainer.fit(model, datamodule=data)
+    assert held == [0]  # the validation ran, and the collected features were no longer held
+    torch.testing.assert_close(model.memory_bank, fitted[0].memory_bank, rtol=0, atol=0)
 
 
 def test_separates_embedded_defects(fitted: tuple[PatchCore, Trainer, MVTecDataModule]) -> None:
