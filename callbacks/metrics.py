@@ -270,6 +270,14 @@ def f1_optimal_threshold(scores: Any, labels: Any) -> float:
 # --------------------------------------------------------------------------------------
 
 
+def region_pixel_weights(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """One (H, W) bool mask's anomalous pixels, in C order of ``mask[mask]``: ``1 / |their region|``
+    (8-connected regions); and the number of regions. Each region's weights sum to 1."""
+    regions, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+    in_region = regions[mask]
+    return 1.0 / np.bincount(in_region)[in_region], n
+
+
 def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     """Per anomalous pixel ``1 / |its region|``, in C order of ``masks[masks]``; and #regions.
 
@@ -279,10 +287,8 @@ def _region_weights(masks: np.ndarray) -> tuple[np.ndarray, int]:
     weights: list[np.ndarray] = []
     n_regions = 0
     for i in np.flatnonzero(masks.any(axis=(1, 2))):
-        regions, n = ndimage.label(masks[i], structure=_EIGHT_CONNECTED)
-        in_region = regions[masks[i]]  # same pixel order as maps[i][masks[i]]
-        sizes = np.bincount(in_region)
-        weights.append(1.0 / sizes[in_region])
+        image_weights, n = region_pixel_weights(masks[i])
+        weights.append(image_weights)
         n_regions += n
     if not weights:
         return np.empty(0, dtype=np.float64), 0

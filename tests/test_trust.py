@@ -390,9 +390,9 @@ def _write_evidence(results: Path) -> None:
         pd.DataFrame({"path": [f"{record['categories'][0]}/test/{n}.png" for n in names], "label": labels,
                       "score": scores}).to_csv(csv, index=False)
         maps = rng.normal(0, 1, masks.shape) + gap * masks
-        histograms, _ = pixel_histograms(maps, masks)
+        histograms, regions, _ = pixel_histograms(maps, masks)
         np.savez(csv.with_suffix(HISTOGRAM_SUFFIX), paths=np.array(list(pd.read_csv(csv).path)),
-                 labels=labels, histograms=histograms)
+                 labels=labels, histograms=histograms, region_histograms=regions)
         write_json_atomic(path, {**record, "image_scores": f"scores/{csv.name}"})
         folder = results / "jobs" / record["job_id"] / "anomaly_maps"
         folder.mkdir(parents=True)
@@ -429,6 +429,8 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root:
         image = next(h for h in headlines if h.startswith("Image AUROC"))
         assert "patchcore (quick) is best" in image and "over stpm (quick)" in image and "95 % CI" in image
         assert "significant (p < 0.001" in image and "not significant" not in image, image
+        pro = next(h for h in headlines if h.startswith("PRO"))  # PRO too: the region-weighted histograms
+        assert "paired bootstrap over test images" in pro and "region histograms" in pro, pro
         assert page.locator("#answer").bounding_box()["y"] < page.locator("#table-image_auroc").bounding_box()["y"]
         # Each table sorted by its own mean, best first.
         for metric in ("image_auroc", "pixel_auroc", "pro"):

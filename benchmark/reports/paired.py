@@ -18,13 +18,16 @@ one run each, as ``make compare`` does; the report works from the files a sweep 
 
 Image AUROC comes from the per-image score files (``scores/<job>.csv``); pixel AUROC and pixel
 AP from the per-image pixel histograms (``scores/<job>.pixels.npz``, written by the evaluator
-since 2026-12-06) where a job has them.
+since 2026-12-06) where a job has them, and PRO (FPR limits 0.3 and 0.05) from the same files'
+region-weighted histograms of the anomalous pixels (written since the second half of that day;
+earlier jobs have none and their rows are listed as lacking the evidence).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -92,10 +95,29 @@ def histogram_ap(normal: np.ndarray, anomalous: np.ndarray) -> np.ndarray:
     return (recall_step * precision).sum(axis=-1)
 
 
-def _pixel_metric(function: Callable[[np.ndarray, np.ndarray], np.ndarray]):
+def histogram_pro(normal: np.ndarray, regions: np.ndarray, fpr_limit: float = 0.3) -> np.ndarray:
+    """Normalised PRO area over FPR in ``[0, fpr_limit]`` from normal-pixel counts and region-weighted
+    anomalous counts per score bin (last axis, ascending bins): the curve's vertices are the bins' lower
+    edges, joined by straight lines (within a bin the exact curve's steps are not known)."""
+    fpr = np.cumsum(normal[..., ::-1], axis=-1) / normal.sum(axis=-1, keepdims=True)
+    overlap = np.cumsum(regions[..., ::-1], axis=-1) / regions.sum(axis=-1, keepdims=True)
+    start = np.zeros((*fpr.shape[:-1], 1))
+    x, y = np.concatenate([start, fpr], axis=-1), np.concatenate([start, overlap], axis=-1)
+    x0, x1, y0, y1 = x[..., :-1], x[..., 1:], y[..., :-1], y[..., 1:]
+    # Each segment cut at the limit: its part left of fpr_limit, with y interpolated at the cut.
+    right = np.minimum(x1, fpr_limit)
+    width = np.maximum(right - np.minimum(x0, fpr_limit), 0.0)
+    share = np.divide(right - x0, x1 - x0, out=np.zeros_like(x0), where=x1 > x0)
+    area = (width * (y0 + y0 + share * (y1 - y0)) / 2).sum(axis=-1)
+    return np.minimum(area / fpr_limit, 1.0)
+
+
+def _pixel_metric(function: Callable[[np.ndarray, np.ndarray], np.ndarray], second: int = 1):
+    """A metric of the per-image histograms summed over each resample: the normal counts (channel 0)
+    and channel ``second`` (1: anomalous counts, 2: region-weighted anomalous counts)."""
     def of_resamples(histograms: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> np.ndarray:
         weights = _weights(indices, len(histograms))
-        return function(weights @ histograms[:, 0], weights @ histograms[:, 1])
+        return function(weights @ histograms[:, 0], weights @ histograms[:, second])
 
     return of_resamples
 
@@ -105,6 +127,8 @@ RESAMPLED = {
     "image_auroc": ("scores", auroc_of_resamples),
     "pixel_auroc": ("pixels", _pixel_metric(histogram_auroc)),
     "pixel_ap": ("pixels", _pixel_metric(histogram_ap)),
+    "pro": ("regions", _pixel_metric(partial(histogram_pro, fpr_limit=0.3), second=2)),
+    "pro_fpr05": ("regions", _pixel_metric(partial(histogram_pro, fpr_limit=0.05), second=2)),
 }
 
 
@@ -126,7 +150,7 @@ class Evidence:
 
 def _read_job(results_dir: Path, scores: str, kind: str) -> tuple[pd.Series, np.ndarray] | None:
     path = results_dir / scores
-    if kind == "pixels":
+    if kind != "scores":
         path = path.with_suffix(HISTOGRAM_SUFFIX)
     if not path.is_file():
         return None
@@ -134,7 +158,12 @@ def _read_job(results_dir: Path, scores: str, kind: str) -> tuple[pd.Series, np.
         frame = pd.read_csv(path)
         return frame.set_index("path").label, frame.score.to_numpy(dtype=float)
     with np.load(path) as data:
-        return pd.Series(data["labels"], index=data["paths"]), data["histograms"].astype(float)
+        if kind == "regions" and "region_histograms" not in data:
+            return None
+        histograms = data["histograms"].astype(float)
+        if kind == "regions":  # (n, 3, bins): normal, anomalous, region-weighted anomalous
+            histograms = np.concatenate([histograms, data["region_histograms"][:, None].astype(float)], axis=1)
+        return pd.Series(data["labels"], index=data["paths"]), histograms
 
 
 def gather(runs: pd.DataFrame, results_dir: Path, metric: str) -> Evidence:
@@ -207,7 +236,8 @@ def compare(point: pd.Series, replicates: pd.DataFrame, a: str, b: str) -> Paire
 def paired_bootstrap(a: list[np.ndarray], b: list[np.ndarray], labels: np.ndarray, metric: str = "image_auroc",
                      n_resamples: int = N_RESAMPLES, seed: int = 0) -> PairedDifference:
     """Two methods on one category's images, each with one evidence array per seed (scores, or
-    per-image pixel histograms): the paired bootstrap of the difference of their seed-averaged metric."""
+    per-image pixel histograms, (n, 3, bins) with the region-weighted ones for PRO): the paired
+    bootstrap of the difference of their seed-averaged metric."""
     labels = np.asarray(labels).astype(int)
     if labels.all() or not labels.any():
         raise ValueError(f"paired_bootstrap needs both good and anomalous images, got {int(labels.sum())} "

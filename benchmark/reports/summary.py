@@ -57,9 +57,7 @@ def declared_baselines(records: list[dict[str, Any]]) -> dict[str, str]:
 HEADLINE = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05", "mad")
 #: Why a headline metric has no paired test over images.
 NO_EVIDENCE = {
-    "pro": "PRO needs per-region overlaps, which the job files do not keep",
-    "pro_fpr05": "PRO needs per-region overlaps, which the job files do not keep",
-    "mad": "mAD averages seven metrics, PRO among them, which has no per-image evidence",
+    "mad": "mAD averages seven metrics, image F1-max and AP among them, which have no paired test here",
 }
 
 
@@ -125,7 +123,9 @@ class Evidence:
         """Row ``a`` against row ``b`` of ``table`` (a metric table with per-category columns and ``mean``)."""
         finding = Finding(metric, a, b, float(table.at[a, "mean"]), float(table.at[b, "mean"]), "")
         figures = self.figures(metric)
-        kind = "per-image pixel histograms" if metric.startswith("pixel") else "per-image scores"
+        kind = {"scores": "per-image scores", "pixels": "per-image pixel histograms",
+                "regions": "per-image region histograms"}[paired.RESAMPLED[metric][0]] \
+            if metric in paired.RESAMPLED else "per-image evidence"
         if figures is not None and {a, b} <= set(figures[1].columns):
             result = paired.compare(figures[0], figures[1], a, b)
             finding.test = "paired bootstrap over test images"
