@@ -95,7 +95,8 @@ class ReuseFreedMemory(Callback):
             self.single_arena = single_malloc_arena()
         if self.applied:
             return
-        if not any(p.requires_grad for p in pl_module.parameters()):
+        # Nothing to train: PatchCore's and PaDiM's only trainable parameter is their no-op optimiser's empty one.
+        if not any(p.requires_grad and p.numel() for p in pl_module.parameters()):
             return
         self.applied = keep_freed_memory(self.trim_threshold_mb)
         if not self.applied:

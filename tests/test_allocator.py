@@ -62,6 +62,7 @@ def test_callback_applies_only_to_cpu_runs_that_train(monkeypatch: pytest.Monkey
     calls: list[int] = []
     monkeypatch.setattr(allocator, "keep_freed_memory", lambda mb: calls.append(mb) or True)
     trains, frozen = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).requires_grad_(False)
+    frozen.anchor = torch.nn.Parameter(torch.empty(0))  # PatchCore's and PaDiM's no-op optimiser's parameter
     ReuseFreedMemory().setup(_trainer("cpu"), frozen, "fit")  # PatchCore-like: nothing to train
     ReuseFreedMemory().setup(_trainer("meta"), trains, "fit")  # not the CPU
     assert calls == []
