@@ -568,3 +568,40 @@ def test_anomalib_glass_takes_our_settings(embedded_root: Path, tmp_path: Path) 
     done = subprocess.run([str(python), "-c", ANOMALIB_GLASS_SCRIPT, str(embedded_root), str(textures),
                            str(tmp_path / "work")], capture_output=True, text=True, timeout=900, cwd=REPO, env=env)  # fmt: skip
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+def test_step_profiler_times_the_window_of_steps_by_operator_and_the_report_sets_sides_side_by_side(
+    tmp_path: Path,
+) -> None:
+    from lightning import LightningModule, Trainer
+
+    from adbench.benchmark.compare.report import profile_markdown
+    from adbench.benchmark.compare.step_profiler import StepProfiler, kind_of
+
+    class Tiny(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.conv(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.rand(8, 3, 32, 32)), batch_size=1)
+    profiler = StepProfiler(steps=3, out_dir=tmp_path, warmup=2)
+    Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=[profiler]).fit(Tiny(), data)  # fmt: skip
+    summary = profiler.summary
+    assert summary["steps"] == 3 and (tmp_path / "profile.txt").stat().st_size > 0
+    assert summary["kinds"]["convolution"] > 0 and summary["kinds"]["optimiser"] > 0
+    assert sum(summary["kinds"].values()) == pytest.approx(summary["operators_ms_per_step"])
+    assert 0 < summary["operators_ms_per_step"] <= summary["wall_ms_per_step"] * 1.05
+    assert kind_of("aten::convolution_backward") == "convolution" and kind_of("aten::relu") == "other"
+    with pytest.raises(ValueError, match="steps >= 1"):
+        StepProfiler(steps=0, out_dir=tmp_path)
+    slower = {**summary, "wall_ms_per_step": 2 * summary["wall_ms_per_step"]}
+    text = profile_markdown([{"method": "stpm", "side": "ours", "profile": summary},
+                             {"method": "stpm", "side": "anomalib", "profile": slower}])  # fmt: skip
+    assert "| wall time per step |" in text and "| 0.50 |" in text and "kind: convolution" in text

@@ -200,6 +200,9 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
             deltas_markdown(deltas),
             "",
         ]
+    profiled = [r for r in results if r.get("profile")]
+    if profiled:
+        lines += [profile_markdown(profiled), ""]
     lines += [
         "## Settings and checks per run",
         "",
@@ -217,4 +220,35 @@ def markdown_report(table: Any, results: list[dict[str, Any]], args: argparse.Na
             lines.append(f"  * {key}: {value}")
         lines.append(f"  * log: `{r.get('log')}`")
     lines.append("")
+    return "\n".join(lines)
+
+
+def profile_markdown(results: list[dict[str, Any]]) -> str:
+    """Per method: each side's ms per training step by operator kind and for the largest operators
+    (``--profile-steps``: ``step_profiler.py``)."""
+    lines = ["## Where a training step's time goes (torch.profiler, self CPU ms per step)", ""]
+    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in results:
+        by_method.setdefault(r["method"], {})[r["side"]] = r["profile"]
+    for method, sides in by_method.items():
+        names = [side for side in ("ours", "anomalib") if side in sides]
+        steps = ", ".join(f"{side} {sides[side]['steps']}" for side in names)
+        lines += [f"### {method} (steps profiled: {steps})", "",
+                  "| | " + " | ".join(names) + (" | ours / anomalib |" if len(names) == 2 else " |"),
+                  "|:--|" + "--:|" * (len(names) + (len(names) == 2))]  # fmt: skip
+
+        def row(label: str, values: list[float]) -> str:
+            ratio = f" | {values[0] / values[1]:.2f}" if len(values) == 2 and values[1] > 0 else (
+                " | -" if len(values) == 2 else "")
+            return f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + ratio + " |"
+
+        lines.append(row("wall time per step", [sides[s]["wall_ms_per_step"] for s in names]))
+        lines.append(row("operators' sum", [sides[s]["operators_ms_per_step"] for s in names]))
+        kinds = sorted({k for s in names for k in sides[s]["kinds"]},
+                       key=lambda k: -max(sides[s]["kinds"].get(k, 0.0) for s in names))
+        lines += [row(f"kind: {k}", [sides[s]["kinds"].get(k, 0.0) for s in names]) for k in kinds]
+        operators = sorted({o for s in names for o in sides[s]["operators"]},
+                           key=lambda o: -max(sides[s]["operators"].get(o, 0.0) for s in names))[:15]
+        lines += [row(f"`{o}`", [sides[s]["operators"].get(o, 0.0) for s in names]) for o in operators]
+        lines.append("")
     return "\n".join(lines)

@@ -46,6 +46,7 @@ def worker_specs(args: argparse.Namespace, root: str, category: str, train_paths
                 "image_size": args.image_size, "batch_size": 1 if pair.kind == "efficientad" else args.batch_size,
                 "eval_batch_size": args.eval_batch_size, "num_workers": args.num_workers,
                 "seed": args.seed, "threads": args.threads, "accelerator": args.accelerator,
+                "profile_steps": getattr(args, "profile_steps", 0),
                 "stpm_epochs": args.stpm_epochs, "fastflow_epochs": args.fastflow_epochs,
                 "glass_epochs": args.glass_epochs,
                 "draem_steps": args.draem_steps, "draem_width": list(args.draem_width),
@@ -240,6 +241,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         from adbench.callbacks.allocator import ReuseFreedMemory
 
         callbacks.append(ReuseFreedMemory())  # as `adbench` and the runner do: see callbacks/allocator.py
+    profiler = None
+    if spec.get("profile_steps"):
+        from .step_profiler import StepProfiler
+
+        profiler = StepProfiler(int(spec["profile_steps"]), work_dir)
+        callbacks.append(profiler)
     trainer = Trainer(**_trainer_kwargs(spec, work_dir), callbacks=callbacks)
     cuda = trainer.strategy.root_device.type == "cuda"
     if cuda:
@@ -292,6 +299,8 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "notes": notes,
     }
+    if profiler is not None and profiler.summary:
+        result["profile"] = profiler.summary
     print(f"{WORKER_PREFIX} predicted {predict['images']} images in {predict_seconds:.1f} s; "
           f"peak RSS {result['peak_rss_mb']:.0f} MiB", flush=True)  # fmt: skip
     return result
