@@ -136,7 +136,7 @@ def _sweep(
     )
 
 
-def _area_under_polyline(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+def area_under_polyline(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     """Trapezoidal area under the polyline ``(x, y)`` (x non-decreasing, ``x[0] <= limit``) over ``[0, limit]``.
 
     The segment that crosses ``limit`` is cut there with linear interpolation; vertical
@@ -166,7 +166,7 @@ def _curve_area(sweep: _Sweep, y_ge: np.ndarray, y_total: float, fpr_limit: floa
     y[2:-1:2] = y_ge
     x[-1], y[-1] = sweep.n_neg, y_total
     x /= sweep.n_neg
-    return _area_under_polyline(x, y, fpr_limit)
+    return area_under_polyline(x, y, fpr_limit)
 
 
 def _auroc_from(sweep: _Sweep) -> float:

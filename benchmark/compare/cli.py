@@ -127,9 +127,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild compare.md/.csv from the runs already in --out-dir (no training)")
-    parser.add_argument("--profile-steps", type=int, default=0,
+    parser.add_argument("--profile-steps", type=_positive_int,
                         help="torch.profiler over this many training steps on each side (after 3 warm-up steps); "
-                        "the report shows where a step's time goes (default 0: off)")
+                        "the report shows where a step's time goes (default: off)")
     parser.add_argument("--bootstrap-resamples", type=_positive_int, default=1000,
                         help="paired bootstrap resamples of the metric differences (default 1000)")
     parser.add_argument("--quick-smoke", action="store_true",

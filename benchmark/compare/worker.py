@@ -46,7 +46,7 @@ def worker_specs(args: argparse.Namespace, root: str, category: str, train_paths
                 "image_size": args.image_size, "batch_size": 1 if pair.kind == "efficientad" else args.batch_size,
                 "eval_batch_size": args.eval_batch_size, "num_workers": args.num_workers,
                 "seed": args.seed, "threads": args.threads, "accelerator": args.accelerator,
-                "profile_steps": getattr(args, "profile_steps", 0),
+                "profile_steps": args.profile_steps,
                 "stpm_epochs": args.stpm_epochs, "fastflow_epochs": args.fastflow_epochs,
                 "glass_epochs": args.glass_epochs,
                 "draem_steps": args.draem_steps, "draem_width": list(args.draem_width),

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from adbench.callbacks.metrics import area_under_polyline
 from adbench.callbacks.pixel_histograms import HISTOGRAM_SUFFIX
 
 N_RESAMPLES = 2000
@@ -103,13 +104,10 @@ def histogram_pro(normal: np.ndarray, regions: np.ndarray, fpr_limit: float = 0.
     overlap = np.cumsum(regions[..., ::-1], axis=-1) / regions.sum(axis=-1, keepdims=True)
     start = np.zeros((*fpr.shape[:-1], 1))
     x, y = np.concatenate([start, fpr], axis=-1), np.concatenate([start, overlap], axis=-1)
-    x0, x1, y0, y1 = x[..., :-1], x[..., 1:], y[..., :-1], y[..., 1:]
-    # Each segment cut at the limit: its part left of fpr_limit, with y interpolated at the cut.
-    right = np.minimum(x1, fpr_limit)
-    width = np.maximum(right - np.minimum(x0, fpr_limit), 0.0)
-    share = np.divide(right - x0, x1 - x0, out=np.zeros_like(x0), where=x1 > x0)
-    area = (width * (y0 + y0 + share * (y1 - y0)) / 2).sum(axis=-1)
-    return np.minimum(area / fpr_limit, 1.0)
+    # The evaluator's area rule (trapezoids, the segment crossing fpr_limit cut there), one curve per row.
+    area = [area_under_polyline(xs, ys, fpr_limit) for xs, ys in zip(x.reshape(-1, x.shape[-1]),
+                                                                     y.reshape(-1, y.shape[-1]), strict=True)]
+    return np.minimum(np.reshape(area, x.shape[:-1]) / fpr_limit, 1.0)
 
 
 def _pixel_metric(function: Callable[[np.ndarray, np.ndarray], np.ndarray], second: int = 1):
