@@ -463,6 +463,37 @@ def test_html_report_renders_in_headless_chromium(tmp_path: Path, embedded_root:
     assert (TEST_OUTPUT / "leaderboard_first_screen.png").stat().st_size > 10_000
 
 
+def test_a_report_rebuilt_without_jobs_keeps_its_gallery_until_a_record_changes(
+    tmp_path: Path, embedded_root: Path
+) -> None:
+    import re
+
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble"], [0], str(embedded_root))
+    _write_evidence(results)
+
+    def cells() -> list[str]:
+        page = (results / "leaderboard.html").read_text()
+        return re.findall(r"<table class='gallery'.*?</table>", page, flags=re.S)
+
+    build_leaderboard(results, n_resamples=50)
+    built = cells()
+    index = pd.read_csv(results / "leaderboard_gallery.csv")
+    assert len(built) == 2 and len(index) == 2 * 3 * (2 + 3)  # categories x images x (input, truth, 3 methods)
+    shutil.rmtree(results / "jobs")  # what a committed folder looks like
+    build_leaderboard(results, n_resamples=50)
+    assert cells() == built, "the same thumbnails, the same order, from gallery/"
+    assert "Kept from an earlier build" in (results / "leaderboard.html").read_text()
+    # A rerun job (a new finish time) no longer matches its kept pictures: its column goes, the rest stay.
+    path = results / "runs" / "stpm__quick__weave__seed0.json"
+    write_json_atomic(path, {**json.loads(path.read_text()), "finished": "2026-12-06T12:00:00+0000"})
+    build_leaderboard(results, n_resamples=50)
+    weave = next(t for t in cells() if "data-category='weave'" in t)
+    assert "<th>stpm (quick)</th>" not in weave and "<th>patchcore (quick)</th>" in weave
+    assert "No pictures for: stpm (quick)" in (results / "leaderboard.html").read_text()
+    assert "<th>stpm (quick)</th>" in next(t for t in cells() if "data-category='marble'" in t)
+
+
 def test_wandb_leaderboard_run_logs_the_summary_tables_gallery_and_page(
     tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

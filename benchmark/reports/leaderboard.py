@@ -562,13 +562,14 @@ def _pictures_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.
                       output_dir: Path, order: list[str]) -> None:
     ordered = {metric: table.loc[order] for metric, table in tables.items()}
     report.heading("Anomaly maps, the same test images across methods", anchor="gallery")
-    shown = gallery.gallery(runs, results_dir, order)
+    shown = gallery.gallery(runs, results_dir, order, output_dir)
     if shown is None:
-        report.text("No anomaly maps here: this results folder keeps no jobs/<job>/anomaly_maps (they are not "
-                    "committed); build the report from the sweep's local folder to see them.")
+        report.text("No anomaly maps here: this results folder keeps neither jobs/<job>/anomaly_maps nor the "
+                    f"thumbnails of an earlier build ({gallery.STORE}/); build the report from the sweep's local "
+                    "folder to see them.")
     else:
         page, markdown, cells = shown
-        cells.to_csv(output_dir / "leaderboard_gallery.csv", index=False)
+        cells.to_csv(output_dir / gallery.INDEX, index=False)
         count = len(cells[["category", "image"]].drop_duplicates())
         report.text(f"{count} test images, chosen by a fixed rule (per category, the first {gallery.PER_DEFECT} "
                     f"file names of each defect type and the first {gallery.GOOD} good one), never by how they look; "

@@ -6,7 +6,7 @@ HTML report shows, so that a dashboard answers the same question.
   ``best/<metric>`` and ``margin/<metric>``;
 * ``leaderboard/<metric>``: every metric table, sorted by its own metric; ``runs``: runs.csv;
 * ``gallery/<category>``: one row per chosen test image, one column per method, each cell the
-  method's map at its validation threshold (``leaderboard_gallery.csv``, where the folder has maps);
+  method's map at its validation threshold (the thumbnails listed in ``leaderboard_gallery.csv``);
 * ``report``: the self-contained HTML page itself, and the figures.
 
 Offline mode writes everything under the results folder and needs no network
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+from PIL import Image
+
+from adbench.benchmark.reports.gallery import INDEX
 
 if TYPE_CHECKING:
     from adbench.benchmark.orchestration.sweep import SweepConfig
@@ -31,7 +34,6 @@ def log_leaderboard(results_dir: Path, sweep: SweepConfig, tables: dict[str, pd.
     W&B run directory."""
     import wandb
 
-    from adbench.benchmark.reports.gallery import panel
 
     settings = sweep.wandb
     run = wandb.init(
@@ -54,18 +56,15 @@ def log_leaderboard(results_dir: Path, sweep: SweepConfig, tables: dict[str, pd.
         run.log({"runs": wandb.Table(dataframe=pd.read_csv(results_dir / "runs.csv"))})
         for metric, table in tables.items():
             run.log({f"leaderboard/{metric}": wandb.Table(dataframe=table.reset_index())})
-        cells = results_dir / "leaderboard_gallery.csv"
+        cells = results_dir / INDEX
         if cells.is_file():
-            for category, part in pd.read_csv(cells).groupby("category", sort=False):
-                methods = list(dict.fromkeys(part.method))
+            for category, part in pd.read_csv(cells, dtype=str).groupby("category", sort=False):
+                columns = list(dict.fromkeys(part.column))  # input, ground truth, then the methods
                 rows = []
                 for image, group in part.groupby("image", sort=False):
-                    pictures = dict(zip(group.method, group.picture, strict=True))
-                    first = results_dir / pictures[methods[0]]
-                    rows.append([image, wandb.Image(panel(first, 0)), wandb.Image(panel(first, 1)),
-                                 *(wandb.Image(panel(results_dir / pictures[m], 3)) for m in methods)])
-                run.log({f"gallery/{category}": wandb.Table(columns=["image", "input", "ground truth", *methods],
-                                                            data=rows)})
+                    pictures = dict(zip(group.column, group.picture, strict=True))
+                    rows.append([image, *(wandb.Image(Image.open(results_dir / pictures[c])) for c in columns)])
+                run.log({f"gallery/{category}": wandb.Table(columns=["image", *columns], data=rows)})
         for name in FIGURES:
             if (results_dir / name).is_file():
                 run.log({f"figures/{Path(name).stem}": wandb.Image(str(results_dir / name))})
