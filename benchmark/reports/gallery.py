@@ -181,8 +181,9 @@ def gallery(runs: pd.DataFrame, results_dir: Path, rows: list[str],
         head = "".join(f"<th>{escape(h)}</th>" for h in ["image", INPUT, TRUTH, *methods])
         missing = [r for r in rows if r not in by_row]
         stored = [m for m in methods if by_row[m].folder is None]
-        note = (f" No pictures for: {', '.join(missing)}." if missing else "") + (
-            f" Kept from an earlier build (their jobs/ folders are gone): {', '.join(stored)}." if stored else "")
+        kept_note = ("" if not stored else " Kept from an earlier build (jobs/ folders are not committed): "
+                     + ("every method." if stored == methods else f"{', '.join(stored)}."))
+        note = (f" No pictures for: {', '.join(missing)}." if missing else "") + kept_note
         parts.append(f"<h3>{escape(category)}</h3><p class='notes'>{len(chosen)} images, {len(methods)} methods."
                      f"{escape(note)}</p><div class='scroll'><table class='gallery' data-category='{escape(category)}'>"
                      f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
