@@ -397,6 +397,28 @@ def test_ablation_table_pairs_each_arm_with_its_full_method_by_seed() -> None:
     assert table.loc["stpm", "Δ pixel_auroc"] == "rstpm: +1.0 ± 2.8"
 
 
+def test_ablation_table_marks_deltas_whose_two_records_ran_in_different_environments(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from adbench.benchmark.orchestration.records import RUNS_FOLDER, write_json_atomic
+    from adbench.benchmark.reports.ablation_table import main
+
+    xeon = {"packages": {"torch": "2.14.1"}, "cpu": "Xeon", "torch_cpu_capability": "AVX512"}
+    epyc = {**xeon, "cpu": "EPYC", "torch_cpu_capability": "AVX2"}
+    # rstpm's seed 0 ran on the Xeon, everything else on the EPYC: only the seed-0 deltas cross.
+    for name, seed, pixel, env in (("rstpm", 0, 0.90, xeon), ("rstpm", 1, 0.94, epyc),
+                                   ("rstpm-no-attention", 0, 0.80, epyc), ("rstpm-no-attention", 1, 0.86, epyc),
+                                   ("rstpm-no-second-pair", 1, 0.90, epyc)):  # fmt: skip
+        write_json_atomic(tmp_path / RUNS_FOLDER / f"{name}__{seed}.json", {
+            "name": name, "method": "rstpm", "profile": "quick", "categories": ["bottle"], "seed": seed,
+            "status": "ok", "metrics": {"pixel_auroc": pixel}, "environment": env})  # fmt: skip
+    assert main([str(tmp_path), "--metrics", "pixel_auroc"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| bottle")}
+    assert "+9.0 ± 1.4 †" in rows["rstpm-no-attention"]  # seeds 0 and 1 pair, seed 0 across CPUs
+    assert "+4.0" in rows["rstpm-no-second-pair"] and "†" not in rows["rstpm-no-second-pair"]
+    assert "† 1 of 3 paired deltas compare records of different environments (cpu, torch_cpu_capability differ)" in out
+
+
 def test_ablation_table_reads_several_folders_first_record_wins_and_keeps_named_rows(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from adbench.benchmark.orchestration.records import RUNS_FOLDER, write_json_atomic

@@ -15,7 +15,10 @@ vs DRAEM on POUTA's frozen encoder) and recorded by each job; records from befor
 jobs recorded it take it from their sweep's YAML. The pairs are printed under the table. Rows come from the records of one results
 or several folders (``runs/*.json``; where two hold the same name, category and
 seed, the first folder's record counts); only ``ok`` records count, and the seeds
-each mean covers are printed. ``--rows`` keeps the named rows only. ``--plot`` draws the same paired deltas as a forest plot, one
+each mean covers are printed. A delta whose two records ran in different environments (another CPU
+instruction set, other packages: the records' environment keys) is marked † and what differs is
+printed: on a CPU whose instruction set the sweep does not pin (``cpu_isa``) that alone can move a
+model trained from scratch by several points (``results/README.md``). ``--rows`` keeps the named rows only. ``--plot`` draws the same paired deltas as a forest plot, one
 panel per metric: each seed as a dot, the mean with its std as a bar, per category.
 
 The sweep YAMLs (``configs/sweeps/*.yaml``, or ``--sweeps``) say more about an arm: its
@@ -39,6 +42,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from adbench.benchmark.orchestration.environment import environment_differences, environment_key  # noqa: E402
 from adbench.benchmark.orchestration.records import iter_records, saturation_rate  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
 from adbench.benchmark.reports.summary import declared_baselines  # noqa: E402  (one place: the summary uses them too)
@@ -73,13 +77,17 @@ def notes(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {**RENAMED, **{name: " ".join(str(v["note"]).split()) for name, v in variants.items() if v.get("note")}}
 
 
+DELTA_COLUMNS = ["category", "row", "vs", "kind", "seed", "metric", "delta", "crossed"]
+
+
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.status.isin(("ok", "warning"))]
 
 
 def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, str] | None = None,
                   partner_of: dict[str, str] | None = None) -> pd.DataFrame:  # fmt: skip
-    """Long form, one row per comparison, category, seed and metric: ``delta`` = full minus other, in points.
+    """Long form, one row per comparison, category, seed and metric: ``delta`` = full minus other, in points;
+    ``crossed``: the two records' environment keys are both known and differ.
 
     ``row`` is the other side: an arm of ``vs`` (``kind`` "ablation"), ``vs``'s baseline
     (``kind`` "baseline", from ``baselines``: :func:`declared_baselines`), or an arm whose
@@ -101,9 +109,12 @@ def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, s
             other = ok[(ok.name == row) & (ok.category == category)].set_index("seed")
             for metric in metrics:
                 delta = full[metric].sub(other[metric]).dropna() * 100
-                out += [{"category": category, "row": row, "vs": full_name, "kind": kind, "seed": seed,
-                         "metric": metric, "delta": value} for seed, value in delta.items()]  # fmt: skip
-    return pd.DataFrame(out, columns=["category", "row", "vs", "kind", "seed", "metric", "delta"])
+                for seed, value in delta.items():
+                    envs = (full.environment.get(seed), other.environment.get(seed))
+                    crossed = all(isinstance(e, str) for e in envs) and envs[0] != envs[1]
+                    out.append({"category": category, "row": row, "vs": full_name, "kind": kind, "seed": seed,
+                                "metric": metric, "delta": value, "crossed": crossed, "environments": envs})
+    return pd.DataFrame(out, columns=[*DELTA_COLUMNS, "environments"])
 
 
 def baselines_line(runs: pd.DataFrame, baselines: dict[str, str]) -> str:
@@ -122,12 +133,26 @@ def _cell(values: pd.Series) -> str:
     return f"{values.mean():.1f} ± {values.std(ddof=1):.1f}" if len(values) > 1 else f"{values.mean():.1f}"
 
 
-def _delta(paired: pd.Series) -> str:
+def _delta(paired: pd.Series, crossed: bool = False) -> str:
     if paired.empty:
         return "-"
+    mark = " †" if crossed else ""
     if len(paired) == 1:
-        return f"{paired.iloc[0]:+.1f}"
-    return f"{paired.mean():+.1f} ± {paired.std(ddof=1):.1f}"
+        return f"{paired.iloc[0]:+.1f}{mark}"
+    return f"{paired.mean():+.1f} ± {paired.std(ddof=1):.1f}{mark}"
+
+
+def crossed_line(deltas: pd.DataFrame, environments: dict[str, dict[str, Any]]) -> str | None:
+    """The † footnote: how many deltas pair records of different environments and what differs between
+    them (``environments``: environment key -> a record's environment); None when none do."""
+    crossed = deltas[deltas.crossed.astype(bool)]
+    if crossed.empty:
+        return None
+    keys = sorted({key for pair in crossed.environments for key in pair})
+    differing = environment_differences([environments[k] for k in keys if k in environments])
+    return (f"† {len(crossed)} of {len(deltas)} paired deltas compare records of different environments "
+            f"({', '.join(differing) or 'environment keys'} differ): a CPU's instruction set alone can move a "
+            "model trained from scratch by several points; read those deltas as across machines, not across ideas.")
 
 
 def ablation_table(runs: pd.DataFrame, metrics: list[str], deltas: pd.DataFrame | None = None,
@@ -156,7 +181,7 @@ def ablation_table(runs: pd.DataFrame, metrics: list[str], deltas: pd.DataFrame 
             named = (mine.kind == "baseline").all() or mine.vs.nunique() > 1
             row["vs"] = ",".join(dict.fromkeys(mine.vs))
             for metric in metrics:
-                cells = [(f"{vs}: " if named else "") + _delta(g.delta)
+                cells = [(f"{vs}: " if named else "") + _delta(g.delta, g.crossed.astype(bool).any())
                          for vs, g in mine[mine.metric == metric].groupby("vs", sort=False)]  # fmt: skip
                 row[f"Δ {metric}"] = ", ".join(cells)
         rows.append(row)
@@ -201,7 +226,10 @@ def plot_deltas(deltas: pd.DataFrame, path: Path) -> Path:
                 y = y_of[label_of[(vs, row)]] + offset
                 std = group.delta.std(ddof=1) if len(group) > 1 else 0.0
                 ax.errorbar(group.delta.mean(), y, xerr=std, fmt="o", ms=4, color=colours(k), capsize=2)
-                ax.scatter(group.delta, [y] * len(group), s=6, color=colours(k), alpha=0.45, lw=0)
+                crossed = group.crossed.astype(bool) if "crossed" in group else pd.Series(False, group.index)
+                ax.scatter(group.delta[~crossed], [y] * int((~crossed).sum()), s=6, color=colours(k), alpha=0.45, lw=0)
+                # A delta across environments (another CPU, other packages) is drawn as a cross.
+                ax.scatter(group.delta[crossed], [y] * int(crossed.sum()), s=18, color=colours(k), marker="x", lw=0.8)
         ax.set_title(f"Δ {METRICS.get(metric, metric)} (points)", fontsize=9)
         ax.grid(axis="x", lw=0.3)
     axes[0, 0].set_yticks(range(len(order)), order, fontsize=8)
@@ -209,7 +237,8 @@ def plot_deltas(deltas: pd.DataFrame, path: Path) -> Path:
     handles = [plt.Line2D([], [], marker="o", ls="", color=colours(k)) for k in range(len(categories))]
     fig.legend(handles, categories, loc="upper right", fontsize=8)
     fig.suptitle("full method minus ablation or baseline, paired by seed (> 0: the full method is better); "
-                 "dot: one seed, bar: mean ± std", fontsize=9)  # fmt: skip
+                 "dot: one seed (cross: the two sides ran in different environments), bar: mean ± std",
+                 fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -245,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     texts = footnotes(runs, row_notes)
     if texts:
         print("\n" + "\n".join(texts))
+    crossed = crossed_line(deltas, {environment_key(r.get("environment")): r["environment"]
+                                    for r in records.values() if environment_key(r.get("environment"))})
+    if crossed:
+        print("\n" + crossed)
     print("\n" + baselines_line(runs, baselines))
     saturated, validated = saturation_rate([r for r in records.values() if (r.get("name") or r.get("method"))
                                             in set(runs.name)])  # fmt: skip
