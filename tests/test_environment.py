@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from adbench.benchmark.orchestration.environment import (
     LOCK_FILE,
     environment,
@@ -88,3 +90,34 @@ def test_leaderboard_flags_rows_from_different_environments(tmp_path: Path, embe
     section = markdown.split("## Environments that differ")[1]
     assert "packages.pillow" in section and "12.3.0" in section and "13.0.0" in section
     assert "packages.numpy" not in section, "only what differs is listed"
+
+
+def test_resuming_a_sweep_warns_about_records_made_on_another_cpu(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dataclasses import asdict, replace
+
+    from adbench.benchmark.orchestration.environment import cpu_signature, other_cpu
+    from adbench.benchmark.orchestration.runner import (
+        device_slots,
+        execution_of,
+        record_path,
+        run_jobs,
+    )
+    from adbench.benchmark.orchestration.sweep import SweepConfig
+
+    here = cpu_signature()
+    xeon = {**here, "cpu": "Intel Xeon", "torch_cpu_capability": "AVX512"}
+    assert other_cpu(xeon, here) == {"cpu": ("Intel Xeon", here["cpu"]),
+                                     "torch_cpu_capability": ("AVX512", here["torch_cpu_capability"])}
+    assert other_cpu(here, here) == {} and other_cpu({}, here) == {}
+    assert other_cpu({**xeon, "onednn_max_cpu_isa": "AVX2"}, here) == {}  # pinned: only numpy's levels count
+    slots = device_slots(1, None, accelerator="cpu")
+    jobs = [replace(j, execution=execution_of(slots[0]))
+            for j in SweepConfig(methods=["stpm", "patchcore"], categories=["weave"]).jobs()]
+    for job, env in zip(jobs, (xeon, here), strict=True):
+        write_json_atomic(record_path(tmp_path, job), {**asdict(job), "job_id": job.job_id, "status": "ok",
+                                                       "fingerprint": job.fingerprint(), "environment": env})
+    assert run_jobs(jobs, tmp_path, slots) == []  # both finished: nothing runs
+    out = capsys.readouterr().out
+    assert "2 of 2 job(s) already finished" in out
+    assert "warning: 1 of the skipped jobs ran on another CPU (cpu, torch_cpu_capability differ, e.g. stpm" in out

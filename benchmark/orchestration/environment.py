@@ -183,6 +183,28 @@ def environment(lock_file: str | Path = LOCK_FILE) -> dict[str, Any]:
     }
 
 
+#: What of a CPU can change the numbers of a job whose instruction set is not pinned.
+CPU_KEYS = ("cpu", "torch_cpu_capability", "numpy_simd")
+
+
+def cpu_signature() -> dict[str, Any]:
+    """This machine's :data:`CPU_KEYS`, as :func:`environment` records them (without listing packages)."""
+    import numpy as np
+    import torch
+
+    return {"cpu": cpu_model(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "numpy_simd": _numpy_simd(np)}
+
+
+def other_cpu(record_env: dict[str, Any], here: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (record's, here)}`` for the CPU entries in which a record's environment differs from
+    ``here`` (:func:`cpu_signature`). A record that pinned its instruction set (``onednn_max_cpu_isa``)
+    is compared on numpy's SIMD levels only, which the pin does not cover; a record without an
+    environment, on nothing."""
+    keys = ("numpy_simd",) if record_env.get("onednn_max_cpu_isa") else CPU_KEYS
+    return {k: (record_env[k], here.get(k)) for k in keys if k in record_env and record_env[k] != here.get(k)}
+
+
 def environment_key(env: dict[str, Any] | None) -> str | None:
     """A short digest of what in ``env`` can change a number (packages, Python, CPU, threads, flags);
     the same for two runs on identical set-ups whatever their host or commit. None: no record."""

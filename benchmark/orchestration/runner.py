@@ -35,6 +35,7 @@ from typing import IO, Any
 import torch
 from tqdm.auto import tqdm
 
+from adbench.benchmark.orchestration.environment import cpu_signature, other_cpu
 from adbench.benchmark.orchestration.locks import SKIPPED_EXIT_CODE
 from adbench.benchmark.orchestration.records import (
     FINISHED,
@@ -65,6 +66,23 @@ def is_finished(results_dir: Path, spec: JobSpec, retry_failed: bool = True) -> 
     if record is None or record.get("fingerprint") != spec.fingerprint():
         return False
     return record.get("status") in FINISHED or (record.get("status") == "failed" and not retry_failed)
+
+
+def _warn_other_cpu(results_dir: Path, done: list[JobSpec]) -> None:
+    """Say when skipped records were made on another CPU: the fingerprint does not name the CPU, and
+    an unpinned model trained from scratch can move by several points between instruction sets."""
+    here = cpu_signature()
+    other = {}
+    for spec in done:
+        differs = other_cpu((read_record(record_path(results_dir, spec)) or {}).get("environment") or {}, here)
+        if differs:
+            other[spec.job_id] = differs
+    if other:
+        keys = sorted({k for differs in other.values() for k in differs})
+        print(f"[sweep] warning: {len(other)} of the skipped jobs ran on another CPU ({', '.join(keys)} differ, "
+              f"e.g. {next(iter(other))}); their numbers will sit beside this machine's, and an unpinned model "
+              "trained from scratch can move by several points between CPUs (results/reproducibility.md). "
+              "Delete their records to rerun them here, or pin the whole sweep with --cpu-isa AVX2.")
 
 
 def execution_of(slot: dict[str, str]) -> dict[str, Any]:
@@ -138,10 +156,11 @@ def run_jobs(
     results_dir = Path(results_dir)
     # Every slot of a sweep is of one kind (same GPU model, same share of the cores).
     jobs = [replace(j, execution=execution_of(slots[0])) for j in jobs]
-    pending = deque(j for j in jobs if not is_finished(results_dir, j, retry_failed))
-    skipped = len(jobs) - len(pending)
-    if skipped:
-        print(f"[sweep] {skipped} of {len(jobs)} job(s) already finished: skipped")
+    done = [j for j in jobs if is_finished(results_dir, j, retry_failed)]
+    pending = deque(j for j in jobs if j not in done)
+    if done:
+        print(f"[sweep] {len(done)} of {len(jobs)} job(s) already finished: skipped")
+        _warn_other_cpu(results_dir, done)
     free = list(slots)
     running: list[_Running] = []
     finished: list[dict[str, Any]] = []
