@@ -156,8 +156,9 @@ def run_jobs(
     results_dir = Path(results_dir)
     # Every slot of a sweep is of one kind (same GPU model, same share of the cores).
     jobs = [replace(j, execution=execution_of(slots[0])) for j in jobs]
-    done = [j for j in jobs if is_finished(results_dir, j, retry_failed)]
-    pending = deque(j for j in jobs if j not in done)
+    finished_before = [is_finished(results_dir, j, retry_failed) for j in jobs]
+    done = [j for j, f in zip(jobs, finished_before, strict=True) if f]
+    pending = deque(j for j, f in zip(jobs, finished_before, strict=True) if not f)
     if done:
         print(f"[sweep] {len(done)} of {len(jobs)} job(s) already finished: skipped")
         _warn_other_cpu(results_dir, done)

@@ -77,9 +77,6 @@ def notes(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {**RENAMED, **{name: " ".join(str(v["note"]).split()) for name, v in variants.items() if v.get("note")}}
 
 
-DELTA_COLUMNS = ["category", "row", "vs", "kind", "seed", "metric", "delta", "crossed"]
-
-
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
     return runs[runs.status.isin(("ok", "warning"))]
 
@@ -114,7 +111,8 @@ def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, s
                     crossed = all(isinstance(e, str) for e in envs) and envs[0] != envs[1]
                     out.append({"category": category, "row": row, "vs": full_name, "kind": kind, "seed": seed,
                                 "metric": metric, "delta": value, "crossed": crossed, "environments": envs})
-    return pd.DataFrame(out, columns=[*DELTA_COLUMNS, "environments"])
+    return pd.DataFrame(out, columns=["category", "row", "vs", "kind", "seed", "metric", "delta", "crossed",
+                                     "environments"])
 
 
 def baselines_line(runs: pd.DataFrame, baselines: dict[str, str]) -> str:
@@ -226,7 +224,7 @@ def plot_deltas(deltas: pd.DataFrame, path: Path) -> Path:
                 y = y_of[label_of[(vs, row)]] + offset
                 std = group.delta.std(ddof=1) if len(group) > 1 else 0.0
                 ax.errorbar(group.delta.mean(), y, xerr=std, fmt="o", ms=4, color=colours(k), capsize=2)
-                crossed = group.crossed.astype(bool) if "crossed" in group else pd.Series(False, group.index)
+                crossed = group.crossed.astype(bool)
                 ax.scatter(group.delta[~crossed], [y] * int((~crossed).sum()), s=6, color=colours(k), alpha=0.45, lw=0)
                 # A delta across environments (another CPU, other packages) is drawn as a cross.
                 ax.scatter(group.delta[crossed], [y] * int(crossed.sum()), s=18, color=colours(k), marker="x", lw=0.8)
@@ -274,8 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = footnotes(runs, row_notes)
     if texts:
         print("\n" + "\n".join(texts))
-    crossed = crossed_line(deltas, {environment_key(r.get("environment")): r["environment"]
-                                    for r in records.values() if environment_key(r.get("environment"))})
+    environments = {environment_key(r.get("environment")): r.get("environment") for r in records.values()}
+    crossed = crossed_line(deltas, {key: env for key, env in environments.items() if key is not None})
     if crossed:
         print("\n" + crossed)
     print("\n" + baselines_line(runs, baselines))

@@ -29,6 +29,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
+from adbench.benchmark.orchestration.records import FINISHED
 from adbench.benchmark.reports.html import escape
 from adbench.callbacks.visualization import BAR_WIDTH, TITLE_HEIGHT
 
@@ -102,7 +103,7 @@ def _text(value: object) -> str:
 
 def job_sources(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> dict[str, dict[str, Source]]:
     """category -> row -> the pictures of the row's lowest finished seed there that still has them."""
-    done = runs[runs.status.isin(("ok", "warning"))].sort_values("seed")
+    done = runs[runs.status.isin(FINISHED)].sort_values("seed")
     sources: dict[str, dict[str, Source]] = {}
     for category in dict.fromkeys(done.category):
         for row in rows:
@@ -126,7 +127,7 @@ def stored_sources(runs: pd.DataFrame, results_dir: Path, rows: list[str]) -> di
     cells = pd.read_csv(index, dtype=str, keep_default_na=False)
     if not {"category", "image", "column", "job", "finished", "picture"} <= set(cells.columns):
         return {}  # an index written before the thumbnails were kept
-    done = runs[runs.status.isin(("ok", "warning"))]
+    done = runs[runs.status.isin(FINISHED)]
     current = {(str(r), str(j), _text(f)) for r, j, f in zip(done.row, done.job_id, done.finished, strict=True)}
     cells = cells[[(results_dir / p).is_file() for p in cells.picture]]
     sources: dict[str, dict[str, Source]] = {}

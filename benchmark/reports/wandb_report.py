@@ -34,7 +34,6 @@ def log_leaderboard(results_dir: Path, sweep: SweepConfig, tables: dict[str, pd.
     W&B run directory."""
     import wandb
 
-
     settings = sweep.wandb
     run = wandb.init(
         project=settings.get("project", "adbench"),
