@@ -102,6 +102,8 @@ def perlin_noise(
     if n_rows < 1 or n_cols < 1:
         raise ValueError(f"res must be positive, got {res}")
     angles = rng.uniform(0.0, 2.0 * math.pi, size=(n_rows + 1, n_cols + 1))
+    # float64 cos/sin whose last bit may depend on the CPU's SIMD kernels; the gradients are
+    # rounded to float32 before use, which removes that bit (the rule of datamodules/numerics.py).
     gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
     return perlin_noise_from_gradients(shape, gradients)
 

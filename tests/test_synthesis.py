@@ -161,6 +161,20 @@ def test_noise_matches_textbook_formula(shape: tuple[int, int], res: tuple[int, 
     np.testing.assert_allclose(actual, expected, atol=2e-6)
 
 
+def test_noise_ignores_the_last_float64_bit_of_its_gradients() -> None:
+    """numpy's float64 cos/sin kernels may differ in the last bit between CPUs; the noise
+    rounds its gradients to float32 first, so such a difference leaves it bit-identical."""
+    rng = np.random.default_rng(3)
+    angles = rng.uniform(0, 2 * np.pi, (33, 33))
+    gradients = np.stack([np.cos(angles), np.sin(angles)], axis=-1)
+    one_ulp_up = np.nextafter(gradients, np.inf)
+    assert np.all(one_ulp_up != gradients)
+    np.testing.assert_array_equal(
+        perlin_noise_from_gradients((256, 256), one_ulp_up),
+        perlin_noise_from_gradients((256, 256), gradients),
+    )
+
+
 def test_noise_range_and_shapes() -> None:
     rng = np.random.default_rng(1)
     for shape, res in [((256, 256), (32, 32)), ((100, 37), (32, 8)), ((5, 7), (32, 32))]:
