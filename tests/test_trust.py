@@ -333,6 +333,32 @@ def test_too_few_blocks_say_why_the_tests_are_absent(tmp_path: Path, embedded_ro
     assert not list(results.glob("leaderboard_cd_*.png"))
 
 
+def test_a_row_with_fewer_seeds_is_compared_but_not_ranked_as_best(tmp_path: Path, embedded_root: Path) -> None:
+    """A one-seed arm beside three-seed methods: the most extreme of noisier means is no winner."""
+    results = tmp_path / "results"
+    _write_records(results, ["weave", "marble"], [0, 1, 2], str(embedded_root))
+    for seed in (1, 2):  # patchcore, the highest row, keeps seed 0 only
+        for category in ("weave", "marble"):
+            (results / "runs" / f"patchcore__quick__{category}__seed{seed}.json").unlink()
+    tables = build_leaderboard(results, n_resamples=200)
+    assert tables["image_auroc"]["mean"].idxmax() == "patchcore (quick)"  # in the table, with its own mean
+    findings = pd.read_csv(results / "leaderboard_summary.csv")
+    assert set(findings.query("kind == 'headline'").a) == {"stpm (quick)"}
+    assert not findings.b.str.contains("patchcore").any()
+    markdown = (results / "leaderboard.md").read_text()
+    assert "Not ranked, run with fewer seeds: patchcore (quick) (0)" in markdown
+    assert "patchcore (quick): seeds 0 only, of 0, 1, 2: not ranked as best" in markdown
+    image = markdown.split("## Image AUROC (%)")[1].split("##")[0]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in image.splitlines()
+             if line.startswith("| ") and "(quick)" in line}  # fmt: skip
+    assert "best" in cells["stpm (quick)"] and cells["patchcore (quick)"][5].startswith("+")  # vs best, compared
+    # Every row with every seed again: patchcore is ranked and best.
+    _write_records(results, ["weave", "marble"], [0, 1, 2], str(embedded_root))
+    build_leaderboard(results, n_resamples=200)
+    assert set(pd.read_csv(results / "leaderboard_summary.csv").query("kind == 'headline'").a) == {"patchcore (quick)"}
+    assert "Not ranked" not in (results / "leaderboard.md").read_text()
+
+
 def test_published_figures_are_per_category_with_source(tmp_path: Path) -> None:
     published = load_published()
     assert set(published.method) >= {"draem", "stpm", "patchcore"}

@@ -153,6 +153,12 @@ class Report:
         self.markdown += [frame.to_markdown(index=index), ""]
         self.html.append(frame.to_html(index=index, border=0, na_rep="-"))
 
+    def links(self, intro: str, links: list[tuple[str, str]]) -> None:
+        """A sentence and a list of (text, relative address) links."""
+        self.markdown += [intro, "", *(f"- [{text}]({href})" for text, href in links), ""]
+        self.html.append(f"<p>{escape(intro)}</p><ul class='notes'>" + "".join(
+            f"<li><a href='{escape(href)}'>{escape(text)}</a></li>" for text, href in links) + "</ul>")
+
     def image(self, path: Path, alt: str) -> None:
         self.markdown += [f"![{alt}]({path.name})", ""]
         self.html.append(image_tag(path, alt))

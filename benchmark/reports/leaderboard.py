@@ -245,10 +245,11 @@ def _cell(mean: float, std: float = np.nan, low: float = np.nan, high: float = n
     return Cell(_percent(mean), float(mean), small.strip())
 
 
-def row_notes(runs: pd.DataFrame) -> dict[str, list[str]]:
+def row_notes(runs: pd.DataFrame, ranked: list[str]) -> dict[str, list[str]]:
     """Per row, what a reader must know about its records: failed, warned or stale jobs, jobs from another
-    environment or commit than most of the sweep's. One note per row, instead of a tag in every cell."""
+    environment or commit than most, fewer seeds than ``ranked``. One note per row, not a tag in every cell."""
     notes: dict[str, list[str]] = {}
+    unranked = summary.unranked_notes(runs, ranked)
     usual_env = runs.environment.mode().iloc[0] if runs.environment.notna().any() else None
     usual_commit = runs.git_commit.mode().iloc[0] if runs.git_commit.notna().any() else None
     for row, part in runs.groupby("row", sort=False):
@@ -266,6 +267,7 @@ def row_notes(runs: pd.DataFrame) -> dict[str, list[str]]:
             items.append(f"{int((part.environment != usual_env).sum())} of {n} jobs from another environment")
         if usual_commit is not None and (part.git_commit != usual_commit).any():
             items.append(f"{int((part.git_commit != usual_commit).sum())} of {n} jobs from another commit")
+        items += unranked.get(str(row), [])
         if items:
             notes[str(row)] = items
     return notes
@@ -494,10 +496,11 @@ def build_leaderboard(
 
     evidence = summary.Evidence(runs, results_dir, n_resamples)
     report = Report(f"Leaderboard: {', '.join(sorted({str(s) for s in runs.sweep.dropna()})) or 'sweep'}")
-    notes = row_notes(runs)
+    ranked = summary.ranked_rows(runs)
+    notes = row_notes(runs, ranked)
     done = int(runs.status.isin(FINISHED).sum())
     if done:
-        findings = summary.answer_section(report, tables, runs, evidence)
+        findings = summary.answer_section(report, tables, runs, evidence, ranked)
         summary.findings_frame(findings).to_csv(output_dir / "leaderboard_summary.csv", index=False)
     for line in header(runs, left_out, errors):
         report.text(line, "meta")
@@ -506,10 +509,11 @@ def build_leaderboard(
     for k, (metric, table) in enumerate(tables.items()):
         report.heading(f"{METRICS[metric]} (%)", anchor=f"table-{metric}")
         complete = table["mean"].dropna()
+        contenders = complete[complete.index.isin(ranked)]  # the answer's: fewer seeds are compared, not ranked
         versus = None
-        if len(complete) >= 2 and metric in summary.HEADLINE:
-            best = complete.index[0]
-            versus = {best: None, **{row: evidence.compare(table, metric, best, row) for row in complete.index[1:]}}
+        if len(complete) >= 2 and len(contenders) and metric in summary.HEADLINE:
+            best = contenders.index[0]
+            versus = {row: None if row == best else evidence.compare(table, metric, best, row) for row in complete.index}
         for dataset, part in by_dataset(runs, table):
             if dataset is not None:
                 report.text(f"Dataset: {dataset}")
@@ -548,12 +552,8 @@ def build_leaderboard(
     scores = runs.dropna(subset=["image_scores"])
     if len(scores):
         report.heading("Per-image scores")
-        report.markdown += ["One CSV per job (path, defect type, label, score, validation F1 threshold):", ""]
-        report.markdown += [f"- [{j}]({p})" for j, p in zip(scores.job_id, scores.image_scores, strict=True)] + [""]
-        report.html.append("<p>One CSV per job (path, defect type, label, score, validation F1 threshold), "
-                           "relative to the results folder:</p><ul class='notes'>"
-                           + "".join(f"<li><a href='{html.escape(p)}'>{html.escape(j)}</a></li>"
-                                     for j, p in zip(scores.job_id, scores.image_scores, strict=True)) + "</ul>")
+        report.links("One CSV per job (path, defect type, label, score, validation F1 threshold), relative to the "
+                     "results folder:", list(zip(scores.job_id, scores.image_scores, strict=True)))
     report.write(output_dir / "leaderboard.md", output_dir / "leaderboard.html")
     return tables
 

@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 from scipy import stats
 
+from adbench.benchmark.orchestration.records import FINISHED
 from adbench.benchmark.reports import paired, statistics
 from adbench.benchmark.reports.html import Report
 from adbench.callbacks.metrics import METRIC_LABELS
@@ -153,13 +154,42 @@ class Evidence:
         return finding
 
 
-def headline_findings(tables: dict[str, pd.DataFrame], evidence: Evidence) -> list[Finding]:
-    """Best against runner-up for each headline metric the tables have (complete rows only)."""
+def seeds_of_rows(runs: pd.DataFrame) -> pd.Series:
+    """Row -> the seeds of its finished jobs."""
+    done = runs[runs.status.isin(FINISHED) & runs.seed.notna()]
+    return done.groupby("row", sort=False).seed.agg(lambda seeds: tuple(sorted({int(s) for s in seeds})))
+
+
+def ranked_rows(runs: pd.DataFrame) -> list[str]:
+    """The rows the answer ranks: those finished with every seed that any row has. A mean over fewer
+    seeds is noisier, and among noisy means the most extreme one tends to come out on top, so a
+    one-seed arm is not raced against three-seed methods. Fewer than two such rows: every row."""
+    seeds = seeds_of_rows(runs)
+    every = tuple(sorted({s for row_seeds in seeds for s in row_seeds}))
+    full = [str(row) for row, row_seeds in seeds.items() if row_seeds == every]
+    return full if len(full) >= 2 else [str(row) for row in seeds.index]
+
+
+def _seed_list(seeds: tuple[int, ...]) -> str:
+    return ", ".join(str(s) for s in seeds)
+
+
+def unranked_notes(runs: pd.DataFrame, ranked: list[str]) -> dict[str, list[str]]:
+    """Row -> the note of a row left out of :func:`ranked_rows` (for the tables' per-row notes)."""
+    seeds = seeds_of_rows(runs)
+    every = _seed_list(tuple(sorted({s for row_seeds in seeds for s in row_seeds})))
+    return {str(row): [f"seeds {_seed_list(row_seeds)} only, of {every}: not ranked as best (a mean over fewer seeds "
+                       "is noisier)"] for row, row_seeds in seeds.items() if str(row) not in ranked}
+
+
+def headline_findings(tables: dict[str, pd.DataFrame], evidence: Evidence, ranked: list[str]) -> list[Finding]:
+    """Best against runner-up for each headline metric the tables have, among the complete rows of ``ranked``."""
     findings = []
     for metric in HEADLINE:
         if metric not in tables:
             continue
-        means = tables[metric]["mean"].dropna().sort_values(ascending=False)
+        means = tables[metric]["mean"].dropna()
+        means = means[means.index.isin(ranked)].sort_values(ascending=False)
         if len(means) >= 2:
             findings.append(evidence.compare(tables[metric], metric, means.index[0], means.index[1]))
     return findings
@@ -170,11 +200,15 @@ def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evide
     rows are complete."""
     table = tables["image_auroc"]
     complete = set(table.index[table["mean"].notna()])
+    seeds = seeds_of_rows(runs)
     findings = []
     for row, other in _baseline_rows(runs):
         if row in complete and other in complete:
             findings.append(evidence.compare(table, "image_auroc", row, other))
             findings[-1].kind = "baseline"
+            if seeds[row] != seeds[other]:
+                findings[-1].subset += (f"; on different seeds: {row} {_seed_list(seeds[row])}, "
+                                        f"{other} {_seed_list(seeds[other])}")
     return findings
 
 
@@ -211,11 +245,11 @@ def baseline_sentence(finding: Finding) -> str:
             f"{finding.verdict()}).")
 
 
-def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence
-                   ) -> list[Finding]:
-    """The answer first: best per headline metric, margin, interval, significance; seed methods vs baselines.
-    Returns the findings shown (headline ones first)."""
-    findings = headline_findings(tables, evidence)
+def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence,
+                   ranked: list[str]) -> list[Finding]:
+    """The answer first: best per headline metric among ``ranked`` (:func:`ranked_rows`), margin, interval,
+    significance; seed methods vs baselines. Returns the findings shown (headline ones first)."""
+    findings = headline_findings(tables, evidence, ranked)
     baselines = baseline_findings(tables, runs, evidence)
     categories = runs.category.nunique()
     seeds = sorted(set(runs.seed.dropna().astype(int)))
@@ -235,6 +269,11 @@ def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.Dat
               "mean over categories of each method's seed mean (complete rows); margin over the runner-up in points; "
               "95 % interval and p from a paired bootstrap over the test images (both methods on the same resampled "
               "images, seeds averaged inside each resample), where the per-image data exist.")
+    seeds = seeds_of_rows(runs)
+    unranked = [str(row) for row in seeds.index if str(row) not in ranked]
+    if unranked:
+        design += (f" Ranked: the {len(ranked)} rows with seeds {_seed_list(seeds[ranked[0]])}. Not ranked, run with "
+                   f"fewer seeds: {', '.join(f'{row} ({_seed_list(seeds[row])})' for row in unranked)}.")
     page = (f"<div class='answer' id='answer'><h2>The answer</h2><ul>{''.join(items)}</ul>"
             + (f"<p><b>Seed methods against their baselines</b></p><ul>{''.join(base_items)}</ul>" if base_items else "")
             + f"<p class='notes'>{html.escape(design)}</p></div>")
