@@ -352,6 +352,11 @@ def test_a_row_with_fewer_seeds_is_compared_but_not_ranked_as_best(tmp_path: Pat
     cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in image.splitlines()
              if line.startswith("| ") and "(quick)" in line}  # fmt: skip
     assert "best" in cells["stpm (quick)"] and cells["patchcore (quick)"][5].startswith("+")  # vs best, compared
+    # Only one row with every seed: the answer says there is no best yet.
+    for path in (results / "runs").glob("stpm__quick__marble__seed*.json"):
+        path.unlink()
+    build_leaderboard(results, n_resamples=200)
+    assert "No best method yet: fewer than two rows" in (results / "leaderboard.md").read_text()
     # Every row with every seed again: patchcore is ranked and best.
     _write_records(results, ["weave", "marble"], [0, 1, 2], str(embedded_root))
     build_leaderboard(results, n_resamples=200)

@@ -262,6 +262,10 @@ def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.Dat
                      f"{html.escape(rest.split('; ')[0])}; <span class='{word}'>"
                      f"{html.escape(rest.split('; ', 1)[1])}</span></li>")
         lines.append(f"- **{head}**: {rest}")
+    if not findings:
+        empty = "No best method yet: fewer than two rows have finished every job with every seed of the report."
+        items.append(f"<li class='headline'>{html.escape(empty)}</li>")
+        lines.append(f"- {empty}")
     base_sentences = [baseline_sentence(f) for f in baselines] + missing_baselines(tables, runs)
     base_items = [f"<li class='baseline'>{html.escape(sentence)}</li>" for sentence in base_sentences]
     lines += [f"- {sentence}" for sentence in base_sentences]
