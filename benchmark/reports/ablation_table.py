@@ -43,7 +43,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from adbench.benchmark.orchestration.environment import environment_differences, environment_key  # noqa: E402
-from adbench.benchmark.orchestration.records import iter_records, saturation_rate  # noqa: E402
+from adbench.benchmark.orchestration.records import FINISHED, iter_records, saturation_rate  # noqa: E402
 from adbench.benchmark.reports.leaderboard import METRICS, runs_frame  # noqa: E402
 from adbench.benchmark.reports.summary import declared_baselines  # noqa: E402  (one place: the summary uses them too)
 from adbench.project import config_dir  # noqa: E402
@@ -78,7 +78,7 @@ def notes(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
-    return runs[runs.status.isin(("ok", "warning"))]
+    return runs[runs.status.isin(FINISHED)]
 
 
 def paired_deltas(runs: pd.DataFrame, metrics: list[str], baselines: dict[str, str] | None = None,

@@ -245,11 +245,10 @@ def _cell(mean: float, std: float = np.nan, low: float = np.nan, high: float = n
     return Cell(_percent(mean), float(mean), small.strip())
 
 
-def row_notes(runs: pd.DataFrame, ranked: list[str]) -> dict[str, list[str]]:
+def row_notes(runs: pd.DataFrame, ranking: summary.Ranking) -> dict[str, list[str]]:
     """Per row, what a reader must know about its records: failed, warned or stale jobs, jobs from another
-    environment or commit than most, fewer seeds than ``ranked``. One note per row, not a tag in every cell."""
+    environment or commit than most, fewer seeds than the ranked rows. One note per row, not a tag in every cell."""
     notes: dict[str, list[str]] = {}
-    unranked = summary.unranked_notes(runs, ranked)
     usual_env = runs.environment.mode().iloc[0] if runs.environment.notna().any() else None
     usual_commit = runs.git_commit.mode().iloc[0] if runs.git_commit.notna().any() else None
     for row, part in runs.groupby("row", sort=False):
@@ -267,7 +266,8 @@ def row_notes(runs: pd.DataFrame, ranked: list[str]) -> dict[str, list[str]]:
             items.append(f"{int((part.environment != usual_env).sum())} of {n} jobs from another environment")
         if usual_commit is not None and (part.git_commit != usual_commit).any():
             items.append(f"{int((part.git_commit != usual_commit).sum())} of {n} jobs from another commit")
-        items += unranked.get(str(row), [])
+        if str(row) in ranking.unranked:
+            items.append(ranking.note(str(row)))
         if items:
             notes[str(row)] = items
     return notes
@@ -496,11 +496,11 @@ def build_leaderboard(
 
     evidence = summary.Evidence(runs, results_dir, n_resamples)
     report = Report(f"Leaderboard: {', '.join(sorted({str(s) for s in runs.sweep.dropna()})) or 'sweep'}")
-    ranked = summary.ranked_rows(runs)
-    notes = row_notes(runs, ranked)
+    ranking = summary.Ranking.of(runs)
+    notes = row_notes(runs, ranking)
     done = int(runs.status.isin(FINISHED).sum())
     if done:
-        findings = summary.answer_section(report, tables, runs, evidence, ranked)
+        findings = summary.answer_section(report, tables, runs, evidence, ranking)
         summary.findings_frame(findings).to_csv(output_dir / "leaderboard_summary.csv", index=False)
     for line in header(runs, left_out, errors):
         report.text(line, "meta")
@@ -509,7 +509,7 @@ def build_leaderboard(
     for k, (metric, table) in enumerate(tables.items()):
         report.heading(f"{METRICS[metric]} (%)", anchor=f"table-{metric}")
         complete = table["mean"].dropna()
-        contenders = complete[complete.index.isin(ranked)]  # the answer's: fewer seeds are compared, not ranked
+        contenders = complete[complete.index.isin(ranking.ranked)]  # the answer's: fewer seeds are compared, not ranked
         versus = None
         if len(complete) >= 2 and len(contenders) and metric in summary.HEADLINE:
             best = contenders.index[0]

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from adbench.benchmark.orchestration.records import FINISHED
 from adbench.callbacks.metrics import area_under_polyline
 from adbench.callbacks.pixel_histograms import HISTOGRAM_SUFFIX
 
@@ -170,7 +171,7 @@ def gather(runs: pd.DataFrame, results_dir: Path, metric: str) -> Evidence:
     A row counts in a category with the seeds whose jobs have the evidence (``coverage`` says how
     many of its finished jobs that is); ``missing`` lists the rows with a job lacking it."""
     kind = RESAMPLED[metric][0]
-    done = runs[runs.status.isin(("ok", "warning"))]
+    done = runs[runs.status.isin(FINISHED)]
     labels: dict[str, np.ndarray] = {}
     jobs: dict[str, dict[str, list[np.ndarray]]] = {}
     missing: set[str] = set()

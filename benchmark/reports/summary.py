@@ -154,61 +154,63 @@ class Evidence:
         return finding
 
 
-def seeds_of_rows(runs: pd.DataFrame) -> pd.Series:
-    """Row -> the seeds of its finished jobs."""
-    done = runs[runs.status.isin(FINISHED) & runs.seed.notna()]
-    return done.groupby("row", sort=False).seed.agg(lambda seeds: tuple(sorted({int(s) for s in seeds})))
-
-
-def ranked_rows(runs: pd.DataFrame) -> list[str]:
+@dataclass(frozen=True)
+class Ranking:
     """The rows the answer ranks: those finished with every seed that any row has. A mean over fewer
     seeds is noisier, and among noisy means the most extreme one tends to come out on top, so a
     one-seed arm is not raced against three-seed methods. Fewer than two such rows: every row."""
-    seeds = seeds_of_rows(runs)
-    every = tuple(sorted({s for row_seeds in seeds for s in row_seeds}))
-    full = [str(row) for row, row_seeds in seeds.items() if row_seeds == every]
-    return full if len(full) >= 2 else [str(row) for row in seeds.index]
+
+    seeds: dict[str, tuple[int, ...]]  # row -> the seeds of its finished jobs
+    ranked: list[str]
+
+    @classmethod
+    def of(cls, runs: pd.DataFrame) -> Ranking:
+        done = runs[runs.status.isin(FINISHED) & runs.seed.notna()]
+        seeds = {str(row): tuple(sorted({int(s) for s in part.seed})) for row, part in done.groupby("row", sort=False)}
+        every = tuple(sorted({s for row_seeds in seeds.values() for s in row_seeds}))
+        full = [row for row, row_seeds in seeds.items() if row_seeds == every]
+        return cls(seeds, full if len(full) >= 2 else list(seeds))
+
+    @property
+    def unranked(self) -> list[str]:
+        return [row for row in self.seeds if row not in self.ranked]
+
+    def seed_list(self, row: str) -> str:
+        return ", ".join(str(s) for s in self.seeds[row])
+
+    def note(self, row: str) -> str:
+        """The per-row note of an unranked row."""
+        return (f"seeds {self.seed_list(row)} only, of {self.seed_list(self.ranked[0])}: not ranked as best "
+                "(a mean over fewer seeds is noisier)")
 
 
-def _seed_list(seeds: tuple[int, ...]) -> str:
-    return ", ".join(str(s) for s in seeds)
-
-
-def unranked_notes(runs: pd.DataFrame, ranked: list[str]) -> dict[str, list[str]]:
-    """Row -> the note of a row left out of :func:`ranked_rows` (for the tables' per-row notes)."""
-    seeds = seeds_of_rows(runs)
-    every = _seed_list(tuple(sorted({s for row_seeds in seeds for s in row_seeds})))
-    return {str(row): [f"seeds {_seed_list(row_seeds)} only, of {every}: not ranked as best (a mean over fewer seeds "
-                       "is noisier)"] for row, row_seeds in seeds.items() if str(row) not in ranked}
-
-
-def headline_findings(tables: dict[str, pd.DataFrame], evidence: Evidence, ranked: list[str]) -> list[Finding]:
-    """Best against runner-up for each headline metric the tables have, among the complete rows of ``ranked``."""
+def headline_findings(tables: dict[str, pd.DataFrame], evidence: Evidence, ranking: Ranking) -> list[Finding]:
+    """Best against runner-up for each headline metric the tables have, among the complete ranked rows."""
     findings = []
     for metric in HEADLINE:
         if metric not in tables:
             continue
         means = tables[metric]["mean"].dropna()
-        means = means[means.index.isin(ranked)].sort_values(ascending=False)
+        means = means[means.index.isin(ranking.ranked)].sort_values(ascending=False)
         if len(means) >= 2:
             findings.append(evidence.compare(tables[metric], metric, means.index[0], means.index[1]))
     return findings
 
 
-def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence) -> list[Finding]:
+def baseline_findings(tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence, ranking: Ranking
+                      ) -> list[Finding]:
     """Each seed method against its declared baseline (:func:`declared_baselines`) on image AUROC, where both
     rows are complete."""
     table = tables["image_auroc"]
     complete = set(table.index[table["mean"].notna()])
-    seeds = seeds_of_rows(runs)
     findings = []
     for row, other in _baseline_rows(runs):
         if row in complete and other in complete:
             findings.append(evidence.compare(table, "image_auroc", row, other))
             findings[-1].kind = "baseline"
-            if seeds[row] != seeds[other]:
-                findings[-1].subset += (f"; on different seeds: {row} {_seed_list(seeds[row])}, "
-                                        f"{other} {_seed_list(seeds[other])}")
+            if ranking.seeds[row] != ranking.seeds[other]:
+                findings[-1].subset += (f"; on different seeds: {row} {ranking.seed_list(row)}, "
+                                        f"{other} {ranking.seed_list(other)}")
     return findings
 
 
@@ -246,11 +248,11 @@ def baseline_sentence(finding: Finding) -> str:
 
 
 def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, evidence: Evidence,
-                   ranked: list[str]) -> list[Finding]:
-    """The answer first: best per headline metric among ``ranked`` (:func:`ranked_rows`), margin, interval,
+                   ranking: Ranking) -> list[Finding]:
+    """The answer first: best per headline metric among the ranked rows (:class:`Ranking`), margin, interval,
     significance; seed methods vs baselines. Returns the findings shown (headline ones first)."""
-    findings = headline_findings(tables, evidence, ranked)
-    baselines = baseline_findings(tables, runs, evidence)
+    findings = headline_findings(tables, evidence, ranking)
+    baselines = baseline_findings(tables, runs, evidence, ranking)
     categories = runs.category.nunique()
     seeds = sorted(set(runs.seed.dropna().astype(int)))
     items, lines = [], []
@@ -273,11 +275,10 @@ def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.Dat
               "mean over categories of each method's seed mean (complete rows); margin over the runner-up in points; "
               "95 % interval and p from a paired bootstrap over the test images (both methods on the same resampled "
               "images, seeds averaged inside each resample), where the per-image data exist.")
-    seeds = seeds_of_rows(runs)
-    unranked = [str(row) for row in seeds.index if str(row) not in ranked]
-    if unranked:
-        design += (f" Ranked: the {len(ranked)} rows with seeds {_seed_list(seeds[ranked[0]])}. Not ranked, run with "
-                   f"fewer seeds: {', '.join(f'{row} ({_seed_list(seeds[row])})' for row in unranked)}.")
+    if ranking.unranked:
+        design += (f" Ranked: the {len(ranking.ranked)} rows with seeds {ranking.seed_list(ranking.ranked[0])}. Not "
+                   "ranked, run with fewer seeds: "
+                   f"{', '.join(f'{row} ({ranking.seed_list(row)})' for row in ranking.unranked)}.")
     page = (f"<div class='answer' id='answer'><h2>The answer</h2><ul>{''.join(items)}</ul>"
             + (f"<p><b>Seed methods against their baselines</b></p><ul>{''.join(base_items)}</ul>" if base_items else "")
             + f"<p class='notes'>{html.escape(design)}</p></div>")
