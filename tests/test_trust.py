@@ -525,6 +525,21 @@ def test_a_report_rebuilt_without_jobs_keeps_its_gallery_until_a_record_changes(
     assert "<th>stpm (quick)</th>" in next(t for t in cells() if "data-category='marble'" in t)
 
 
+def test_a_report_built_without_its_gallery_carries_no_picture_of_the_data(
+    tmp_path: Path, embedded_root: Path
+) -> None:
+    results = tmp_path / "results"
+    _write_records(results, ["weave"], [0], str(embedded_root))
+    _write_evidence(results)
+    build_leaderboard(results, n_resamples=50, with_gallery=False)
+    page = (results / "leaderboard.html").read_text()
+    assert "data:image/jpeg" not in page and "<table class='gallery'" not in page
+    assert "Left out of this build (--no-gallery)" in page
+    assert not (results / "gallery").exists() and not (results / "leaderboard_gallery.csv").exists()
+    build_leaderboard(results, n_resamples=50)  # the same folder had pictures to show
+    assert "<table class='gallery'" in (results / "leaderboard.html").read_text()
+
+
 def test_wandb_leaderboard_run_logs_the_summary_tables_gallery_and_page(
     tmp_path: Path, embedded_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -454,9 +454,14 @@ def build_leaderboard(
     sort_by: str = "image_auroc",
     output_dir: str | Path | None = None,
     n_resamples: int = paired.N_RESAMPLES,
+    with_gallery: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Write every leaderboard file into ``output_dir`` (default ``results_dir``); return the numeric
     tables, each sorted by its own metric.
+
+    ``with_gallery=False`` leaves the gallery out: its cells are pictures of the dataset's test
+    images, which a folder that will be shared (committed, published) must not carry when the
+    dataset's licence forbids copies.
 
     ``jobs``: the sweep's jobs (from the runner): the table covers exactly them, and a job
     without a record counts as missing. Otherwise the records of ``sweep_name`` (default:
@@ -538,7 +543,7 @@ def build_leaderboard(
     for line in weak_rows(tables["pixel_auroc"], runs):
         report.text(line)
     if done:
-        _pictures_section(report, tables, runs, results_dir, output_dir, order)
+        _pictures_section(report, tables, runs, results_dir, output_dir, order, with_gallery)
     if chosen:
         _published_section(report, tables, runs)
         _significance_section(report, runs, tables, output_dir)
@@ -559,11 +564,14 @@ def build_leaderboard(
 
 
 def _pictures_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, results_dir: Path,
-                      output_dir: Path, order: list[str]) -> None:
+                      output_dir: Path, order: list[str], with_gallery: bool) -> None:
     ordered = {metric: table.loc[order] for metric, table in tables.items()}
     report.heading("Anomaly maps, the same test images across methods", anchor="gallery")
-    shown = gallery.gallery(runs, results_dir, order, output_dir)
-    if shown is None:
+    shown = gallery.gallery(runs, results_dir, order, output_dir) if with_gallery else None
+    if not with_gallery:
+        report.text("Left out of this build (--no-gallery): its pictures show the dataset's test images, which "
+                    "this folder does not carry. Build the report without the flag, next to the data, to see them.")
+    elif shown is None:
         report.text("No anomaly maps here: this results folder keeps neither jobs/<job>/anomaly_maps nor the "
                     f"thumbnails of an earlier build ({gallery.STORE}/); build the report from the sweep's local "
                     "folder to see them.")
@@ -591,8 +599,12 @@ def main() -> None:
     parser.add_argument("--sort-by", default="image_auroc", choices=list(METRICS),
                         help="the metric whose order the figures and the gallery follow")
     parser.add_argument("--output", type=Path, help="write the report here instead of into results_dir")
+    parser.add_argument("--no-gallery", dest="with_gallery", action="store_false",
+                        help="leave out the gallery of test images (for a folder to be committed or published "
+                             "when the dataset's licence forbids copies)")
     args = parser.parse_args()
-    build_leaderboard(args.results_dir, sweep_name=args.sweep_name, sort_by=args.sort_by, output_dir=args.output)
+    build_leaderboard(args.results_dir, sweep_name=args.sweep_name, sort_by=args.sort_by, output_dir=args.output,
+                      with_gallery=args.with_gallery)
     print((args.output or Path(args.results_dir)) .joinpath("leaderboard.md").read_text())
 
 
