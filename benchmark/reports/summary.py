@@ -280,7 +280,7 @@ def answer_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.Dat
                    "ranked, run with fewer seeds: "
                    f"{', '.join(f'{row} ({ranking.seed_list(row)})' for row in ranking.unranked)}.")
     page = (f"<div class='answer' id='answer'><h2>The answer</h2><ul>{''.join(items)}</ul>"
-            + (f"<p><b>Seed methods against their baselines</b></p><ul>{''.join(base_items)}</ul>" if base_items else "")
+            + (f"<p><b>Methods against their baselines</b></p><ul>{''.join(base_items)}</ul>" if base_items else "")
             + f"<p class='notes'>{html.escape(design)}</p></div>")
     report.markdown += ["## The answer", ""]
     report.raw(page, "\n".join(lines) + f"\n\n{design}")
