@@ -20,7 +20,7 @@ from adbench.benchmark.orchestration.environment import (
 from adbench.benchmark.orchestration.records import write_json_atomic
 from adbench.benchmark.reports.leaderboard import build_leaderboard
 
-from .test_trust import _write_records
+from .test_report import _write_records
 
 
 def test_record_names_every_package_and_what_else_can_change_a_number() -> None:

@@ -13,7 +13,7 @@ import pytest
 from adbench.benchmark.reports import published
 from adbench.benchmark.reports.leaderboard import build_leaderboard
 
-from .test_trust import _write_records
+from .test_report import _write_records
 
 
 def _copy_with(tmp_path: Path, change) -> Path:

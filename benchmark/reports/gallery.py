@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 
 from adbench.benchmark.orchestration.records import FINISHED
-from adbench.benchmark.reports.html import escape
+from adbench.benchmark.reports.html import Report, escape
 from adbench.callbacks.visualization import BAR_WIDTH, TITLE_HEIGHT
 
 PER_DEFECT, GOOD = 2, 1
@@ -190,3 +190,28 @@ def gallery(runs: pd.DataFrame, results_dir: Path, rows: list[str],
                      f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>")
         markdown.append(f"- {category}: {len(chosen)} images x {len(methods)} methods ({', '.join(chosen)})")
     return "".join(parts), "\n".join(markdown), pd.DataFrame(index)
+
+
+def section(report: Report, runs: pd.DataFrame, results_dir: Path, rows: list[str], output_dir: Path,
+            with_gallery: bool = True) -> None:
+    """The report's gallery section; its cells are indexed in ``output_dir / INDEX``. ``with_gallery=False``
+    leaves the pictures out and says so (they show the dataset's test images)."""
+    report.heading("Anomaly maps, the same test images across methods", anchor="gallery")
+    if not with_gallery:
+        report.text("Left out of this build (--no-gallery): its pictures show the dataset's test images, which "
+                    "this folder does not carry. Build the report without the flag, next to the data, to see them.")
+        return
+    shown = gallery(runs, results_dir, rows, output_dir)
+    if shown is None:
+        report.text("No anomaly maps here: this results folder keeps neither jobs/<job>/anomaly_maps nor the "
+                    f"thumbnails of an earlier build ({STORE}/); build the report from the sweep's local "
+                    "folder to see them.")
+        return
+    page, markdown, cells = shown
+    cells.to_csv(output_dir / INDEX, index=False)
+    count = len(cells[["category", "image"]].drop_duplicates())
+    report.text(f"{count} test images, chosen by a fixed rule (per category, the first {PER_DEFECT} file names of "
+                f"each defect type and the first {GOOD} good one), never by how they look; each method's lowest "
+                "seed. Cells: the map thresholded at the method's validation threshold (red), the ground truth "
+                "outlined in green.")
+    report.raw(page, markdown)

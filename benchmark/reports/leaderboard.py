@@ -566,24 +566,7 @@ def build_leaderboard(
 def _pictures_section(report: Report, tables: dict[str, pd.DataFrame], runs: pd.DataFrame, results_dir: Path,
                       output_dir: Path, order: list[str], with_gallery: bool) -> None:
     ordered = {metric: table.loc[order] for metric, table in tables.items()}
-    report.heading("Anomaly maps, the same test images across methods", anchor="gallery")
-    shown = gallery.gallery(runs, results_dir, order, output_dir) if with_gallery else None
-    if not with_gallery:
-        report.text("Left out of this build (--no-gallery): its pictures show the dataset's test images, which "
-                    "this folder does not carry. Build the report without the flag, next to the data, to see them.")
-    elif shown is None:
-        report.text("No anomaly maps here: this results folder keeps neither jobs/<job>/anomaly_maps nor the "
-                    f"thumbnails of an earlier build ({gallery.STORE}/); build the report from the sweep's local "
-                    "folder to see them.")
-    else:
-        page, markdown, cells = shown
-        cells.to_csv(output_dir / gallery.INDEX, index=False)
-        count = len(cells[["category", "image"]].drop_duplicates())
-        report.text(f"{count} test images, chosen by a fixed rule (per category, the first {gallery.PER_DEFECT} "
-                    f"file names of each defect type and the first {gallery.GOOD} good one), never by how they look; "
-                    "each method's lowest seed. Cells: the map thresholded at the method's validation threshold (red), "
-                    "the ground truth outlined in green.")
-        report.raw(page, markdown)
+    gallery.section(report, runs, results_dir, order, output_dir, with_gallery)
     report.heading("Pictures")
     report.image(figures.bars(ordered, output_dir / "leaderboard_bars.png"), "per-category bars")
     speed = figures.speed_quality(ordered, output_dir / "leaderboard_speed.png")
