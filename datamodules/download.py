@@ -14,6 +14,7 @@ the temporary folder, which the next run removes; a refused archive leaves nothi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -21,6 +22,7 @@ import tarfile
 import urllib.request
 import uuid
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from tqdm.auto import tqdm
@@ -101,6 +103,29 @@ def needs_extraction(folder: str | Path, archive_name: str = ARCHIVE_NAME) -> bo
     return not folder.is_dir() or (not is_extracted(folder) and (folder.parent / archive_name).is_file())
 
 
+@contextlib.contextmanager
+def _staged_extraction(root: Path, archive_name: str) -> Iterator[Path]:
+    """A fresh staging folder inside ``root`` to extract into. When the block ends without error,
+    each category folder in it gets :data:`COMPLETE_MARKER` and moves atomically into ``root``;
+    a folder already there is kept unless :func:`needs_extraction` says it is a half extraction
+    of this archive. The staging folder is removed either way."""
+    root.mkdir(parents=True, exist_ok=True)
+    for leftover in root.glob(_TEMPORARY_PREFIX + "*"):  # a killed extraction's
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary = root / f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}"
+    try:
+        yield temporary
+        for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
+            (extracted / COMPLETE_MARKER).write_text(f"extracted from {archive_name}\n")
+            target = root / extracted.name
+            if target.exists() and needs_extraction(target, archive_name):
+                shutil.rmtree(target)  # an older, possibly half, extraction of this root's archive
+            if not target.exists():
+                os.replace(extracted, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
 def extract_category(archive: str | Path, root: str | Path, category: str | None = None) -> Path:
     """Extract one category (or all, when ``category`` is None) of an MVTec archive into ``root``.
 
@@ -109,25 +134,11 @@ def extract_category(archive: str | Path, root: str | Path, category: str | None
     (an older, possibly half, extraction of it): then it is replaced.
     """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for leftover in root.glob(_TEMPORARY_PREFIX + "*"):  # a killed extraction's
-        shutil.rmtree(leftover, ignore_errors=True)
-    temporary = root / f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}"
-    try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if category is None or _top_folder(m.name) == category]
-            if not members:
-                raise FileNotFoundError(f"category {category!r} is not in archive {archive}")
-            tar.extractall(temporary, members=members, filter="data")
-        for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
-            (extracted / COMPLETE_MARKER).write_text(f"extracted from {Path(archive).name}\n")
-            target = root / extracted.name
-            if target.exists() and needs_extraction(target, Path(archive).name):
-                shutil.rmtree(target)  # an older, possibly half, extraction of this root's archive
-            if not target.exists():
-                os.replace(extracted, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
+    with _staged_extraction(root, Path(archive).name) as temporary, tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if category is None or _top_folder(m.name) == category]
+        if not members:
+            raise FileNotFoundError(f"category {category!r} is not in archive {archive}")
+        tar.extractall(temporary, members=members, filter="data")
     return root / category if category else root
 
 
@@ -170,11 +181,7 @@ def extract_zip_category(archive: str | Path, root: str | Path, category: str | 
         members = [(info, parts) for info, parts in members if category is None or parts[0] == category]
         if not any(not info.is_dir() for info, _ in members):
             raise FileNotFoundError(f"category {category!r} is not in archive {archive}")
-        root.mkdir(parents=True, exist_ok=True)
-        for leftover in root.glob(_TEMPORARY_PREFIX + "*"):  # a killed extraction's
-            shutil.rmtree(leftover, ignore_errors=True)
-        temporary = root / f"{_TEMPORARY_PREFIX}{uuid.uuid4().hex}"
-        try:
+        with _staged_extraction(root, archive.name) as temporary:
             for info, parts in members:
                 target = temporary.joinpath(*parts)
                 if info.is_dir():
@@ -183,15 +190,6 @@ def extract_zip_category(archive: str | Path, root: str | Path, category: str | 
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(info) as source, open(target, "wb") as out:
                     shutil.copyfileobj(source, out, _CHUNK)
-            for extracted in sorted(p for p in temporary.iterdir() if p.is_dir()):
-                (extracted / COMPLETE_MARKER).write_text(f"extracted from {archive.name}\n")
-                target = root / extracted.name
-                if target.exists() and needs_extraction(target, archive.name):
-                    shutil.rmtree(target)  # an older, possibly half, extraction of this root's archive
-                if not target.exists():
-                    os.replace(extracted, target)
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
     return root / category if category else root
 
 
