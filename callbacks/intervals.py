@@ -199,8 +199,21 @@ def _labelled_scores(image_scores: Any, image_labels: Any) -> tuple[np.ndarray, 
     return scores, labels
 
 
-def _percentile_intervals(keys: list[Any], result: Any) -> dict[Any, list[float]]:
-    """``scipy.stats.bootstrap``'s intervals per key; ``[nan, nan]`` where a resample was undefined."""
+def _stratified_intervals(
+    keys: list[Any],
+    anomalous: np.ndarray,
+    good: np.ndarray,
+    statistic: Any,
+    n_resamples: int,
+    confidence_level: float,
+    seed: int,
+) -> dict[Any, list[float]]:
+    """Percentile intervals of ``statistic`` (one row per key) over resamples of the test images
+    drawn within each label (``scipy.stats.bootstrap``); ``[nan, nan]`` where a resample was undefined."""
+    result = stats.bootstrap(
+        (anomalous, good), statistic, n_resamples=n_resamples, confidence_level=confidence_level,
+        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
+    )
     low, high = np.atleast_1d(result.confidence_interval.low), np.atleast_1d(result.confidence_interval.high)
     return {key: [math.nan, math.nan] if np.isnan(result.bootstrap_distribution[k]).any()
             else [float(low[k]), float(high[k])] for k, key in enumerate(keys)}  # fmt: skip
@@ -235,11 +248,7 @@ def bootstrap_intervals(
         return {k: [math.nan, math.nan] for k in _metric_keys(anomaly_maps)}
     keys, statistic = _resampled_metrics(scores, labels, anomaly_maps, masks, fpr_limit, batch,
                                          max_thresholds, segmentation_threshold)  # fmt: skip
-    result = stats.bootstrap(
-        (anomalous, good), statistic, n_resamples=n_resamples, confidence_level=confidence_level,
-        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
-    )
-    return _percentile_intervals(keys, result)
+    return _stratified_intervals(keys, anomalous, good, statistic, n_resamples, confidence_level, seed)
 
 
 def paired_bootstrap_deltas(
@@ -277,11 +286,7 @@ def paired_bootstrap_deltas(
     def difference(drawn_anomalous: np.ndarray, drawn_good: np.ndarray, axis: int = -1) -> np.ndarray:
         return (statistic_a(drawn_anomalous, drawn_good) - statistic_b(drawn_anomalous, drawn_good))[rows]
 
-    result = stats.bootstrap(
-        (anomalous, good), difference, n_resamples=n_resamples, confidence_level=confidence_level,
-        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
-    )
-    return _percentile_intervals(keys, result)
+    return _stratified_intervals(keys, anomalous, good, difference, n_resamples, confidence_level, seed)
 
 
 def bootstrap_saturated_pro(
@@ -324,8 +329,6 @@ def bootstrap_saturated_pro(
                     out[:, r] = [_pro_from(sweep, limit) for limit in fpr_limits]
         return out
 
-    result = stats.bootstrap(
-        (anomalous, good), statistic, n_resamples=n_resamples, confidence_level=confidence_level,
-        method="percentile", vectorized=True, random_state=np.random.default_rng(seed),
-    )
-    return list(_percentile_intervals(list(range(len(fpr_limits))), result).values())
+    limits = list(range(len(fpr_limits)))
+    intervals = _stratified_intervals(limits, anomalous, good, statistic, n_resamples, confidence_level, seed)
+    return list(intervals.values())
