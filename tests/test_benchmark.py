@@ -530,6 +530,40 @@ def test_ablation_table_compares_an_arm_with_its_partner_and_prints_the_sweeps_n
     assert "[2] tsdn-one-stream: the map is the reconstruction error" in out
 
 
+def test_ablation_table_compares_a_unified_model_with_the_same_rows_per_category(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A unified job's per-category metrics are rows of their own: per-category minus unified by category
+    and seed, and a unified arm against the unified full method, not against the per-category one."""
+    from adbench.benchmark.orchestration.records import RUNS_FOLDER, write_json_atomic
+    from adbench.benchmark.reports.ablation_table import main
+
+    def record(name: str, seed: int, by_category: dict[str, float]) -> None:
+        categories = list(by_category)
+        unified = len(categories) > 1
+        write_json_atomic(tmp_path / RUNS_FOLDER / f"{name}__{'unified' if unified else categories[0]}__{seed}.json", {
+            "name": name, "method": "uniad", "profile": "quick", "categories": categories, "seed": seed,
+            "status": "ok", "setting": "unified" if unified else "per-category",
+            "metrics": {"pixel_auroc": sum(by_category.values()) / len(categories)},
+            "metrics_by_category": {c: {"pixel_auroc": v} for c, v in by_category.items()}})  # fmt: skip
+
+    for seed, (bottle, transistor) in enumerate(((0.98, 0.90), (0.96, 0.92))):
+        record("uniad", seed, {"bottle": bottle})
+        record("uniad", seed, {"transistor": transistor})
+        record("uniad", seed, {"bottle": bottle - 0.01 * (seed + 1), "transistor": transistor - 0.10})
+        record("uniad-no-neighbour-mask", seed, {"bottle": bottle - 0.05, "transistor": transistor - 0.20})
+    assert main([str(tmp_path), "--metrics", "pixel_auroc"]) == 0
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line
+            for line in capsys.readouterr().out.splitlines() if line.startswith(("| bottle", "| transistor"))}  # fmt: skip
+    assert sorted(rows) == [(c, r) for c in ("bottle", "transistor")
+                            for r in ("uniad", "uniad (unified)", "uniad-no-neighbour-mask (unified)")]  # fmt: skip
+    assert "| uniad " in rows[("bottle", "uniad (unified)")] and "+1.5 ± 0.7" in rows[("bottle", "uniad (unified)")]
+    assert "+10.0 ± 0.0" in rows[("transistor", "uniad (unified)")]
+    # The unified arm against the unified model: 5 - 1 and 5 - 2 points on bottle; 10 on transistor.
+    assert "uniad (unified)" in rows[("bottle", "uniad-no-neighbour-mask (unified)")]
+    assert "+3.5 ± 0.7" in rows[("bottle", "uniad-no-neighbour-mask (unified)")]
+    assert "+10.0 ± 0.0" in rows[("transistor", "uniad-no-neighbour-mask (unified)")]
+
+
 def test_the_ablation_sweeps_partners_and_notes_are_valid() -> None:
     from adbench.benchmark.reports.ablation_table import notes, partners, sweep_variants
 

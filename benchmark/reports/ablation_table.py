@@ -27,6 +27,11 @@ The sweep YAMLs (``configs/sweeps/*.yaml``, or ``--sweeps``) say more about an a
 against ``tsdn-map-reconstruction``); and its ``note``, a caveat numbered in the ``note``
 column and printed under the table. Arms renamed since their records were written keep
 their old name, with a note (``RENAMED``).
+
+A job of the unified setting (one model for all categories, ``--setting unified``) gives one row
+per category named ``<row> (unified)``, from its per-category metrics. It is compared with the
+row of the same name trained per category, where there is one (per-category minus unified, by
+category and seed), and its arms and baseline are its own unified rows.
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ RENAMED = {
     "2026-12-06; these records also built no discriminator and stopped after the students' 10 epochs, so "
     "they switch two things, the map and the discriminator",
 }
+#: The suffix of a unified-setting row's name.
+UNIFIED = " (unified)"
 
 
 def sweep_variants(paths: list[Path] | None = None) -> dict[str, dict[str, Any]]:
@@ -75,6 +82,24 @@ def partners(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
 def notes(variants: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Row -> the caveat printed beside it: its variant's ``note``, or a renamed arm's."""
     return {**RENAMED, **{name: " ".join(str(v["note"]).split()) for name, v in variants.items() if v.get("note")}}
+
+
+def unified_rows(runs: pd.DataFrame, baselines: dict[str, str]) -> tuple[pd.DataFrame, dict[str, str], dict[str, str]]:
+    """The unified setting's rows renamed ``<name> (unified)`` (their method too, so that a unified arm
+    is paired with the unified full method); returns them, each unified row's per-category namesake
+    (its partner, where that row exists) and ``baselines`` extended to the unified rows."""
+    unified = runs.setting == "unified"
+    if not unified.any():
+        return runs, {}, baselines
+    runs = runs.copy()
+    for column in ("name", "method"):
+        runs.loc[unified, column] = runs.loc[unified, column] + UNIFIED
+    per_category = set(runs.name[~unified])
+    namesakes = {name: name.removesuffix(UNIFIED) for name in set(runs.name[unified])
+                 if name.removesuffix(UNIFIED) in per_category}  # fmt: skip
+    present = set(runs.name)
+    return runs, namesakes, {**baselines, **{method + UNIFIED: baseline + UNIFIED for method, baseline in baselines.items()
+                                             if method + UNIFIED in present and baseline + UNIFIED in present}}
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
@@ -264,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = runs_frame(list(records.values()))
     if args.rows:
         runs = runs[runs.name.isin(args.rows.split(","))]
-    baselines = declared_baselines(list(records.values()))
+    kept = set(runs.name)
     variants = sweep_variants(args.sweeps)
-    deltas = paired_deltas(runs, metrics, baselines, partners(variants))
+    runs, namesakes, baselines = unified_rows(runs, declared_baselines(list(records.values())))
+    deltas = paired_deltas(runs, metrics, baselines, {**partners(variants), **namesakes})
     row_notes = notes(variants)
+    row_notes.update({name + UNIFIED: text for name, text in row_notes.items()})  # a unified arm's caveat is its arm's
     print(ablation_table(runs, metrics, deltas, row_notes=row_notes).to_markdown(index=False))
     texts = footnotes(runs, row_notes)
     if texts:
@@ -278,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n" + crossed)
     print("\n" + baselines_line(runs, baselines))
     saturated, validated = saturation_rate([r for r in records.values() if (r.get("name") or r.get("method"))
-                                            in set(runs.name)])  # fmt: skip
+                                            in kept])  # fmt: skip
     print(f"Validation saturated in {saturated} of {validated} jobs (records.selection_saturation).")
     if args.plot:
         if deltas.empty:
