@@ -94,12 +94,12 @@ def unified_rows(runs: pd.DataFrame, baselines: dict[str, str]) -> tuple[pd.Data
     runs = runs.copy()
     for column in ("name", "method"):
         runs.loc[unified, column] = runs.loc[unified, column] + UNIFIED
-    per_category = set(runs.name[~unified])
+    present = set(runs.name)  # a per-category name never ends in UNIFIED
     namesakes = {name: name.removesuffix(UNIFIED) for name in set(runs.name[unified])
-                 if name.removesuffix(UNIFIED) in per_category}  # fmt: skip
-    present = set(runs.name)
-    return runs, namesakes, {**baselines, **{method + UNIFIED: baseline + UNIFIED for method, baseline in baselines.items()
-                                             if method + UNIFIED in present and baseline + UNIFIED in present}}
+                 if name.removesuffix(UNIFIED) in present}  # fmt: skip
+    unified_baselines = {method + UNIFIED: baseline + UNIFIED for method, baseline in baselines.items()
+                         if {method + UNIFIED, baseline + UNIFIED} <= present}  # fmt: skip
+    return runs, namesakes, {**baselines, **unified_baselines}
 
 
 def _finished(runs: pd.DataFrame) -> pd.DataFrame:
