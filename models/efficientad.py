@@ -324,6 +324,7 @@ class EfficientAD(AnomalyModule):
             self.fitted[0] = True
         self._ood_source: TextureSource | None = None
         self._validated = False
+        self._quantiles_stale = False  # trained since the quantiles were last measured
         self._rng = np.random.default_rng(0)
 
     def train(self, mode: bool = True) -> EfficientAD:
@@ -400,18 +401,37 @@ class EfficientAD(AnomalyModule):
 
     def on_fit_start(self) -> None:
         self._validated = False
+        self._quantiles_stale = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._quantiles_stale = True  # the weights moved: the quantiles describe an older student
 
     def on_validation_epoch_start(self) -> None:
         if not self.trainer.sanity_checking:
             self.fit_map_quantiles(self.trainer.val_dataloaders)
             self._validated = True
+            self._quantiles_stale = False
 
-    def on_train_epoch_end(self) -> None:
-        # Before this fit's first validation (or without any): the quantiles from the training images, so that
-        # the epoch's checkpoint has some (the student has seen these images: lower quantiles; see the docs).
-        if not self._validated:
-            with eval_mode([self]):
-                self.fit_map_quantiles(self.trainer.train_dataloader)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint saved before this fit's first validation (or in a fit without any) still gets the
+        # quantiles of its own weights. The state dict was taken already, so they are written into it too.
+        if self._refresh_quantiles_from_training_images():
+            state = checkpoint["state_dict"]
+            state["quantiles"], state["fitted"] = self.quantiles.clone(), self.fitted.clone()
+
+    def on_train_end(self) -> None:
+        self._refresh_quantiles_from_training_images()
+
+    def _refresh_quantiles_from_training_images(self) -> bool:
+        """Without a validation in this fit, measure the quantiles on the training images, once per change of
+        the weights (not after every epoch: each pass costs an epoch's forward passes). The student has seen
+        these images, so their quantiles are lower than held-out ones (see the docs). True: measured now."""
+        if self._validated or not self._quantiles_stale:
+            return False
+        with eval_mode([self]):
+            self.fit_map_quantiles(self.trainer.train_dataloader)
+        self._quantiles_stale = False
+        return True
 
     # ------------------------------------------------------------------ fitted statistics
 

@@ -191,6 +191,56 @@ def test_map_quantiles_come_from_the_normal_validation_images_only(one_thread: N
     torch.testing.assert_close(normalise_map(q[:2], q[0], q[1]), torch.tensor([0.0, 0.1]))
 
 
+def _fit_without_validation(tmp_path: Path, checkpoints: bool) -> tuple[EfficientAD, torch.Tensor, int]:
+    """Three epochs of three steps with no validation; the model, its training images and how many times it
+    measured its map quantiles."""
+    from lightning import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    seed_everything(TEST_SEED, verbose=False)
+    images = torch.rand(6, 3, SIZE, SIZE)
+    train = DataLoader([{"image": image, "label": 0} for image in images], batch_size=2, shuffle=True)
+    model, calls = _model(lr=1e-2), []
+    measure = model.fit_map_quantiles
+    model.fit_map_quantiles = lambda loader: (calls.append(1), measure(loader))[1]  # type: ignore[method-assign]
+    saver = [ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)] if checkpoints else []
+    trainer = Trainer(max_epochs=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=checkpoints, callbacks=saver)  # fmt: skip
+    trainer.fit(model, train_dataloaders=train)
+    return model, images, len(calls)
+
+
+def _quantiles_of(state: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+    fresh = _model()
+    fresh.load_state_dict(state)
+    fresh.eval().fit_map_quantiles(_loader(images, [0] * len(images)))
+    return fresh.quantiles
+
+
+@pytest.mark.slow
+def test_without_validation_the_quantiles_are_measured_once_at_the_end(tmp_path: Path, one_thread: None) -> None:
+    model, images, calls = _fit_without_validation(tmp_path, checkpoints=False)
+    assert calls == 1  # not once per epoch
+    assert bool(model.fitted[2])
+    torch.testing.assert_close(model.quantiles, _quantiles_of(model.state_dict(), images))
+
+
+@pytest.mark.slow
+def test_without_validation_each_checkpoint_carries_its_own_quantiles(tmp_path: Path, one_thread: None) -> None:
+    model, images, calls = _fit_without_validation(tmp_path, checkpoints=True)
+    saved = sorted(tmp_path.glob("*.ckpt"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(saved) == 3 and calls == 3  # one per checkpoint; the fit's end finds them current
+    stored = []
+    for path in saved:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        assert bool(state["fitted"][2]), path.name
+        torch.testing.assert_close(state["quantiles"], _quantiles_of(state, images), msg=path.name)
+        stored.append(state["quantiles"])
+    assert not torch.equal(stored[0], stored[-1])  # they follow the weights
+    torch.testing.assert_close(model.quantiles, stored[-1])
+
+
 # --------------------------------------------------------------------------- the teacher file and cache
 
 

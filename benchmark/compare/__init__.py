@@ -83,7 +83,7 @@ Method pairs (ours <-> anomalib):
   ours and that both PDNs give the same output. Penalty images: ``--texture-root`` (DTD; anomalib's
   ``imagenet_dir`` ImageFolder, checked to hold the same files as ours), else 32 procedural textures
   written once as an ImageFolder for both. Teacher channel statistics: all training images, both. Map
-  quantiles (no validation split): ours measures them on the training images after each epoch;
+  quantiles (no validation split): ours measures them on the training images once, after training;
   anomalib's would stay unset (raw maps), so its ``on_validation_start`` computation runs on the training
   images after training. Left as each library has it: anomalib measures the quantiles on its padded
   full-size maps, ours on the PDN-resolution maps; anomalib's StepLR is stepped per epoch (no lr drop

@@ -64,7 +64,7 @@ def build_ours(spec: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
         # Our teacher from the file the main process wrote (anomalib's holds the same tensors), by SHA-256.
         notes["teacher"] = (f"{spec['our_init_args']['teacher_weights']} (sha256 "
                             f"{spec['our_init_args']['teacher_sha256'][:12]}), not distilled in this worker")
-        notes["map_quantiles"] = "no validation split: measured on the training images after each epoch"
+        notes["map_quantiles"] = "no validation split: measured on the training images after training"
     if spec["kind"] == "glass":
         notes["local_synthesis"] = (f"the DataModule's DRAEM recipe (datamodules/synthesis.py) on textures from "
                                     f"{spec['texture_root']}: half of the training images, one Perlin mask, image "
