@@ -46,6 +46,7 @@ DEVICES ?=
 PARALLEL ?=
 WANDB ?=
 PRECISION ?=
+CPU_ISA ?=
 MVTEC_ROOT ?=
 DTD_ROOT ?=
 # make compare: its own virtualenv, and what it passes through.
@@ -70,6 +71,7 @@ SWEEP_ARGS := --sweep $(SWEEP) --results-dir $(RESULTS_DIR) \
 	$(if $(PARALLEL),--parallel $(PARALLEL)) \
 	$(if $(WANDB),--wandb $(WANDB)) \
 	$(if $(PRECISION),--precision $(PRECISION)) \
+	$(if $(CPU_ISA),--cpu-isa $(CPU_ISA)) \
 	$(if $(MVTEC_ROOT),--root $(MVTEC_ROOT)) \
 	$(if $(DTD_ROOT),--texture-root $(DTD_ROOT))
 
