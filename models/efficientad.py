@@ -478,7 +478,7 @@ class EfficientAD(AnomalyModule):
             return
         values = values[:, normal]
         low, high = self.hparams.map_quantiles
-        q = [_quantile(v, p) for v in values for p in (low, high)]
+        q = [linear_quantile(v, p) for v in values for p in (low, high)]
         self.quantiles.copy_(torch.stack(q))
         self.fitted[2] = True
 
@@ -538,7 +538,7 @@ class EfficientAD(AnomalyModule):
         self.fitted[0] = True
 
 
-def _quantile(values: Tensor, q: float) -> Tensor:
+def linear_quantile(values: Tensor, q: float) -> Tensor:
     """``torch.quantile`` (linear interpolation) for any number of elements."""
     flat = values.float().flatten()
     if flat.numel() <= 2**24:
