@@ -359,8 +359,7 @@ class EfficientAD(AnomalyModule):
             combined = normalise_map(local, q[0], q[1])
             if global_ is not None:
                 combined = 0.5 * combined + 0.5 * normalise_map(global_, q[2], q[3])
-            combined = F.pad(combined, (MAP_PADDING,) * 4)
-            anomaly_map = F.interpolate(combined, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            anomaly_map = full_size_map(combined, images.shape[-2:])
         return AnomalyOutput(anomaly_map, max_score(anomaly_map))
 
     # ------------------------------------------------------------------ training
@@ -536,6 +535,11 @@ class EfficientAD(AnomalyModule):
         self.teacher.load_state_dict(state)
         self.teacher.to(self.device, memory_format=self.memory_format)
         self.fitted[0] = True
+
+
+def full_size_map(cells: Tensor, size: tuple[int, int]) -> Tensor:
+    """A map at the PDN's resolution zero-padded by :data:`MAP_PADDING` cells and resized (bilinear) to ``size``."""
+    return F.interpolate(F.pad(cells, (MAP_PADDING,) * 4), size=size, mode="bilinear", align_corners=False)
 
 
 def linear_quantile(values: Tensor, q: float) -> Tensor:

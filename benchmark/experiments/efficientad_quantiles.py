@@ -7,7 +7,7 @@ Each ``JOB_DIR`` is a finished benchmark job of ``efficientad`` (its ``config.ya
 same weights and the same normal validation images:
 
 * ``ours``: q_a, q_b of the raw maps at the PDN's resolution (what the job did; its metrics must
-  equal the record's, which is checked against ``--record`` when given);
+  equal the record's, which is checked with ``--records``);
 * ``anomalib``: the quantiles of the maps after zero-padding by 4 cells and resizing to the input,
   as anomalib 2.7 measures them (``map_norm_quantiles`` on ``get_maps(normalize=False)``);
 * ``local only`` / ``global only``: one map alone, to show how far the weighting can move a metric.
@@ -24,11 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
 from adbench.callbacks.metrics import compute_anomaly_metrics
-from adbench.models.efficientad import MAP_PADDING, EfficientAD, linear_quantile, normalise_map
+from adbench.models.efficientad import EfficientAD, full_size_map, linear_quantile, normalise_map
 
 METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05")
 
@@ -50,7 +49,6 @@ def _model_and_data(job_dir: Path) -> tuple[EfficientAD, Any]:
     return model.eval(), data
 
 
-@torch.no_grad()
 def _raw_maps(model: EfficientAD, loader: Any) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Local and global raw maps (N, 1, h, w), labels (N,) and masks (N, H, W) of a loader's images."""
     local, global_, labels, masks = [], [], [], []
@@ -63,15 +61,12 @@ def _raw_maps(model: EfficientAD, loader: Any) -> tuple[torch.Tensor, torch.Tens
     return torch.cat(local), torch.cat(global_), np.concatenate(labels), np.concatenate(masks)
 
 
-def _full_size(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(F.pad(raw, (MAP_PADDING,) * 4), size=size, mode="bilinear", align_corners=False)
-
-
 def _quantiles(maps: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
     flat = maps.flatten()
     return linear_quantile(flat, low), linear_quantile(flat, high)
 
 
+@torch.no_grad()
 def evaluate(job_dir: Path) -> list[dict[str, Any]]:
     model, data = _model_and_data(job_dir)
     low, high = model.hparams.map_quantiles
@@ -81,12 +76,12 @@ def evaluate(job_dir: Path) -> list[dict[str, Any]]:
     test_local, test_global, labels, masks = _raw_maps(model, data.test_dataloader())
     size = masks.shape[-2:]
     ours = (*_quantiles(val_local, low, high), *_quantiles(val_global, low, high))
-    anomalib = (*_quantiles(_full_size(val_local, size), low, high), *_quantiles(_full_size(val_global, size), low, high))
+    anomalib = (*_quantiles(full_size_map(val_local, size), low, high), *_quantiles(full_size_map(val_global, size), low, high))
     rows = []
     for name, q, weights in (("ours", ours, (0.5, 0.5)), ("anomalib", anomalib, (0.5, 0.5)),
                              ("local only", ours, (1.0, 0.0)), ("global only", ours, (0.0, 1.0))):  # fmt: skip
         combined = weights[0] * normalise_map(test_local, q[0], q[1]) + weights[1] * normalise_map(test_global, q[2], q[3])
-        maps = _full_size(combined, size)[:, 0].numpy()
+        maps = full_size_map(combined, size)[:, 0].numpy()
         metrics = compute_anomaly_metrics(maps.reshape(len(maps), -1).max(axis=1), labels, maps, masks)
         rows.append({"job": job_dir.name, "variant": name, "quantiles": [round(float(v), 4) for v in q],
                      **{k: metrics[k] for k in METRICS}})  # fmt: skip
@@ -98,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("job_dirs", nargs="+", type=Path)
     parser.add_argument("--records", type=Path, help="the sweep's runs/ folder: check 'ours' against each record")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
     print("| job | variant | q_a / q_b local | q_a / q_b global | " + " | ".join(METRICS) + " |")
     print("|---|---|---|---|" + "---|" * len(METRICS))
     for job_dir in args.job_dirs:
