@@ -30,10 +30,14 @@ Readings, open choices and ablations: docs/methods/efficientad.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -518,23 +522,44 @@ class EfficientAD(AnomalyModule):
             key = hashlib.sha256(json.dumps({**settings, "textures": _describe(settings["textures"])},
                                             sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
             path = Path(hp.teacher_cache).expanduser() / f"teacher-{hp.model_size}-{key}.pth"
-        if path is not None and path.is_file():
-            rank_zero_info(f"EfficientAD: distilled teacher from the cache, {path}")
-            state = load_teacher(path)
-        else:
-            rank_zero_info(f"EfficientAD: no teacher file; distilling one from {hp.backbone} on "
-                           f"{settings['textures']} ({hp.distill_steps} steps)")  # fmt: skip
-            content = distill_teacher(**settings)
-            state = content["state_dict"]
-            if path is not None and (self._trainer is None or self.trainer.is_global_zero):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save(content, partial)
-                partial.replace(path)
-                rank_zero_info(f"EfficientAD: distilled teacher cached in {path}")
+        # Parallel first fits (a sweep's jobs, DDP ranks) distil once: the others wait for the file.
+        with _exclusive(path) if path is not None else contextlib.nullcontext():
+            if path is not None and path.is_file():
+                rank_zero_info(f"EfficientAD: distilled teacher from the cache, {path}")
+                state = load_teacher(path)
+            else:
+                rank_zero_info(f"EfficientAD: no teacher file; distilling one from {hp.backbone} on "
+                               f"{settings['textures']} ({hp.distill_steps} steps)")  # fmt: skip
+                content = distill_teacher(**settings)
+                state = content["state_dict"]
+                if path is not None:  # by whichever process holds the lock, so any rank may write it
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    partial = path.with_suffix(f".{os.getpid()}.tmp")
+                    torch.save(content, partial)
+                    partial.replace(path)
+                    rank_zero_info(f"EfficientAD: distilled teacher cached in {path}")
         self.teacher.load_state_dict(state)
         self.teacher.to(self.device, memory_format=self.memory_format)
         self.fitted[0] = True
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<path>.lock``, waiting for it; unlocked where the file system refuses flock."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:  # the kernel releases the lock when the file closes, however the process ends
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            rank_zero_info(f"EfficientAD: another process is distilling this teacher ({lock} is locked); waiting")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            rank_zero_warn(f"EfficientAD: {lock.parent} refuses flock ({error.strerror}); parallel first fits "
+                           "may each distil the teacher")  # fmt: skip
+        yield
 
 
 def full_size_map(cells: Tensor, size: tuple[int, int]) -> Tensor:

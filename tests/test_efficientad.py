@@ -1,8 +1,11 @@
 """EfficientAD: PDN and autoencoder shapes, the hard feature loss, the penalty switch, teacher statistics
-and map quantiles against brute force, the teacher file's errors and cache, detection, bf16, ONNX."""
+and map quantiles against brute force, the teacher file's errors and cache (one distillation for parallel
+fits), detection, bf16, ONNX."""
 
 from __future__ import annotations
 
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +277,27 @@ def test_distilled_teacher_is_cached_and_reused(tmp_path: Path, monkeypatch: pyt
     monkeypatch.undo()
     _model(teacher_cache=str(tmp_path), distill_steps=1)._obtain_teacher()
     assert len(list(tmp_path.glob("teacher-small-*.pth"))) == 2
+
+
+def test_parallel_first_fits_distil_the_teacher_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     one_thread: None) -> None:  # fmt: skip
+    # Two fits start at once on an empty cache (a sweep's parallel jobs): one distils, the other waits for its file.
+    calls, distill = [], module.distill_teacher
+
+    def slow_distill(**kwargs: object) -> dict[str, object]:
+        calls.append(kwargs)
+        time.sleep(1.0)  # both fits are looking for the file while the first distils
+        return distill(**kwargs)
+
+    monkeypatch.setattr(module, "distill_teacher", slow_distill)
+    models = [_model(teacher_cache=str(tmp_path)) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:  # separate open files: flock excludes them as it does two processes
+        for finished in [pool.submit(model._obtain_teacher) for model in models]:
+            finished.result()
+    assert len(calls) == 1
+    for a, b in zip(models[0].teacher.parameters(), models[1].teacher.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert len(list(tmp_path.glob("teacher-small-*.pth"))) == 1
 
 
 def test_out_of_distribution_images_are_required() -> None:
