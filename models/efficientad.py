@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import math
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +57,7 @@ from .weights import (
     IMAGENET_NORMALISATION,
     WeightsIntegrityError,
     WeightsUnavailableError,
+    exclusive_file_lock,
     sha256_file,
 )
 
@@ -523,7 +521,7 @@ class EfficientAD(AnomalyModule):
                                             sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
             path = Path(hp.teacher_cache).expanduser() / f"teacher-{hp.model_size}-{key}.pth"
         # Parallel first fits (a sweep's jobs, DDP ranks) distil once: the others wait for the file.
-        with _exclusive(path) if path is not None else contextlib.nullcontext():
+        with exclusive_file_lock(path) if path is not None else contextlib.nullcontext():
             if path is not None and path.is_file():
                 rank_zero_info(f"EfficientAD: distilled teacher from the cache, {path}")
                 state = load_teacher(path)
@@ -541,25 +539,6 @@ class EfficientAD(AnomalyModule):
         self.teacher.load_state_dict(state)
         self.teacher.to(self.device, memory_format=self.memory_format)
         self.fitted[0] = True
-
-
-@contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<path>.lock``, waiting for it; unlocked where the file system refuses flock."""
-    lock = path.with_name(path.name + ".lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as handle:  # the kernel releases the lock when the file closes, however the process ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            rank_zero_info(f"EfficientAD: another process is distilling this teacher ({lock} is locked); waiting")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            rank_zero_warn(f"EfficientAD: {lock.parent} refuses flock ({error.strerror}); parallel first fits "
-                           "may each distil the teacher")  # fmt: skip
-        yield
 
 
 def full_size_map(cells: Tensor, size: tuple[int, int]) -> Tensor:

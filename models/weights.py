@@ -45,15 +45,24 @@ falls back to random initialisation):
 If none of these yields weights, :class:`WeightsUnavailableError` says what was
 tried and how to fix it. Random initialisation (for students, or deliberate
 ablations) happens only with ``weights="random"``.
+
+Weights made once and cached (EfficientAD's distilled teacher) are made under
+:func:`exclusive_file_lock`, so parallel first runs do not each make them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import importlib.util
 import os
 import re
+import sys
 import urllib.error
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -73,6 +82,7 @@ __all__ = [
     "WeightsIntegrityError",
     "WeightsUnavailableError",
     "default_normalisation",
+    "exclusive_file_lock",
     "list_offline_backbones",
     "resolve_state_dict",
     "sha256_file",
@@ -222,6 +232,30 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def exclusive_file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<path>.lock`` (waiting for it) while a cached file is made once.
+
+    Processes that start together on an empty cache (a sweep's parallel jobs, DDP ranks) then make
+    it once: the others wait and find the file. Unlocked, with a warning, where the file system
+    refuses flock. The kernel releases the lock when the file closes, however the process ends."""
+    lock = Path(path).with_name(Path(path).name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[cache] {lock} is held by another process making the same file; waiting", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"{lock.parent} refuses flock ({error.strerror}): processes starting together may "
+                          f"each make {Path(path).name}", stacklevel=3)  # fmt: skip
+        yield
 
 
 def _known_hash_prefix(file_name: str) -> str | None:

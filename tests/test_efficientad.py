@@ -4,6 +4,7 @@ fits), detection, bf16, ONNX."""
 
 from __future__ import annotations
 
+import errno
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ from adbench.api import Detector
 from adbench.export import ExportedDetector, export
 from adbench.models import create_model
 from adbench.models import efficientad as module
+from adbench.models import weights as weights_module
 from adbench.models.efficientad import (
     PDN,
     Autoencoder,
@@ -297,6 +299,17 @@ def test_parallel_first_fits_distil_the_teacher_once(tmp_path: Path, monkeypatch
     assert len(calls) == 1
     for a, b in zip(models[0].teacher.parameters(), models[1].teacher.parameters(), strict=True):
         assert torch.equal(a, b)
+    assert len(list(tmp_path.glob("teacher-small-*.pth"))) == 1
+
+
+def test_a_file_system_without_flock_distils_unlocked_with_a_warning(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    def refuse(*args: object) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(weights_module.fcntl, "flock", refuse)
+    with pytest.warns(UserWarning, match="refuses flock"):
+        _model(teacher_cache=str(tmp_path))._obtain_teacher()
     assert len(list(tmp_path.glob("teacher-small-*.pth"))) == 1
 
 
