@@ -62,8 +62,7 @@ def _raw_maps(model: EfficientAD, loader: Any) -> tuple[torch.Tensor, torch.Tens
 
 
 def _quantiles(maps: torch.Tensor, low: float, high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = maps.flatten()
-    return linear_quantile(flat, low), linear_quantile(flat, high)
+    return linear_quantile(maps, low), linear_quantile(maps, high)  # it flattens
 
 
 @torch.no_grad()
