@@ -4,7 +4,8 @@ Yu, Zheng, Wang, Li, Wu, Zhao, Wu. "FastFlow: Unsupervised Anomaly Detection and
 Localization via 2D Normalizing Flows", arXiv 2111.07677 (2021).
 
 A frozen ImageNet backbone gives one feature map per level; each map is
-layer-normalised (ResNet-like backbones, as in the paper) and fed to its own 2D
+layer-normalised with a learned scale and shift per position (ResNet-like backbones, as
+the reproductions do) and fed to its own 2D
 normalizing flow: a stack of affine-coupling steps whose subnetworks are small
 convolutional networks (3x3 and 1x1 kernels alternating), so the flow keeps the
 feature map's layout and each position's transform sees its neighbourhood. Trained
@@ -39,6 +40,37 @@ from .registry import register_model
 from .scoring import max_score
 
 MAP_KINDS = ("probability", "nll")
+LAYER_NORMS = ("position", "channel", "none")
+
+
+class PositionLayerNorm(nn.Module):
+    """LayerNorm over (C, H, W) with a learned scale and shift per position and channel.
+
+    At the ``grid`` it was built for this is ``nn.LayerNorm([C, H, W])``, the reproductions' norm. For
+    feature maps of another size the scale and shift are resampled (bilinear), so one model serves
+    every image size, as the flows do.
+    """
+
+    def __init__(self, channels: int, grid: tuple[int, int], eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(1, channels, *grid))
+        self.bias = nn.Parameter(torch.zeros(1, channels, *grid))
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.weight, self.bias
+        if weight.shape[-2:] != x.shape[-2:]:
+            weight, bias = (F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
+                            for p in (weight, bias))  # fmt: skip
+        return F.layer_norm(x, x.shape[1:], eps=self.eps) * weight + bias
+
+
+def level_norm(kind: str, channels: int, grid: tuple[int, int]) -> nn.Module:
+    """Per level: ``position`` (scale and shift per position), ``channel`` (per channel), ``none``."""
+    if kind == "position":
+        return PositionLayerNorm(channels, grid)
+    # GroupNorm with one group is LayerNorm over (C, H, W) with a per-channel scale and shift.
+    return nn.GroupNorm(1, channels) if kind == "channel" else nn.Identity()
 
 
 def subnet_constructor(kernel_size: int, hidden_ratio: float) -> Callable[[int, int], nn.Module]:
@@ -109,7 +141,8 @@ class FastFlow(AnomalyModule):
         conv3x3_only: bool = False,
         hidden_ratio: float = 1.0,
         clamp: float = 2.0,
-        layer_norm: bool = True,
+        layer_norm: str = "position",
+        norm_image_size: int = 256,
         map_kind: str = "probability",
         lr: float = 1e-3,
         weight_decay: float = 1e-5,
@@ -117,17 +150,19 @@ class FastFlow(AnomalyModule):
         super().__init__()
         if map_kind not in MAP_KINDS:
             raise ValueError(f"map_kind must be one of {MAP_KINDS}, got {map_kind!r}")
+        if layer_norm not in LAYER_NORMS:  # not a bool: before 2026-12-07, True meant "channel"
+            raise ValueError(f"layer_norm must be one of {LAYER_NORMS}, got {layer_norm!r}")
         if flow_steps < 1 or hidden_ratio <= 0:
             raise ValueError(f"need flow_steps >= 1 and hidden_ratio > 0, got {flow_steps}, {hidden_ratio}")
         self.save_hyperparameters()
         self.feature_extractor = FeatureExtractor(backbone, layers, weights, weights_sha256, frozen=True)
         channels = self.feature_extractor.channels
-        # LayerNorm over (C, H, W) of each image, with a learned per-channel scale and shift: GroupNorm
-        # with one group. A per-position affine (the reference's nn.LayerNorm([C, H, W])) would fix the
-        # input size.
-        self.norms = nn.ModuleList(
-            nn.GroupNorm(1, c) if layer_norm else nn.Identity() for c in channels
-        )
+        # The per-position scale and shift live on the feature grids of a norm_image_size image.
+        grids = [(norm_image_size // r, norm_image_size // r) for r in self.feature_extractor.reductions]
+        if min(min(g) for g in grids) < 1:
+            raise ValueError(f"norm_image_size {norm_image_size} is smaller than the backbone's largest stride "
+                             f"{max(self.feature_extractor.reductions)}")  # fmt: skip
+        self.norms = nn.ModuleList(level_norm(layer_norm, c, g) for c, g in zip(channels, grids, strict=True))
         self.flows = nn.ModuleList(
             build_flow(c, flow_steps, conv3x3_only, hidden_ratio, clamp) for c in channels
         )

@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning import seed_everything
 
 from adbench.models import create_model
-from adbench.models.fastflow import FastFlow, build_flow, negative_log_likelihood
+from adbench.models.fastflow import FastFlow, PositionLayerNorm, build_flow, negative_log_likelihood
 
 from .helpers import SIZE, TEST_SEED, assert_bf16_training_is_finite, fit_and_test, small_datamodule
 
 
 def _model(**kwargs: object) -> FastFlow:
-    return FastFlow(**{"backbone": "tf_efficientnet_lite0", "layers": (1, 2, 3), "flow_steps": 4, **kwargs})
+    return FastFlow(**{"backbone": "tf_efficientnet_lite0", "layers": (1, 2, 3), "flow_steps": 4, "norm_image_size": SIZE,
+                       **kwargs})  # fmt: skip
 
 
 @pytest.mark.parametrize("height, width", [(SIZE, SIZE), (64, 96)])
@@ -48,6 +50,35 @@ def test_flows_follow_the_backbone_levels_and_kernel_pattern() -> None:
     assert not any(id(block.w_perm) in optimised for flow in model.flows for block in flow)
     with pytest.raises(ValueError, match="map_kind"):
         _model(map_kind="density")
+
+
+def test_position_layer_norm_is_the_reproductions_layer_norm_and_resamples_for_other_sizes() -> None:
+    torch.manual_seed(0)
+    ours, reference = PositionLayerNorm(5, (8, 8)), torch.nn.LayerNorm([5, 8, 8])
+    with torch.no_grad():  # a learned-looking affine, the same in both
+        reference.weight.copy_(1 + torch.randn(5, 8, 8))
+        reference.bias.copy_(torch.randn(5, 8, 8))
+        ours.weight.copy_(reference.weight[None])
+        ours.bias.copy_(reference.bias[None])
+    x = 3 * torch.randn(2, 5, 8, 8) + 1
+    torch.testing.assert_close(ours(x), reference(x))
+    # Another size: normalised over the whole map, then the affine resampled to it (bilinear).
+    small = torch.randn(2, 5, 4, 4)
+    weight = F.interpolate(ours.weight, size=(4, 4), mode="bilinear", align_corners=False)
+    bias = F.interpolate(ours.bias, size=(4, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours(small), F.layer_norm(small, (5, 4, 4)) * weight + bias)
+
+
+def test_layer_norm_kinds_and_their_learned_parameters() -> None:
+    # Per position: scale and shift on the grids of norm_image_size (64 px: 16 x 16, 8 x 8 and 4 x 4 for strides 4, 8, 16).
+    assert [n.weight.shape for n in _model().norms] == [(1, 24, 16, 16), (1, 40, 8, 8), (1, 112, 4, 4)]
+    assert [n.weight.shape for n in _model(norm_image_size=128).norms] == [(1, 24, 32, 32), (1, 40, 16, 16), (1, 112, 8, 8)]
+    assert [n.weight.shape for n in _model(layer_norm="channel").norms] == [(24,), (40,), (112,)]
+    assert not list(_model(layer_norm="none").norms.parameters())
+    with pytest.raises(ValueError, match="layer_norm must be one of .*got True"):
+        _model(layer_norm=True)  # the boolean of before 2026-12-07
+    with pytest.raises(ValueError, match="norm_image_size 8 is smaller than the backbone's largest stride 16"):
+        _model(norm_image_size=8)
 
 
 def test_flow_is_invertible_and_its_log_determinant_is_exact() -> None:
@@ -108,15 +139,19 @@ def test_registered_with_the_paper_defaults() -> None:
     model = create_model("fastflow", weights="random")
     assert model.hparams.backbone == "wide_resnet50_2" and model.hparams.flow_steps == 8
     assert [flow.shapes[0][0] for flow in model.flows] == [256, 512, 1024]
+    # The reproductions' per-position LayerNorms at 256 px: 2 x (256 * 64^2 + 512 * 32^2 + 1024 * 16^2) parameters.
+    assert model.hparams.layer_norm == "position" and model.hparams.norm_image_size == 256
+    assert sum(p.numel() for p in model.norms.parameters()) == 3_670_016
     assert (model.hparams.lr, model.hparams.weight_decay) == (1e-3, 1e-5)
 
 
 @pytest.mark.slow
 def test_separates_embedded_defects_after_brief_training(embedded_root: Path, one_thread: None) -> None:
     _, metrics = fit_and_test(_model, embedded_root, steps=60, category="weave")
-    # Measured on weave at 64 px, 4 flow steps, 60 steps (2026-12-05, dataset v2): image AUROC 0.981,
-    # 0.953, 0.969 and pixel AUROC 0.971, 0.975, 0.975 for seeds 0, 1, 2 (PRO 0.916-0.925). After a
-    # single step (seed 0): image 0.367, pixel 0.764. Bounds well below the lowest value seen.
+    # Measured on weave at 64 px, 4 flow steps, 60 steps (2026-12-07, dataset v2, per-position LayerNorm):
+    # image AUROC 0.992, 0.978, 0.978 and pixel AUROC 0.970, 0.975, 0.975 for seeds 0, 1, 2 (PRO
+    # 0.916-0.927; the per-channel norm: image 0.981, 0.953, 0.969). After a single step: image 0.367-0.392,
+    # pixel 0.764-0.785. Bounds well below the lowest value seen.
     assert metrics["image_auroc"] > 0.85 and metrics["pixel_auroc"] > 0.9, metrics
 
 

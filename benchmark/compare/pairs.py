@@ -58,9 +58,9 @@ SIDES = ("ours", "anomalib")
 #: What anomalib 2.7.0 fixes (no argument of its model changes it), so our side's config must say
 #: the same: Padim always keeps a random channel subset, regularises each covariance with 0.01 I
 #: (MultiVariateGaussian) and blurs with sigma 4 (its AnomalyMapGenerator's default); Fastflow's CNN
-#: branch takes timm out_indices [1, 2, 3], layer-normalises them, clamps its couplings at 2, maps
-#: -exp(-0.5 mean z^2) and trains with Adam lr 1e-3, weight decay 1e-5; EfficientAd's PDN hidden widths are
-#: 128/256/256 (S; 256/512/512 M), its hard loss keeps distances above their 0.999 quantile, it always has
+#: branch takes timm out_indices [1, 2, 3], layer-normalises them with a scale and shift per position,
+#: clamps its couplings at 2, maps -exp(-0.5 mean z^2) and trains with Adam lr 1e-3, weight decay 1e-5;
+#: EfficientAd's PDN hidden widths are 128/256/256 (S; 256/512/512 M), its hard loss keeps distances above their 0.999 quantile, it always has
 #: the autoencoder and the penalty, normalises maps by their 0.9 / 0.995 quantiles and declares an lr drop
 #: x 0.1 at 95 % of the steps (a StepLR that Lightning steps once per epoch: see the package docs).
 #: Glass always synthesises both ways, moves its Gaussian anomalies by steps of 0.001 with a truncated projection
@@ -70,7 +70,7 @@ SIDES = ("ours", "anomalib")
 #: sigma 4, and trains its discriminator at twice the adaptor's lr (checked apart: it is a ratio).
 ANOMALIB_FIXED: dict[str, dict[str, Any]] = {
     "padim": {"random_channels": True, "epsilon": 0.01, "sigma": 4.0},
-    "fastflow": {"layers": [1, 2, 3], "layer_norm": True, "clamp": 2.0, "map_kind": "probability",
+    "fastflow": {"layers": [1, 2, 3], "layer_norm": "position", "clamp": 2.0, "map_kind": "probability",
                  "lr": 1e-3, "weight_decay": 1e-5},
     "efficientad": {"width": 1.0, "hard_quantile": 0.999, "autoencoder": True, "penalty": True,
                     "map_quantiles": [0.9, 0.995], "lr_drop_at": 0.95, "lr_drop_factor": 0.1},
