@@ -62,7 +62,7 @@ class PositionLayerNorm(nn.Module):
         if weight.shape[-2:] != x.shape[-2:]:
             weight, bias = (F.interpolate(p, size=x.shape[-2:], mode="bilinear", align_corners=False)
                             for p in (weight, bias))  # fmt: skip
-        return F.layer_norm(x, x.shape[1:], eps=self.eps) * weight + bias
+        return F.group_norm(x, 1, eps=self.eps) * weight + bias  # one group: LayerNorm over (C, H, W)
 
 
 def level_norm(kind: str, channels: int, grid: tuple[int, int]) -> nn.Module:
