@@ -60,9 +60,10 @@ SIDES = ("ours", "anomalib")
 #: (MultiVariateGaussian) and blurs with sigma 4 (its AnomalyMapGenerator's default); Fastflow's CNN
 #: branch takes timm out_indices [1, 2, 3], layer-normalises them with a scale and shift per position,
 #: clamps its couplings at 2, maps -exp(-0.5 mean z^2) and trains with Adam lr 1e-3, weight decay 1e-5;
-#: EfficientAd's PDN hidden widths are 128/256/256 (S; 256/512/512 M), its hard loss keeps distances above their 0.999 quantile, it always has
-#: the autoencoder and the penalty, normalises maps by their 0.9 / 0.995 quantiles and declares an lr drop
-#: x 0.1 at 95 % of the steps (a StepLR that Lightning steps once per epoch: see the package docs).
+#: EfficientAd's PDN hidden widths are 128/256/256 (S; 256/512/512 M), its hard loss keeps distances
+#: above their 0.999 quantile, it always has the autoencoder and the penalty, normalises maps by their
+#: 0.9 / 0.995 quantiles and declares an lr drop x 0.1 at 95 % of the steps (a StepLR that Lightning
+#: steps once per epoch: see the package docs).
 #: Glass always synthesises both ways, moves its Gaussian anomalies by steps of 0.001 with a truncated projection
 #: onto the shell [0.5, 1] around each normal feature every 5 steps (svd=0, the "manifold" projection), labels a
 #: patch anomalous when any pixel of its cell is masked (a max-pool of the mask; on our binary masks, a cell mean
