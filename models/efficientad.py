@@ -212,11 +212,14 @@ def distill_teacher(textures: str | os.PathLike[str], size: str = "small", out_c
     1e-5), images grey with probability 0.1. Seeded by ``seed`` alone, the global RNG untouched."""
     settings = {k: v for k, v in locals().items() if k not in ("textures", "weights_sha256")}
     source = texture_source(str(textures))
-    # NHWC, as AnomalyModule.memory_format: oneDNN's layout on the CPU.
-    extractor = FeatureExtractor(backbone, (2, 3), weights, weights_sha256).to(memory_format=torch.channels_last)
-    pdn = PDN(size, out_channels, width, padding=True).to(memory_format=torch.channels_last)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        # Both built under the seed: the PDN's initial weights drawn from the caller's RNG (each benchmark
+        # job's own) would give jobs that share a cache key different teachers, and the draws would shift
+        # the caller's later ones (its batch order) by whether the teacher was distilled or cached.
+        # NHWC, as AnomalyModule.memory_format: oneDNN's layout on the CPU.
+        extractor = FeatureExtractor(backbone, (2, 3), weights, weights_sha256).to(memory_format=torch.channels_last)
+        pdn = PDN(size, out_channels, width, padding=True).to(memory_format=torch.channels_last)
         rng = np.random.default_rng(seed)
 
         def batch() -> tuple[Tensor, Tensor]:
@@ -517,7 +520,8 @@ class EfficientAD(AnomalyModule):
                         norm_images=hp.distill_norm_images, image_size=hp.distill_image_size)  # fmt: skip
         path = None
         if hp.teacher_cache is not None:
-            key = hashlib.sha256(json.dumps({**settings, "textures": _describe(settings["textures"])},
+            # "rule" 2: teachers distilled before the seed also drew the PDN's initial weights are not reused.
+            key = hashlib.sha256(json.dumps({**settings, "textures": _describe(settings["textures"]), "rule": 2},
                                             sort_keys=True).encode()).hexdigest()[:16]  # fmt: skip
             path = Path(hp.teacher_cache).expanduser() / f"teacher-{hp.model_size}-{key}.pth"
         # Parallel first fits (a sweep's jobs, DDP ranks) distil once: the others wait for the file.

@@ -25,6 +25,7 @@ from adbench.models.efficientad import (
     PDN,
     Autoencoder,
     EfficientAD,
+    distill_teacher,
     hard_feature_loss,
     load_teacher,
     normalise_map,
@@ -279,6 +280,23 @@ def test_distilled_teacher_is_cached_and_reused(tmp_path: Path, monkeypatch: pyt
     monkeypatch.undo()
     _model(teacher_cache=str(tmp_path), distill_steps=1)._obtain_teacher()
     assert len(list(tmp_path.glob("teacher-small-*.pth"))) == 2
+
+
+def test_distilled_teacher_depends_on_its_seed_alone(one_thread: None) -> None:
+    # A sweep's jobs share the teacher's cache key, so the teacher must not follow each job's own RNG
+    # (before 2026-12-07 the PDN was built before the seed was set: two jobs, two teachers, one key).
+    def distil(caller_seed: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        torch.manual_seed(caller_seed)
+        content = distill_teacher("procedural", out_channels=16, width=0.125, steps=1, batch_size=2,
+                                  image_size=64, norm_images=2, seed=seed)  # fmt: skip
+        return content["state_dict"], torch.rand(1)  # the caller's RNG goes on as if untouched
+
+    (first, after_first), (second, after_second) = distil(1), distil(2)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(1)
+    assert torch.equal(after_first, torch.rand(1)) and not torch.equal(after_first, after_second)
+    other, _ = distil(1, seed=1)
+    assert not torch.equal(first["0.weight"], other["0.weight"])
 
 
 def test_parallel_first_fits_distil_the_teacher_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
