@@ -10,6 +10,10 @@ same weights and the same normal validation images:
   equal the record's, which is checked with ``--records``);
 * ``anomalib``: the quantiles of the maps after zero-padding by 4 cells and resizing to the input,
   as anomalib 2.7 measures them (``map_norm_quantiles`` on ``get_maps(normalize=False)``);
+* ``anomalib pad first``: anomalib 2.7's whole order (``compute_maps``): each raw map zero-padded
+  and resized, then normalised by those quantiles, so the padded border sits at
+  ``-0.1 q_a / (q_b - q_a)``, below almost every image cell; ours (and the reference code's)
+  normalises first and pads the combined map with 0, the level of ``q_a``;
 * ``local only`` / ``global only``: one map alone, to show how far the weighting can move a metric.
 
 Prints one table row per job and variant. No training: a minute per job on 2 CPU cores.
@@ -80,11 +84,18 @@ def evaluate(job_dir: Path) -> list[dict[str, Any]]:
     for name, q, weights in (("ours", ours, (0.5, 0.5)), ("anomalib", anomalib, (0.5, 0.5)),
                              ("local only", ours, (1.0, 0.0)), ("global only", ours, (0.0, 1.0))):  # fmt: skip
         combined = weights[0] * normalise_map(test_local, q[0], q[1]) + weights[1] * normalise_map(test_global, q[2], q[3])
-        maps = full_size_map(combined, size)[:, 0].numpy()
-        metrics = compute_anomaly_metrics(maps.reshape(len(maps), -1).max(axis=1), labels, maps, masks)
-        rows.append({"job": job_dir.name, "variant": name, "quantiles": [round(float(v), 4) for v in q],
-                     **{k: metrics[k] for k in METRICS}})  # fmt: skip
+        rows.append(_row(job_dir, name, q, full_size_map(combined, size)[:, 0].numpy(), labels, masks))
+    padded_first = 0.5 * (normalise_map(full_size_map(test_local, size), anomalib[0], anomalib[1])
+                          + normalise_map(full_size_map(test_global, size), anomalib[2], anomalib[3]))
+    rows.append(_row(job_dir, "anomalib pad first", anomalib, padded_first[:, 0].numpy(), labels, masks))
     return rows
+
+
+def _row(job_dir: Path, variant: str, q: tuple[torch.Tensor, ...], maps: np.ndarray, labels: np.ndarray,
+         masks: np.ndarray) -> dict[str, Any]:
+    metrics = compute_anomaly_metrics(maps.reshape(len(maps), -1).max(axis=1), labels, maps, masks)
+    return {"job": job_dir.name, "variant": variant, "quantiles": [round(float(v), 4) for v in q],
+            **{k: metrics[k] for k in METRICS}}
 
 
 def main(argv: list[str] | None = None) -> None:
