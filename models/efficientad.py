@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -145,15 +144,9 @@ class Autoencoder(nn.Module):
 
 
 def hard_feature_loss(distance: Tensor, quantile: float = 0.999) -> Tensor:
-    """Mean of the elements of ``distance`` at or above its ``quantile`` (linear interpolation, as
-    ``torch.quantile``, which refuses tensors above 2^24 elements: computed with ``kthvalue``)."""
+    """Mean of the elements of ``distance`` at or above its ``quantile`` (linear interpolation)."""
     flat = distance.float().flatten()
-    position = quantile * (flat.numel() - 1)
-    below = int(math.floor(position))
-    lower = flat.kthvalue(below + 1).values
-    upper = flat.kthvalue(min(below + 2, flat.numel())).values
-    threshold = lower + (upper - lower) * (position - below)
-    return flat[flat >= threshold].mean()
+    return flat[flat >= linear_quantile(flat, quantile)].mean()
 
 
 def normalise_map(anomaly_map: Tensor, low: Tensor, high: Tensor) -> Tensor:
@@ -304,6 +297,7 @@ class EfficientAD(AnomalyModule):
         penalty_source: str | None = None,
         hard_quantile: float = 0.999,
         map_quantiles: tuple[float, float] = (0.9, 0.995),
+        pad_raw_maps: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 1e-5,
         lr_drop_at: float = 0.95,
@@ -357,14 +351,22 @@ class EfficientAD(AnomalyModule):
         reconstruction = self.autoencoder(x, teacher.shape[-2:]).float()
         return local, (reconstruction - student[:, c:]).pow(2).mean(dim=1, keepdim=True)
 
-    def forward(self, images: Tensor) -> AnomalyOutput:
+    def _maps_to_normalise(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The raw maps, or with ``pad_raw_maps`` (anomalib 2.7's order) each padded and resized to the input."""
         local, global_ = self.raw_maps(images)
+        if self.hparams.pad_raw_maps:
+            local, global_ = (None if m is None else full_size_map(m, images.shape[-2:]) for m in (local, global_))
+        return local, global_
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        local, global_ = self._maps_to_normalise(images)
         with torch.autocast(device_type=images.device.type, enabled=False):
             q = self.quantiles
             combined = normalise_map(local, q[0], q[1])
             if global_ is not None:
                 combined = 0.5 * combined + 0.5 * normalise_map(global_, q[2], q[3])
-            anomaly_map = full_size_map(combined, images.shape[-2:])
+            # The paper pads the mean with 0 (q_a's level); padded raw maps' border is below almost every cell.
+            anomaly_map = combined if self.hparams.pad_raw_maps else full_size_map(combined, images.shape[-2:])
         return AnomalyOutput(anomaly_map, max_score(anomaly_map))
 
     # ------------------------------------------------------------------ training
@@ -446,8 +448,7 @@ class EfficientAD(AnomalyModule):
 
     @torch.no_grad()
     def fit_teacher_statistics(self, loader: Any) -> None:
-        """Channel mean and standard deviation of the teacher's outputs over ``loader``'s images (all
-        processes)."""
+        """Channel mean and standard deviation of the teacher's outputs over ``loader``'s images (all processes)."""
         total = total_sq = count = 0
         for images, _ in self._batches(loader):
             features = self.teacher(_imagenet(images)).double()
@@ -468,7 +469,7 @@ class EfficientAD(AnomalyModule):
         """q_a and q_b of the local and global maps over the normal images of ``loader`` (all processes)."""
         maps, normal = [], []
         for images, labels in self._batches(loader):
-            local, global_ = self.raw_maps(images)
+            local, global_ = self._maps_to_normalise(images)
             maps.append(torch.stack([local, local if global_ is None else global_]).flatten(1))
             normal.append((labels == 0).to(self.device).repeat_interleave(local[0].numel()))
         if not maps:
@@ -562,11 +563,10 @@ def linear_quantile(values: Tensor, q: float) -> Tensor:
 
 
 def _describe(textures: str) -> str:
-    """A texture source for the cache key: a folder by its resolved path and its number of images."""
-    if textures == "procedural":
-        return textures
+    """A texture source for the cache key: ``procedural``, or a folder by its resolved path and image count."""
     folder = Path(textures).expanduser().resolve()
-    return f"{folder}:{sum(1 for p in folder.rglob('*') if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))}"
+    images = sum(1 for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    return textures if textures == "procedural" else f"{folder}:{images}"
 
 
 def main(argv: list[str] | None = None) -> None:

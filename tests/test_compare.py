@@ -352,15 +352,15 @@ def test_efficientad_pair_matches_anomalib_settings(tmp_path: Path) -> None:
     from adbench.benchmark.compare.cli import efficientad_quick_steps
 
     _, ours = our_init_args(METHODS["efficientad"], (128, 64))
-    assert (ours["model_size"], ours["width"], ours["hard_quantile"]) == ("small", 1.0, 0.999)
+    assert (ours["model_size"], ours["width"], ours["hard_quantile"], ours["pad_raw_maps"]) == ("small", 1.0, 0.999, True)
     check_anomalib_fixed("efficientad", ours)
     profile = yaml.safe_load((REPO / "configs/efficientad/quick.yaml").read_text())
     quick = profile["model"]["init_args"]
-    # The quick profile itself is what anomalib cannot build: x0.25 widths, 0.9 hard quantile.
-    with pytest.raises(CompareError, match=r"width: ours 0.25, anomalib 1.0.*hard_quantile: ours 0.9"):
+    # The quick profile itself is what anomalib cannot build: x0.25 widths, 0.9 hard quantile, the paper's map order.
+    with pytest.raises(CompareError, match=r"width: ours 0.25, anomalib 1.0.*hard_quantile: ours 0.9.*pad_raw_maps: ours False"):
         check_anomalib_fixed("efficientad", quick)
     for change, message in (({"penalty": False}, "penalty"), ({"map_quantiles": [0.8, 0.995]}, "map_quantiles"),
-                            ({"autoencoder": False}, "autoencoder")):  # fmt: skip
+                            ({"autoencoder": False}, "autoencoder"), ({"pad_raw_maps": False}, "pad_raw_maps")):  # fmt: skip
         with pytest.raises(CompareError, match=message):
             check_anomalib_fixed("efficientad", {**ours, **change})
 

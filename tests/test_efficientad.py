@@ -197,6 +197,32 @@ def test_map_quantiles_come_from_the_normal_validation_images_only(one_thread: N
     torch.testing.assert_close(normalise_map(q[:2], q[0], q[1]), torch.tensor([0.0, 0.1]))
 
 
+def test_pad_raw_maps_is_anomalibs_order_with_the_border_below_every_cell(one_thread: None) -> None:
+    torch.manual_seed(0)
+    paper, padded = _model().eval(), _model(pad_raw_maps=True).eval()
+    padded.load_state_dict(paper.state_dict())
+    normal = torch.rand(4, 3, SIZE, SIZE)
+    for model in (paper, padded):
+        model.fit_map_quantiles(_loader(normal, [0] * 4))
+    with torch.no_grad():
+        local, global_ = (F.interpolate(F.pad(m, (4, 4, 4, 4)), size=(SIZE, SIZE), mode="bilinear")
+                          for m in paper.raw_maps(normal))  # fmt: skip
+        (paper_map, _), (padded_map, score) = paper(normal), padded(normal)
+    # Quantiles of the padded, resized raw maps (lower: the zero border is part of them), then normalised.
+    q = padded.quantiles
+    expected = [torch.quantile(m.flatten(), p) for m in (local, global_) for p in (0.9, 0.995)]
+    torch.testing.assert_close(q, torch.stack(expected))
+    assert bool((q[[0, 2]] < paper.quantiles[[0, 2]]).all())
+    torch.testing.assert_close(padded_map, 0.5 * normalise_map(local, q[0], q[1]) + 0.5 * normalise_map(global_, q[2], q[3]))
+    torch.testing.assert_close(score, padded_map.flatten(1).amax(dim=1))
+    # The corner (pure padding): the paper's map is 0 there, anomalib's order far below the image's cells.
+    corner = -0.05 * (q[0] / (q[1] - q[0]) + q[2] / (q[3] - q[2]))
+    torch.testing.assert_close(paper_map[:, 0, 0, 0], torch.zeros(4))
+    torch.testing.assert_close(padded_map[:, 0, 0, 0], corner.expand(4))
+    inside = padded_map[:, :, 16:-16, 16:-16]
+    assert float(corner) < float(inside.min()) and float(paper_map[:, :, 16:-16, 16:-16].median()) < 0.0
+
+
 def _fit_without_validation(tmp_path: Path, checkpoints: bool) -> tuple[EfficientAD, torch.Tensor, int]:
     """Three epochs of three steps with no validation; the model, its training images and how many times it
     measured its map quantiles."""

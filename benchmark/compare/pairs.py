@@ -43,10 +43,11 @@ METHODS: dict[str, MethodPair] = {
     "draem": MethodPair("draem", "draem", "configs/draem/paper.yaml", (("lr_gamma", 1.0),)),
     "padim": MethodPair("padim", "padim", "configs/padim/quick.yaml"),
     "fastflow": MethodPair("fastflow", "fastflow", "configs/fastflow/quick.yaml"),
-    # anomalib's PDN hidden widths are fixed (128 / 256 / 256) and its hard loss keeps the 0.999 quantile:
-    # the quick profile's x0.25 widths and 0.9 quantile are set to those (see ANOMALIB_FIXED).
+    # anomalib's PDN hidden widths are fixed (128 / 256 / 256), its hard loss keeps the 0.999 quantile and it
+    # pads the raw maps before normalising: the quick profile's x0.25 widths, 0.9 quantile and the paper's
+    # order are set to those (see ANOMALIB_FIXED).
     "efficientad": MethodPair("efficientad", "efficientad", "configs/efficientad/quick.yaml",
-                              (("width", 1.0), ("hard_quantile", 0.999))),
+                              (("width", 1.0), ("hard_quantile", 0.999), ("pad_raw_maps", True))),
     # anomalib's Glass fixes the ascent step (0.001), the shell radius (0.5) and labels a patch anomalous when any
     # of its pixels is: the quick profile's lite0-scaled step 0.0136, radius 6.8 and half-covered rule are set to
     # those (see ANOMALIB_FIXED); the noise std (0.5) is an argument of anomalib's Glass, so both keep ours.
@@ -62,8 +63,9 @@ SIDES = ("ours", "anomalib")
 #: clamps its couplings at 2, maps -exp(-0.5 mean z^2) and trains with Adam lr 1e-3, weight decay 1e-5;
 #: EfficientAd's PDN hidden widths are 128/256/256 (S; 256/512/512 M), its hard loss keeps distances
 #: above their 0.999 quantile, it always has the autoencoder and the penalty, normalises maps by their
-#: 0.9 / 0.995 quantiles and declares an lr drop x 0.1 at 95 % of the steps (a StepLR that Lightning
-#: steps once per epoch: see the package docs).
+#: 0.9 / 0.995 quantiles measured on and applied to its raw maps after padding and resizing them, and
+#: declares an lr drop x 0.1 at 95 % of the steps (a StepLR that Lightning steps once per epoch: see
+#: the package docs).
 #: Glass always synthesises both ways, moves its Gaussian anomalies by steps of 0.001 with a truncated projection
 #: onto the shell [0.5, 1] around each normal feature every 5 steps (svd=0, the "manifold" projection), labels a
 #: patch anomalous when any pixel of its cell is masked (a max-pool of the mask; on our binary masks, a cell mean
@@ -74,7 +76,7 @@ ANOMALIB_FIXED: dict[str, dict[str, Any]] = {
     "fastflow": {"layers": [1, 2, 3], "layer_norm": "position", "clamp": 2.0, "map_kind": "probability",
                  "lr": 1e-3, "weight_decay": 1e-5},
     "efficientad": {"width": 1.0, "hard_quantile": 0.999, "autoencoder": True, "penalty": True,
-                    "map_quantiles": [0.9, 0.995], "lr_drop_at": 0.95, "lr_drop_factor": 0.1},
+                    "map_quantiles": [0.9, 0.995], "pad_raw_maps": True, "lr_drop_at": 0.95, "lr_drop_factor": 0.1},
     "glass": {"global_synthesis": True, "local_synthesis": True, "ascent_step_size": 0.001, "projection_every": 5,
               "projection_radius": 0.5, "mask_threshold": 1e-6, "focal_gamma": 2.0, "adaptor_weight_decay": 1e-5,
               "sigma": 4.0},
