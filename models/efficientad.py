@@ -563,10 +563,11 @@ def linear_quantile(values: Tensor, q: float) -> Tensor:
 
 
 def _describe(textures: str) -> str:
-    """A texture source for the cache key: ``procedural``, or a folder by its resolved path and image count."""
+    """A texture source for the cache key: a folder by its resolved path and its number of images."""
+    if textures == "procedural":
+        return textures
     folder = Path(textures).expanduser().resolve()
-    images = sum(1 for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    return textures if textures == "procedural" else f"{folder}:{images}"
+    return f"{folder}:{sum(1 for p in folder.rglob('*') if p.suffix.lower() in ('.jpg', '.jpeg', '.png'))}"
 
 
 def main(argv: list[str] | None = None) -> None:
