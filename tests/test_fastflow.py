@@ -10,6 +10,10 @@ import torch
 import torch.nn.functional as F
 from lightning import seed_everything
 
+from adbench.benchmark.experiments.fastflow_init_swap import (
+    copy_flow_weights,
+    flow_output_difference,
+)
 from adbench.models import create_model
 from adbench.models.fastflow import FastFlow, PositionLayerNorm, build_flow, negative_log_likelihood
 
@@ -158,3 +162,22 @@ def test_separates_embedded_defects_after_brief_training(embedded_root: Path, on
 @pytest.mark.slow
 def test_bf16_mixed_training_stays_finite(embedded_root: Path, one_thread: None) -> None:
     assert_bf16_training_is_finite(_model, embedded_root, steps=4)
+
+
+def test_init_swap_experiment_copies_every_flow_tensor_and_keeps_modes(one_thread: None) -> None:
+    # benchmark/experiments/fastflow_init_swap.py moves one model's initial weights into another (ours or
+    # anomalib's); between two of ours the copy must make the flows agree, and leave the train/eval modes.
+    torch.manual_seed(0)
+    source = _model()
+    torch.manual_seed(1)
+    target = _model().train()
+    with torch.no_grad():  # perturb the norms too: they start at ones and zeros on both
+        for norm in source.norms:
+            norm.weight.add_(torch.randn_like(norm.weight))
+    features = source.feature_extractor(torch.rand(2, 3, SIZE, SIZE))
+    assert flow_output_difference(source, target, features) > 1e-2
+    copied = copy_flow_weights(source, target)
+    # Per level: the norm's scale and shift, per block 4 tensors and the subnet's two convolutions.
+    assert copied == 3 * (2 + 4 * (4 + 4))
+    assert flow_output_difference(source, target, features) < 1e-6
+    assert target.training and all(m.training for m in target.flows.modules())
