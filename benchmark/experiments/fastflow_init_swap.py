@@ -11,7 +11,9 @@ one side is trained as the compare's worker trains it, with one change:
   that seed (every norm, coupling subnet, global scale and offset, and the channel permutations),
   then trains with anomalib's loop: its loss, batch order and step count;
 * ``anomalib-init-in-ours``: the reverse, our ``FastFlow`` from anomalib's initial weights;
-* ``ours-keep-last-batch``: ours, keeping each epoch's incomplete last batch as anomalib does.
+* ``ours-keep-last-batch``: ours, keeping each epoch's incomplete last batch as anomalib does;
+* ``ours-torch-permutations``: ours, its blocks' channel permutations drawn with ``torch.randperm``
+  (as anomalib's vendored block draws them) instead of NumPy's generator (FrEIA's).
 
 The donor model is built as its own worker builds it (``seed_everything(seed)``, then the
 model), with the random streams saved and restored around it, so the trained side draws its
@@ -31,7 +33,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("ours-init-in-anomalib", "anomalib-init-in-ours", "ours-keep-last-batch")
+VARIANTS = ("ours-init-in-anomalib", "anomalib-init-in-ours", "ours-keep-last-batch", "ours-torch-permutations")
 METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05")
 
 
@@ -121,6 +123,7 @@ def _donor(spec: dict[str, Any], work_dir: Path) -> Any:
 
 def run_seed(specs: dict[str, dict[str, Any]], seed: int, variant: str, out_dir: Path) -> dict[str, float]:
     """Train one side of the pair at ``seed`` with the variant's change; our metrics of its predictions."""
+    import numpy as np
     import torch
 
     import adbench.benchmark.compare.build_anomalib as anomalib_side
@@ -153,10 +156,20 @@ def run_seed(specs: dict[str, dict[str, Any]], seed: int, variant: str, out_dir:
               f"flow outputs agree to {diff:.1e}", flush=True)  # fmt: skip
         return model, data, notes
 
+    def build_with_torch_permutations(*args: Any) -> Any:
+        numpy_permutation = np.random.permutation  # FrEIA's AllInOneBlock calls it once per block
+        np.random.permutation = lambda n: torch.randperm(n).numpy()
+        try:
+            return original(*args)
+        finally:
+            np.random.permutation = numpy_permutation
+
     keep_last = FastFlow.drop_incomplete_batches
     try:
         if variant == "ours-keep-last-batch":
             FastFlow.drop_incomplete_batches = False
+        elif variant == "ours-torch-permutations":
+            setattr(module, name, build_with_torch_permutations)
         else:
             setattr(module, name, build_with_donor_weights)
         run_worker(spec)
