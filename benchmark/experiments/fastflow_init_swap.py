@@ -13,7 +13,8 @@ one side is trained as the compare's worker trains it, with one change:
 * ``anomalib-init-in-ours``: the reverse, our ``FastFlow`` from anomalib's initial weights;
 * ``ours-keep-last-batch``: ours, keeping each epoch's incomplete last batch as anomalib does;
 * ``ours-torch-permutations``: ours, its blocks' channel permutations drawn with ``torch.randperm``
-  (as anomalib's vendored block draws them) instead of NumPy's generator (FrEIA's).
+  (as anomalib's vendored block draws them) instead of NumPy's generator (FrEIA's); as there, every
+  later torch draw (the later blocks' weights, the batch order) shifts with them.
 
 The donor model is built as its own worker builds it (``seed_everything(seed)``, then the
 model), with the random streams saved and restored around it, so the trained side draws its
