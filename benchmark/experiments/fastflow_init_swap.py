@@ -17,9 +17,8 @@ one side is trained as the compare's worker trains it, with one change:
   later torch draw (the later blocks' weights, the batch order) shifts with them.
 
 The donor model is built as its own worker builds it (``seed_everything(seed)``, then the
-model), with the random streams saved and restored around it, so the trained side draws its
-batches exactly as in the compare. The copy is checked: the two models' flow outputs agree on a
-random image. Prints our metrics per seed (``scoring.metrics_from_predictions``). Needs the
+model), inside Lightning's ``isolate_rng``, so the trained side draws its batches exactly as in
+the compare. The copy is checked: the two models' flow outputs agree on a random image. Prints our metrics per seed (``scoring.metrics_from_predictions``). Needs the
 compare environment (anomalib) and its offline timm weights (``offline_weights``).
 """
 
@@ -28,29 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 VARIANTS = ("ours-init-in-anomalib", "anomalib-init-in-ours", "ours-keep-last-batch", "ours-torch-permutations")
 METRICS = ("image_auroc", "pixel_auroc", "pro", "pixel_ap", "pro_fpr05")
-
-
-@contextmanager
-def untouched_random_streams() -> Iterator[None]:
-    """Python's, NumPy's and torch's (CPU) global generators as they were, whatever runs inside."""
-    import numpy as np
-    import torch
-
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
 
 
 def flow_parts(model: Any) -> list[tuple[Any, Any]]:
@@ -111,25 +92,25 @@ def flow_output_difference(a: Any, b: Any, features: list[Any]) -> float:
 def _donor(spec: dict[str, Any], work_dir: Path) -> Any:
     """The other side's model, built as its worker builds it for ``spec['seed']``."""
     from lightning import seed_everything
+    from lightning.pytorch.utilities.seed import isolate_rng
 
     from adbench.benchmark.compare.build_anomalib import build_anomalib
     from adbench.benchmark.compare.build_ours import build_ours
 
-    with untouched_random_streams():
+    with isolate_rng():  # the trained side's batches and draws stay as in the compare
         seed_everything(spec["seed"], workers=True, verbose=False)
         if spec["side"] == "ours":
             return build_ours(spec)[0]
         return build_anomalib(spec, work_dir)[0].model
 
 
-def run_seed(specs: dict[str, dict[str, Any]], seed: int, variant: str, out_dir: Path) -> dict[str, float]:
-    """Train one side of the pair at ``seed`` with the variant's change; our metrics of its predictions."""
+def run_seed(specs: dict[str, dict[str, Any]], seed: int, variant: str, out_dir: Path) -> Path:
+    """Train one side of the pair at ``seed`` with the variant's change; the file of its predictions."""
     import numpy as np
     import torch
 
     import adbench.benchmark.compare.build_anomalib as anomalib_side
     import adbench.benchmark.compare.build_ours as our_side
-    from adbench.benchmark.compare.scoring import load_ground_truth, metrics_from_predictions
     from adbench.benchmark.compare.worker import run_worker
     from adbench.models.fastflow import FastFlow
 
@@ -177,8 +158,7 @@ def run_seed(specs: dict[str, dict[str, Any]], seed: int, variant: str, out_dir:
     finally:
         setattr(module, name, original)
         FastFlow.drop_incomplete_batches = keep_last
-    truth = load_ground_truth(spec["root"], spec["category"], spec["image_size"], spec["test_paths"])
-    return metrics_from_predictions(spec["predictions"], truth)
+    return Path(spec["predictions"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,10 +173,14 @@ def main(argv: list[str] | None = None) -> None:
     from adbench.benchmark.compare.offline_weights import DEFAULT_HF_CACHE, offline_hf_env
 
     os.environ.update(offline_hf_env(args.hf_cache or DEFAULT_HF_CACHE))  # as the compare's workers
+    from adbench.benchmark.compare.scoring import load_ground_truth, metrics_from_predictions
+
     specs = {side: json.loads((args.spec_dir / f"fastflow__{side}.json").read_text()) for side in ("ours", "anomalib")}
+    ours = specs["ours"]  # both sides test on the same images
+    truth = load_ground_truth(ours["root"], ours["category"], ours["image_size"], ours["test_paths"])
     print("| variant | seed | " + " | ".join(METRICS) + " |\n|:--|--:|" + "--:|" * len(METRICS), flush=True)
     for seed in (int(s) for s in args.seeds.split(",")):
-        metrics = run_seed(specs, seed, args.variant, args.out_dir)
+        metrics = metrics_from_predictions(run_seed(specs, seed, args.variant, args.out_dir), truth)
         print(f"| {args.variant} | {seed} | " + " | ".join(f"{100 * metrics[k]:.1f}" for k in METRICS) + " |",
               flush=True)  # fmt: skip
 
