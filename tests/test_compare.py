@@ -330,8 +330,10 @@ def test_padim_and_fastflow_pairs_match_anomalib_settings(tmp_path: Path) -> Non
         check_anomalib_fixed("padim", {**padim, "random_channels": False})
 
     # The budgets: PaDiM one pass, FastFlow the quick profile's epochs (the --fastflow-epochs default).
-    args = parse_args(["--methods", "padim,fastflow", "--sides", "ours,anomalib"])
+    args = parse_args(["--methods", "padim,fastflow", "--sides", "ours,anomalib", "--image-size", "128"])
     specs = worker_specs(args, "root", "bottle", None, None, tmp_path)
+    # FastFlow's per-position LayerNorm is built for the comparison's image size, not the profile's 256 px.
+    assert specs[2]["our_init_args"]["norm_image_size"] == 128 and "norm_image_size" not in specs[0]["our_init_args"]
     assert [(s["method"], s["side"]) for s in specs] == [
         ("padim", "ours"), ("padim", "anomalib"), ("fastflow", "ours"), ("fastflow", "anomalib")
     ]  # fmt: skip

@@ -31,6 +31,8 @@ class MethodPair:
     our_config: str  # YAML under configs/ whose model.init_args define our side
     our_overrides: tuple[tuple[str, Any], ...] = ()
     coreset_ratio: float | None = None
+    #: Our init args that take the comparison's image size (modules built for one input size).
+    image_size_args: tuple[str, ...] = ()
 
 
 METHODS: dict[str, MethodPair] = {
@@ -42,7 +44,8 @@ METHODS: dict[str, MethodPair] = {
     # anomalib's Draem widths are fixed (128 / 64): the paper profile has exactly those.
     "draem": MethodPair("draem", "draem", "configs/draem/paper.yaml", (("lr_gamma", 1.0),)),
     "padim": MethodPair("padim", "padim", "configs/padim/quick.yaml"),
-    "fastflow": MethodPair("fastflow", "fastflow", "configs/fastflow/quick.yaml"),
+    # FastFlow's per-position LayerNorm is built on the feature grids of one image size, as anomalib's.
+    "fastflow": MethodPair("fastflow", "fastflow", "configs/fastflow/quick.yaml", image_size_args=("norm_image_size",)),
     # anomalib's PDN hidden widths are fixed (128 / 256 / 256), its hard loss keeps the 0.999 quantile and it
     # pads the raw maps before normalising: the quick profile's x0.25 widths, 0.9 quantile and the paper's
     # order are set to those (see ANOMALIB_FIXED).

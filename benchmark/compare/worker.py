@@ -36,8 +36,7 @@ def worker_specs(args: argparse.Namespace, root: str, category: str, train_paths
     for method in args.methods:
         pair = METHODS[method]
         class_path, init_args = our_init_args(pair, args.draem_width)
-        if "norm_image_size" in init_args:  # FastFlow's per-position LayerNorm on this size's grids, as anomalib's
-            init_args["norm_image_size"] = args.image_size
+        init_args.update(dict.fromkeys(pair.image_size_args, args.image_size))
         layers = init_args.get("layers")
         anomalib_layers = layer_names(init_args["backbone"], list(layers)) if layers else None
         for side in args.sides:
