@@ -18,8 +18,9 @@ one side is trained as the compare's worker trains it, with one change:
 
 The donor model is built as its own worker builds it (``seed_everything(seed)``, then the
 model), inside Lightning's ``isolate_rng``, so the trained side draws its batches exactly as in
-the compare. The copy is checked: the two models' flow outputs agree on a random image. Prints our metrics per seed (``scoring.metrics_from_predictions``). Needs the
-compare environment (anomalib) and its offline timm weights (``offline_weights``).
+the compare. The copy is checked: the two models' flow outputs agree on a random image. Prints
+our metrics per seed (``scoring.metrics_from_predictions``). Needs the compare environment
+(anomalib) and its offline timm weights (``offline_weights``).
 """
 
 from __future__ import annotations
